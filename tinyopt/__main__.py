@@ -1,0 +1,3 @@
+from tinyopt.cli import main
+
+main()

@@ -1,0 +1,8 @@
+"""Placeholder: data commands (being written)."""
+
+import click
+
+
+@click.group()
+def data() -> None:
+    """Prepare and inspect the Tiny ImageNet cache."""

@@ -1,0 +1,3 @@
+"""Placeholder: best / predict / report / ui commands (being written)."""
+
+COMMANDS = []
