@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-DEFAULT_STORAGE = "sqlite:///studies/tinyopt.db"
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+# runner.py imports nothing heavy at module level, so --help stays fast.
+from tinyopt.runner import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
 
 
 def cache_option(func):
@@ -22,11 +22,16 @@ def data_option(func):
     )(func)
 
 
-def storage_options(func):
-    func = click.option(
+def tracking_option(func):
+    return click.option(
         "--tracking-uri", default=DEFAULT_TRACKING_URI, show_default=True,
         help="MLflow tracking URI (a sqlite: file or an http(s) mlflow server).",
     )(func)
+
+
+def storage_options(func):
+    """``--storage`` and ``--tracking-uri``."""
+    func = tracking_option(func)
     return click.option(
         "--storage", default=DEFAULT_STORAGE, show_default=True,
         help="Optuna storage URL: sqlite:///file.db, postgresql+psycopg://..., or journal:PATH.",

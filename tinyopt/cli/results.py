@@ -1,3 +1,172 @@
-"""Placeholder: best / predict / report / ui commands (being written)."""
+"""``tinyopt best | predict | report | ui``: what the sweeps found, as tables, bundles, plots."""
 
-COMMANDS = []
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import click
+
+from tinyopt.cli.options import storage_options, tracking_option
+from tinyopt.errors import TinyoptError
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _params_text(best) -> str:
+    if best.members:
+        return ", ".join(f"{m['label']}={m['weight']:.3f}" for m in best.members)
+    return ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                     for key, value in best.params.items())
+
+
+@click.command()
+@click.argument("studies", nargs=-1, metavar="[STUDY]...")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Write the winner (best selection top-1 among the studies) as a model bundle to DIR.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --export folder.")
+@click.option("--register", "register_name", metavar="NAME", default=None,
+              help="Also register the exported model in the MLflow model registry as NAME (needs --export).")
+@storage_options
+def best(studies, export_dir, force, register_name, storage, tracking_uri) -> None:
+    """Show the best trial of each study; with --export, write the winner as a bundle.
+
+    STUDY defaults to every study in the storage; a study is named after its approach unless it
+    was swept with --study. The bundle (model.keras, classes.tsv, params.json, metrics.json,
+    MODEL.md) loads with plain Keras, without tinyopt.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from tinyopt.report import summarize_studies
+
+    if register_name and not export_dir:
+        raise click.UsageError("--register needs --export DIR: the registered model is the exported bundle")
+    summaries = summarize_studies(storage, studies)
+    console = Console()
+    table = Table(title="best trial of each study")
+    for column in ("study", "trial", "value", "sel top-1", "test top-1", "test top-5"):
+        table.add_column(column, justify="left" if column == "study" else "right")
+    for s in summaries:
+        scores = s.best.scores if s.best else {}
+        table.add_row(s.name, str(s.best.number) if s.best else "no complete trial",
+                      _score(s.best.value if s.best else None),
+                      *[_score(scores.get(key)) for key in ("selection_top1", "test_top1", "test_top5")])
+    console.print(table)
+    # Params and run ids are long: one line each below the table, wrapped by the terminal, never folded.
+    for s in summaries:
+        if s.best:
+            label = "weights" if s.best.members else "params"
+            console.print(f"[bold]{s.name}[/] MLflow run {s.best.run_id or '-'}; {label}: {_params_text(s.best)}",
+                          highlight=False, soft_wrap=True)
+    if not export_dir:
+        return
+    from tinyopt.export import export_best
+
+    ranked = [s for s in summaries if s.best is not None]
+    if not ranked:
+        raise TinyoptError("no study has a complete trial to export; run `tinyopt sweep APPROACH` first")
+    winner = max(ranked, key=lambda s: s.best.scores.get("selection_top1", float("-inf")))
+    with console.status(f"exporting {winner.name} trial {winner.best.number}"):
+        bundle = export_best(winner, export_dir, storage_url=storage, tracking_uri=tracking_uri, overwrite=force)
+    console.print(f"exported [bold]{winner.name}[/] trial {winner.best.number} to {bundle}", highlight=False)
+    if register_name:
+        from tinyopt import tracking
+
+        version = tracking.register_model(bundle, register_name, tracking_uri, run_id=winner.best.run_id)
+        console.print(f"registered as {register_name} version {version}", highlight=False)
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="IMAGE...")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def predict(bundle, images, top, as_json) -> None:
+    """Classify IMAGE files with the model bundle in BUNDLE (written by `tinyopt best --export`).
+
+    Images of any size are converted to RGB and resized (bilinear) to the model's input.
+    """
+    from tinyopt.predict import predict_images
+
+    results = predict_images(bundle, images, top=top)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for result in results:
+        # The path goes above the table: as its title it would wrap at the table's width.
+        console.print(f"[bold]{result.path}[/]", highlight=False, soft_wrap=True)
+        table = Table()
+        for column, justify in (("#", "right"), ("wnid", "left"), ("class", "left"), ("probability", "right")):
+            table.add_column(column, justify=justify)
+        for rank, (wnid, name, probability) in enumerate(result.top, start=1):
+            table.add_row(str(rank), wnid, name, f"{probability:.4f}")
+        console.print(table)
+
+
+@click.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="report", show_default=True,
+              help="Folder for report.md, report.json and the PNG plots.")
+@storage_options
+def report(out_dir, storage, tracking_uri) -> None:
+    """Compare the studies: best scores, ensemble gains, trial counts, compute time, plots.
+
+    Writes the report to --out and logs it to MLflow (experiment tinyopt/report).
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from tinyopt.report import SCORES, format_seconds, gain_label, write_report
+
+    console = Console()
+    with console.status("reading the studies and drawing the plots"):
+        result = write_report(storage, tracking_uri, out_dir)
+    table = Table(title="studies side by side (test scores are only reported)")
+    for column in ("study", "trial", "sel\ntop-1", "sel\ntop-5", "test\ntop-1", "test\ntop-5", "trials\nc/p/f",
+                   "compute"):
+        table.add_column(column, justify="left" if column == "study" else "right")
+    for s in result.summaries:
+        scores = [_score(s.best.scores.get(key) if s.best else None) for key in SCORES]
+        counts = "/".join(str(s.counts[state]) for state in ("COMPLETE", "PRUNED", "FAIL"))
+        table.add_row(s.name, str(s.best.number) if s.best else "-", *scores, counts,
+                      format_seconds(s.compute_seconds))
+    console.print(table)
+    for s in result.summaries:
+        for key, value in (s.best.gains() if s.best else {}).items():
+            console.print(f"{s.name}: {gain_label(key)} {value:+.4f}", highlight=False)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(f"wrote {len(result.files)} files to {out_dir}; MLflow run {result.mlflow_run_id}", highlight=False)
+
+
+@click.command()
+@tracking_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the UI listens on.")
+@click.option("--port", type=int, default=5000, show_default=True, help="Port the UI listens on.")
+def ui(tracking_uri, host, port) -> None:
+    """Open the MLflow UI on the tracking store: every study, trial, metric and artifact."""
+    from pathlib import Path
+
+    from tinyopt.urls import redact
+
+    if not tracking_uri.startswith("sqlite:///"):
+        raise TinyoptError(f"{redact(tracking_uri)} is an MLflow server: open it in a browser")
+    if not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise TinyoptError(f"no MLflow store at {tracking_uri.removeprefix('sqlite:///')}; "
+                           "run `tinyopt sweep APPROACH` first or pass --tracking-uri")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", host,
+               "--port", str(port)]
+    click.echo(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")
+    returncode = subprocess.call(command)
+    if returncode:
+        sys.exit(returncode)
+
+
+COMMANDS = [best, predict, report, ui]

@@ -1,0 +1,62 @@
+"""Resident memory across the trials of one sweep: it must not grow from trial to trial.
+
+Runs a scratch sweep of small trials (different params each, as a real study does) and prints the
+process RSS after every trial, then the growth per trial over the second half, side by side with
+the RSS after the first trial.
+
+    python benchmarks/bench_trial_memory.py [--data ../shared/data/tiny-imagenet-200-dev.zip] [--trials 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from tinyopt.objectives import QuietEvents
+
+DEV_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200-dev.zip"
+SMALL = ("data.train_per_class=10", "data.test_per_class=5", "space.epochs=1", "space.stages=2",
+         "space.blocks=1", "train.eval_batch_size=256")
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+class RecordRss(QuietEvents):
+    def __init__(self):
+        self.rss: list[float] = []
+
+    def trial_ended(self, number, state, value, reason):
+        self.rss.append(rss_mib())
+        print(f"trial {number:2d} {state:8s} RSS {self.rss[-1]:7.1f} MiB", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEV_ZIP))
+    parser.add_argument("--cache", default=None)
+    parser.add_argument("--trials", type=int, default=20)
+    args = parser.parse_args()
+
+    from tinyopt.runner import run_sweep
+
+    events = RecordRss()
+    with tempfile.TemporaryDirectory() as tmp:
+        run_sweep("scratch", trials=args.trials, source=args.data, cache_dir=args.cache or f"{tmp}/cache",
+                  storage=f"sqlite:///{tmp}/studies.db", tracking_uri=f"sqlite:///{tmp}/mlruns/mlflow.db",
+                  overrides=SMALL, events=events, progress=False)
+    half = len(events.rss) // 2
+    growth = (events.rss[-1] - events.rss[half]) / max(len(events.rss) - 1 - half, 1)
+    print(f"RSS after trial 0: {events.rss[0]:.1f} MiB, after trial {half}: {events.rss[half]:.1f} MiB, "
+          f"last: {events.rss[-1]:.1f} MiB")
+    print(f"growth over the second half: {growth:.2f} MiB per trial "
+          f"({growth / events.rss[half] * 100:.2f}% of RSS per trial)")
+
+
+if __name__ == "__main__":
+    main()

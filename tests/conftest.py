@@ -1,0 +1,88 @@
+"""Shared pytest fixtures: generated Tiny ImageNet look-alikes, the real dev data, offline weights."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fixtures import make_tiny_imagenet, zip_folder  # noqa: E402
+
+MOBILENET_FILE = "mobilenet_2_5_128_tf.h5"
+
+
+def shared_data_dir() -> Path:
+    """``$TINYOPT_SHARED_DATA`` if set, else ``../shared/data`` beside the repository."""
+    override = os.environ.get("TINYOPT_SHARED_DATA")
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _shared_file(name: str) -> Path:
+    path = shared_data_dir() / name
+    if not path.is_file():
+        pytest.skip(f"real data file {path} is absent (set TINYOPT_SHARED_DATA to the folder holding it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A generated ``tiny-imagenet-200`` folder (5 classes, 30 train + 6 val images each)."""
+    return make_tiny_imagenet(tmp_path_factory.mktemp("tiny_folder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_zip(tiny_folder, tmp_path_factory) -> Path:
+    """``tiny_folder`` zipped like the official archive."""
+    return zip_folder(tiny_folder, tmp_path_factory.mktemp("tiny_zip") / "tiny-imagenet-200.zip")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_folder, tmp_path_factory) -> Path:
+    """A prepared cache of ``tiny_folder`` with default options; read-only for tests."""
+    from tinyopt import data
+
+    return data.prepare(tiny_folder, tmp_path_factory.mktemp("tiny_cache"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def dev_zip() -> Path:
+    """The real 200-class dev subset of Tiny ImageNet, or a skip when it is absent."""
+    return _shared_file("tiny-imagenet-200-dev.zip")
+
+
+@pytest.fixture(scope="session")
+def dev_cache(dev_zip, tmp_path_factory) -> Path:
+    """A prepared cache of the dev zip with default options; read-only for tests."""
+    from tinyopt import data
+
+    return data.prepare(dev_zip, tmp_path_factory.mktemp("dev_cache"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights() -> Path:
+    """The official Keras ImageNet weights of MobileNet v1 (alpha 0.25, 128 px), or a skip."""
+    return _shared_file(MOBILENET_FILE)
+
+
+@pytest.fixture(scope="session")
+def _keras_home_dir(mobilenet_weights, tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("keras_home")
+    (home / "models").mkdir()
+    shutil.copyfile(mobilenet_weights, home / "models" / MOBILENET_FILE)
+    return home
+
+
+@pytest.fixture
+def keras_home_with_mobilenet(_keras_home_dir, monkeypatch) -> Path:
+    """Point Keras at a home holding the MobileNet weights, so ``weights="imagenet"`` loads offline."""
+    monkeypatch.setenv("KERAS_HOME", str(_keras_home_dir))
+    # Keras reads KERAS_HOME once at import; patch the module too in case it is already imported.
+    import keras.src.backend.config as keras_config
+
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(_keras_home_dir))
+    return _keras_home_dir

@@ -1,0 +1,135 @@
+"""Model bundles: all-or-nothing writes, and an ensemble model that loads without tinyopt."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from tinyopt import ensemble, export
+from tinyopt.errors import TinyoptError
+
+CLASSES = [(0, "n01443537", "goldfish, Carassius auratus"), (1, "n01629819", "European fire salamander"),
+           (2, "n01641577", "bullfrog, Rana catesbeiana")]
+DESCRIPTION = {"title": "Test model", "what": "A tiny dense classifier.", "how_chosen": "Best of 3 trials.",
+               "provenance": {"study": "finetune", "trial": 2}}
+
+
+def _member(seed: int) -> keras.Model:
+    """uint8 image -> Rescaling -> Flatten -> Dense softmax; same layer names in every member."""
+    keras.utils.set_random_seed(seed)
+    image = keras.Input((64, 64, 3), dtype="uint8")
+    x = keras.layers.Flatten(name="flatten")(keras.layers.Rescaling(1 / 255, name="scale")(image))
+    return keras.Model(image, keras.layers.Dense(len(CLASSES), activation="softmax", name="dense")(x))
+
+
+@pytest.fixture(scope="module")
+def members():
+    return [_member(1), _member(2)]
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+
+
+def _write(dst, model, **kwargs):
+    return export.write_bundle(dst, model=model, classes=CLASSES, params={"lr": 0.01, "optimizer": "adam"},
+                               metrics={"selection_top1": 0.5, "test_top1": 0.25}, description=DESCRIPTION,
+                               **kwargs)
+
+
+def test_ensemble_bundle_loads_and_predicts_without_tinyopt(tmp_path, members, images):
+    weights = [0.3, 0.9]
+    bundle = _write(tmp_path / "bundle", export.ensemble_model(members, weights))
+    assert sorted(p.name for p in bundle.iterdir()) == ["MODEL.md", "classes.tsv", "metrics.json",
+                                                        "model.keras", "params.json"]
+    np.save(tmp_path / "images.npy", images)
+    # tinyopt is made unimportable in the child, and the child runs outside the repository.
+    script = ("import sys; sys.modules['tinyopt'] = None\n"
+              "import keras, numpy as np\n"
+              "model = keras.models.load_model('bundle/model.keras')\n"
+              "np.save('probs.npy', model.predict(np.load('images.npy'), verbose=0))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = ensemble.soft_vote([m.predict(images, verbose=0) for m in members], weights)
+    np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), expected, rtol=1e-5, atol=1e-7)
+
+    assert export.read_classes(bundle / "classes.tsv") == CLASSES
+    assert json.loads((bundle / "params.json").read_text()) == {"lr": 0.01, "optimizer": "adam"}
+    assert json.loads((bundle / "metrics.json").read_text()) == {"selection_top1": 0.5, "test_top1": 0.25}
+    readme = (bundle / "MODEL.md").read_text()
+    for text in ("# Test model", "Best of 3 trials.", "| test_top1 | 0.2500 |", "- study: finetune",
+                 "keras.models.load_model", "3 probabilities", "64x64"):
+        assert text in readme
+
+
+def test_zero_weight_member_is_left_out(members, images):
+    model = export.ensemble_model(members, [0.0, 2.0])
+    assert [layer.name for layer in model.layers if isinstance(layer, keras.Model)] == ["member_1"]
+    np.testing.assert_allclose(model.predict(images, verbose=0), members[1].predict(images, verbose=0),
+                               rtol=1e-6)
+
+
+def test_members_with_different_outputs_are_rejected(members):
+    image = keras.Input((64, 64, 3), dtype="uint8")
+    other = keras.Model(image, keras.layers.Dense(5, activation="softmax")(keras.layers.Flatten()(image)))
+    with pytest.raises(TinyoptError, match="disagree on input/output shapes"):
+        export.ensemble_model([members[0], other], [1, 1])
+
+
+def test_existing_bundle_is_replaced_only_when_asked(tmp_path, members):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    with pytest.raises(TinyoptError, match="not empty; pass --force"):
+        _write(dst, members[0])
+    assert [p.name for p in dst.iterdir()] == ["notes.txt"]
+    _write(dst, members[0], overwrite=True)
+    assert not (dst / "notes.txt").exists() and (dst / "model.keras").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no staging folder left behind"
+
+
+def test_empty_existing_folder_is_used(tmp_path, members):
+    (tmp_path / "out").mkdir()
+    assert (_write(tmp_path / "out", members[0]) / "MODEL.md").is_file()
+
+
+def test_failed_write_leaves_nothing(tmp_path, members):
+    class Unsaveable:
+        outputs = members[0].outputs
+        inputs = members[0].inputs
+
+        def save(self, path):
+            path.write_text("half")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        _write(tmp_path / "out", Unsaveable())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_classes_must_match_the_model_output(tmp_path, members):
+    with pytest.raises(TinyoptError, match="outputs 3 probabilities but 2 classes"):
+        export.write_bundle(tmp_path / "out", model=members[0], classes=CLASSES[:2], params={}, metrics={},
+                            description=DESCRIPTION)
+
+
+@pytest.mark.parametrize("text, problem", [("index\twnid\tname\n0\tn1\tone\n2\tn2\ttwo\n", "indices 0..1"),
+                                           ("0\tn1\n", "not index<TAB>wnid<TAB>name")])
+def test_read_classes_rejects_malformed_files(tmp_path, text, problem):
+    path = tmp_path / "classes.tsv"
+    path.write_text(text)
+    with pytest.raises(TinyoptError, match=problem):
+        export.read_classes(path)
+
+
+def test_read_classes_without_header(tmp_path):
+    path = tmp_path / "classes.tsv"
+    path.write_text("0\tn01443537\tgoldfish\n1\tn01629819\tsalamander\n")
+    assert export.read_classes(path) == [(0, "n01443537", "goldfish"), (1, "n01629819", "salamander")]

@@ -1,0 +1,178 @@
+"""End-to-end sweeps on the generated fixture: Optuna trial states and their MLflow runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+from sweep_helpers import SMALL, artifacts, runs_of
+
+from tinyopt import runner, tracking
+from tinyopt.errors import StudyError
+
+
+@pytest.fixture
+def stores(tmp_path):
+    return {"storage": f"sqlite:///{tmp_path}/studies/tinyopt.db",
+            "tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db"}
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("sweep_cache")
+
+
+def sweep(approach, stores, tiny_folder, cache_root, trials, *extra, **kwargs):
+    return runner.run_sweep(approach, trials=trials, source=str(tiny_folder), cache_dir=str(cache_root),
+                            overrides=SMALL[approach] + extra, progress=False, **stores, **kwargs)
+
+
+def load_study(stores, name):
+    return optuna.load_study(study_name=name, storage=stores["storage"])
+
+
+@pytest.mark.parametrize("approach", ["scratch", "finetune", "pretrained"])
+def test_sweep_records_every_trial_in_mlflow(approach, stores, tiny_folder, cache_root):
+    result = sweep(approach, stores, tiny_folder, cache_root, 2)
+    study = load_study(stores, approach)
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 2
+    assert result.counts["COMPLETE"] == 2 and len(result.top) == 2
+    client, parents, children = runs_of(stores, approach)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(children) == [0, 1]
+    for trial in study.trials:
+        run = children[trial.number]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["approach"] == approach and run.data.tags["trial_state"] == "COMPLETE"
+        assert run.data.tags["device"] == "cpu"
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+        for name, value in trial.params.items():
+            assert run.data.params[name] == str(value)
+        assert "config.space" in run.data.params
+        assert run.data.metrics["selection_top1"] == pytest.approx(trial.value)
+        assert run.data.metrics["test_top1"] == pytest.approx(trial.user_attrs["test_top1"])
+        names = artifacts(client, run.info.run_id)
+        assert {"predictions.npz", "config.json", "classes.tsv"} <= names
+        if approach != "pretrained":
+            assert "learning_curve.png" in names
+            history = client.get_metric_history(run.info.run_id, "selection_accuracy")
+            assert [m.step for m in history] == [0, 1]
+            for key in ("loss", "accuracy", "selection_loss", "learning_rate", "epoch_seconds", "images_per_second"):
+                assert len(client.get_metric_history(run.info.run_id, key)) == 2, key
+        assert ("model/model.keras" in names) == trial.user_attrs["model_kept"]
+    assert study.trials[0].user_attrs["model_kept"]  # the first complete trial is always the best so far
+
+
+def test_predictions_and_kept_model_reproduce_the_trial(stores, tiny_folder, cache_root):
+    import keras
+
+    from tinyopt import data
+
+    sweep("scratch", stores, tiny_folder, cache_root, 1)
+    trial = load_study(stores, "scratch").trials[0]
+    run_id = trial.user_attrs["mlflow_run_id"]
+    saved = tracking.load_predictions(run_id, stores["tracking_uri"])
+    cache = data.prepare(str(tiny_folder), str(cache_root), progress=False)
+    x_sel, y_sel = data.load_split("selection", cache)
+    _, y_test = data.load_split("test", cache)
+    assert saved["selection_probs"].shape == (len(y_sel), 5) and saved["selection_probs"].dtype == np.float32
+    np.testing.assert_array_equal(saved["selection_labels"], y_sel)
+    np.testing.assert_array_equal(saved["test_labels"], y_test)
+    assert np.mean(saved["selection_probs"].argmax(1) == y_sel) == pytest.approx(trial.value)
+    model = keras.models.load_model(tracking.download_artifact(run_id, "model/model.keras", stores["tracking_uri"]))
+    np.testing.assert_allclose(model.predict(np.asarray(x_sel), verbose=0), saved["selection_probs"], atol=1e-5)
+
+
+def test_rerun_continues_the_same_study_and_parent_run(stores, tiny_folder, cache_root):
+    sweep("scratch", stores, tiny_folder, cache_root, 1)
+    result = sweep("scratch", stores, tiny_folder, cache_root, 2)
+    assert result.new_trials == 2 and len(load_study(stores, "scratch").trials) == 3
+    _, parents, children = runs_of(stores, "scratch")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and sorted(children) == [0, 1, 2]
+    with pytest.raises(StudyError, match="holds scratch trials"):
+        sweep("finetune", stores, tiny_folder, cache_root, 1, study_name="scratch")
+
+
+def test_first_trial_runs_the_space_defaults(stores, tiny_folder, cache_root):
+    from tinyopt.config import load_config
+    from tinyopt.space import defaults
+
+    sweep("scratch", stores, tiny_folder, cache_root, 1)
+    config = load_config("scratch", overrides=SMALL["scratch"])
+    assert load_study(stores, "scratch").trials[0].user_attrs["params"] == defaults(config["space"])
+
+
+class _PruneTrialOne(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return trial.number == 1
+
+
+def test_pruned_trial_run_is_killed(stores, tiny_folder, cache_root, monkeypatch):
+    monkeypatch.setattr(runner, "make_pruner", lambda *args: _PruneTrialOne())
+    sweep("scratch", stores, tiny_folder, cache_root, 2)
+    states = [t.state for t in load_study(stores, "scratch").trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    client, _, children = runs_of(stores, "scratch")
+    assert children[1].info.status == "KILLED" and children[1].data.tags["trial_state"] == "PRUNED"
+    assert len(client.get_metric_history(children[1].info.run_id, "selection_accuracy")) == 1
+
+
+def _failing_build(monkeypatch, fail_when):
+    from tinyopt.approaches import get_approach
+
+    module = get_approach("scratch")
+    original = module.build
+    calls = []
+
+    def build(params, **kwargs):
+        calls.append(params)
+        if fail_when(len(calls) - 1):
+            raise RuntimeError("out of memory (simulated)")
+        return original(params, **kwargs)
+
+    monkeypatch.setattr(module, "build", build)
+
+
+def test_failed_trial_is_recorded_and_the_sweep_goes_on(stores, tiny_folder, cache_root, monkeypatch):
+    _failing_build(monkeypatch, lambda number: number == 1)
+    result = sweep("scratch", stores, tiny_folder, cache_root, 3)
+    states = [t.state.name for t in load_study(stores, "scratch").trials]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE"] and result.counts["FAIL"] == 1
+    client, parents, children = runs_of(stores, "scratch")
+    assert children[1].info.status == "FAILED"
+    assert "out of memory (simulated)" in children[1].data.tags["fail_reason"]
+    assert "traceback.txt" in artifacts(client, children[1].info.run_id)
+    assert parents[0].info.status == "FINISHED"
+
+
+def test_consecutive_failures_stop_the_sweep(stores, tiny_folder, cache_root, monkeypatch):
+    _failing_build(monkeypatch, lambda number: True)
+    with pytest.raises(StudyError, match="2 consecutive failed trials.*out of memory"):
+        sweep("scratch", stores, tiny_folder, cache_root, 10, "study.max_consecutive_failures=2")
+    assert len(load_study(stores, "scratch").trials) == 2
+    _, parents, _ = runs_of(stores, "scratch")
+    assert parents[0].info.status == "FAILED"
+
+
+class _InterruptAtTrialOne:
+    def trial_started(self, number, epochs):
+        if number == 1:
+            raise KeyboardInterrupt
+
+    def epoch_ended(self, number, epoch, logs):
+        pass
+
+    def trial_ended(self, number, state, value, reason):
+        pass
+
+
+def test_ctrl_c_closes_the_runs(stores, tiny_folder, cache_root):
+    with pytest.raises(KeyboardInterrupt):
+        sweep("scratch", stores, tiny_folder, cache_root, 3, events=_InterruptAtTrialOne())
+    study = load_study(stores, "scratch")
+    assert study.trials[0].state.name == "COMPLETE"
+    _, parents, children = runs_of(stores, "scratch")
+    assert parents[0].info.status == "KILLED"
+    assert children[1].info.status == "KILLED"

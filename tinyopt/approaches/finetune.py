@@ -1,0 +1,59 @@
+"""finetune: an ImageNet backbone with a new head for the dataset's classes, trained from a chosen stage.
+
+Params (``sweeps/finetune.toml``): ``trainable_stages`` (how many final backbone stages train: 0 =
+head only, 5 = everything), ``head_init`` (``pretrained``: the ImageNet classifier's own rows for
+these classes, so training starts from the as-is accuracy; ``random``), ``head_width`` (a hidden
+ReLU layer of that width before the head; random init only; absent or 0 = none), ``dropout`` (before
+the head), ``resize``, ``input_size``, ``augment``. Training params (optimizer, learning rate, ...) are
+ignored here; ``tinyopt.training`` compiles and fits the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import layers
+
+from tinyopt import backbones
+from tinyopt.approaches import blocks
+from tinyopt.errors import ConfigError, TrialError
+
+TRAINS = True
+HEAD_INITS = ("pretrained", "random")
+
+
+def build(params: dict[str, Any], *, model: dict[str, Any], wnids: list[str]) -> keras.Model:
+    """The fine-tuning model for one trial, uncompiled.
+
+    Args:
+        params: ``trainable_stages``, ``head_init``, ``head_width`` (optional), ``dropout``, ``resize``,
+            ``input_size``, ``augment``; other keys are ignored.
+        model: the ``[model]`` table (backbone, weights, alpha, weights_resolution).
+        wnids: class wnids in class-index order; ImageNet-1k classes when ``head_init="pretrained"``.
+
+    Returns:
+        uint8 images (N, 64, 64, 3) -> float32 probabilities (N, len(wnids)); frozen stages are
+        non-trainable, their BatchNormalization layers in inference mode.
+
+    Raises:
+        ConfigError: unknown names or a ``trainable_stages`` outside 0..5.
+        TrialError: a hidden head layer with ``head_init="pretrained"``, or zeropad below 64 px.
+        WeightsError: see ``tinyopt.backbones.load``.
+    """
+    head_init, width = params["head_init"], params.get("head_width") or 0
+    if head_init not in HEAD_INITS:
+        raise ConfigError(f"unknown head_init {head_init!r}; choose one of: {', '.join(HEAD_INITS)}")
+    if head_init == "pretrained" and width:
+        raise TrialError(f"head_width={width} needs head_init='random': the pretrained head is the ImageNet "
+                         "classifier itself, with no hidden layer; use head_width=0")
+    features = backbones.load(model, input_size=params["input_size"])
+    features.set_trainable_stages(params["trainable_stages"])
+    image = blocks.image_input()
+    x = blocks.float_images(image, params["augment"])
+    x = features.model(backbones.resize(x, params["resize"], params["input_size"]))
+    if width:
+        x = layers.Dense(width, activation="relu", name="hidden")(x)
+    x = layers.Dropout(params["dropout"])(x)
+    head = features.classifier(wnids) if head_init == "pretrained" else layers.Dense(len(wnids), name="head")
+    return keras.Model(image, blocks.probabilities(head(x)), name="finetune")

@@ -1,0 +1,64 @@
+"""scratch: a VGG/ResNet-style CNN trained from random weights on the 64 px images.
+
+Params (``sweeps/scratch.toml``): ``stages`` (each ends with a 2x2 max-pool), ``width`` (filters of the
+first stage, doubled per stage), ``blocks`` per stage (two 3x3 convolutions each, with a skip
+connection when ``residual``), ``batch_norm``, ``dropout`` (before the classifier), ``initializer``
+(of every kernel), ``augment``. Training params are ignored here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import layers
+
+from tinyopt.approaches import blocks
+
+TRAINS = True
+
+
+def _conv(x: Any, filters: int, params: dict[str, Any], *, kernel: int = 3, relu: bool = True) -> Any:
+    batch_norm = params["batch_norm"]
+    # A bias before BatchNormalization is cancelled by its mean subtraction.
+    x = layers.Conv2D(filters, kernel, padding="same", use_bias=not batch_norm,
+                      kernel_initializer=params["initializer"])(x)
+    if batch_norm:
+        x = layers.BatchNormalization()(x)
+    return layers.ReLU()(x) if relu else x
+
+
+def _block(x: Any, filters: int, params: dict[str, Any]) -> Any:
+    if not params["residual"]:
+        return _conv(_conv(x, filters, params), filters, params)
+    shortcut = x if x.shape[-1] == filters else _conv(x, filters, params, kernel=1, relu=False)
+    y = _conv(_conv(x, filters, params), filters, params, relu=False)
+    return layers.ReLU()(layers.Add()([shortcut, y]))
+
+
+def build(params: dict[str, Any], *, model: dict[str, Any], wnids: list[str]) -> keras.Model:
+    """The from-scratch CNN for one trial, uncompiled.
+
+    Args:
+        params: ``stages``, ``width``, ``blocks``, ``residual``, ``batch_norm``, ``dropout``,
+            ``initializer``, ``augment``; other keys are ignored.
+        model: unused (scratch has no ``[model]`` table); accepted like every approach's ``build``.
+        wnids: class wnids in class-index order (only their number matters).
+
+    Returns:
+        uint8 images (N, 64, 64, 3) -> float32 probabilities (N, len(wnids)).
+
+    Raises:
+        ConfigError: unknown augment name.
+    """
+    image = blocks.image_input()
+    # Zero-centred pixels: without batch norm, uncentred inputs slow the first layers' training.
+    x = layers.Rescaling(1 / 127.5, offset=-1.0, dtype="float32")(blocks.float_images(image, params["augment"]))
+    for stage in range(params["stages"]):
+        for _ in range(params["blocks"]):
+            x = _block(x, params["width"] * 2**stage, params)
+        x = layers.MaxPooling2D()(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(params["dropout"])(x)
+    logits = layers.Dense(len(wnids), kernel_initializer=params["initializer"])(x)
+    return keras.Model(image, blocks.probabilities(logits), name="scratch")

@@ -1,0 +1,487 @@
+"""Tiny ImageNet as a verified, memory-mappable uint8 cache: prepare once, load fast, feed tf.data.
+
+A cache folder holds::
+
+    prepared/       the dataset, swapped in whole by a rename once it is complete
+      meta.json     source, fingerprint, options, split sizes, skipped images
+      classes.tsv   index, wnid, name (from words.txt); class indices follow sorted wnids
+      {train,selection,test}_x.npy   uint8 (N, 64, 64, 3)
+      {train,selection,test}_y.npy   int64 (N,) class indices
+    downloads/      the archive (and its .part while downloading)
+
+``selection`` is a stratified, seeded slice of the official train set and ``train`` the rest;
+``test`` is the official val set in val_0, val_1, ... order. Images stay uint8 all the way to
+the model, whose first layers cast, resize and augment them on the accelerator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import uuid
+import zipfile
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from tinyopt import fetch
+from tinyopt.errors import ConfigError, DataError
+from tinyopt.fetch import DEFAULT_URL, OFFICIAL_MD5, SourceTree
+
+__all__ = ["DEFAULT_URL", "OFFICIAL_MD5", "SPLITS", "ClassInfo", "default_cache_dir", "prepare", "info",
+           "load_split", "load_classes", "stratified_subset", "make_dataset"]
+
+SPLITS = ("train", "selection", "test")
+IMAGE_SHAPE = (64, 64, 3)
+CACHE_FORMAT = 1
+_PREPARED = "prepared"
+_PARTIAL = ".prepared.partial-"
+_OLD = ".prepared.old-"
+_CHUNK_IMAGES = 500
+# Below this many images per worker, starting processes costs more than it saves.
+_MIN_IMAGES_PER_WORKER = 1500
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One class: its integer label, WordNet id and human-readable name from words.txt."""
+
+    index: int
+    wnid: str
+    name: str
+
+
+def default_cache_dir() -> Path:
+    """``$TINYOPT_CACHE`` if set, else ``~/.cache/tinyopt``."""
+    return Path(os.environ.get("TINYOPT_CACHE") or "~/.cache/tinyopt").expanduser()
+
+
+def _cache(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def prepare(source: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, *,
+            skip_bad: bool = False, selection_fraction: float = 0.1, seed: int = 0, progress: bool = True,
+            md5: str | None = None) -> Path:
+    """Verify Tiny ImageNet and decode it once into the cache.
+
+    A no-op when the cache already holds this source prepared with these options. A failed or
+    interrupted run leaves any existing prepared dataset untouched; running again completes it
+    (a cut download resumes from its ``.part`` file).
+
+    Args:
+        source: the official URL (default), another http(s) URL, a local zip, or an extracted
+            ``tiny-imagenet-200`` folder (or its parent).
+        cache_dir: cache folder; defaults to ``default_cache_dir()``.
+        skip_bad: skip and count undecodable images instead of raising.
+        selection_fraction: share of each train class held out as the ``selection`` split.
+        seed: seed of the selection split.
+        progress: show rich progress bars on stderr.
+        md5: expected md5 of the archive; the official URL's is built in, None checks nothing else.
+
+    Returns:
+        The cache folder, to pass to ``load_split`` and ``load_classes``.
+
+    Raises:
+        DataError: the source cannot be had, is not a consistent Tiny ImageNet tree, or holds an
+            undecodable image (without ``skip_bad``).
+        ConfigError: ``selection_fraction`` is not strictly between 0 and 1.
+    """
+    if not 0 < selection_fraction < 1:
+        raise ConfigError(f"selection fraction must be between 0 and 1 (exclusive), got {selection_fraction}")
+    source = DEFAULT_URL if source is None else str(source)
+    if md5 is None and source == DEFAULT_URL:
+        md5 = OFFICIAL_MD5
+    cache = _cache(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    options = {"selection_fraction": selection_fraction, "seed": seed, "skip_bad": skip_bad}
+    with _locked(cache):
+        _recover(cache)
+        remote = fetch.is_url(source)
+        if remote:
+            fingerprint = _fingerprint(f"{source} md5={md5}", options)
+            if _current_fingerprint(cache) == fingerprint:
+                return _already(cache, progress)
+            tree = fetch.open_tree(fetch.download(source, _download_path(cache, source), md5=md5, progress=progress))
+        else:
+            tree = fetch.open_tree(Path(source))
+        try:
+            if not remote:
+                if md5 is not None and tree.is_zip:
+                    _check_md5(tree.location, md5)
+                fingerprint = _fingerprint(_tree_key(tree), options)
+                if _current_fingerprint(cache) == fingerprint:
+                    return _already(cache, progress)
+            meta = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "options": options,
+                    "source": source if remote else str(tree.location)}
+            _build(cache, tree, meta, progress)
+        finally:
+            tree.close()
+    return cache
+
+
+def _build(cache: Path, tree: SourceTree, meta: dict, progress: bool) -> None:
+    """Decode ``tree`` into a partial folder, then swap it in whole."""
+    options = meta["options"]
+    plan = _plan(tree, options["selection_fraction"], options["seed"])
+    partial = cache / f"{_PARTIAL}{uuid.uuid4().hex[:8]}"
+    partial.mkdir()
+    try:
+        skipped = _write_arrays(tree, plan, partial, options["skip_bad"], progress)
+        meta |= {"splits": {split: len(np.load(partial / f"{split}_y.npy")) for split in SPLITS},
+                 "classes": len(plan.classes), "skipped": skipped,
+                 "created": datetime.now(UTC).isoformat(timespec="seconds")}
+        (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+        _swap_in(cache, partial)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _check_md5(path: Path, md5: str) -> None:
+    actual = fetch.file_digest(path)
+    if actual != md5.lower():
+        raise DataError(f"{path} has md5 {actual}, expected {md5}; download the archive again or drop --md5")
+
+
+def _already(cache: Path, progress: bool) -> Path:
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"{cache} already holds this source with these options; nothing to do")
+    return cache
+
+
+@contextlib.contextmanager
+def _locked(cache: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the cache, so two prepares never build or swap at once."""
+    import fcntl
+
+    with open(cache / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _recover(cache: Path) -> None:
+    """Clear what an interrupted prepare left; put back a dataset caught mid-swap."""
+    for partial in cache.glob(f"{_PARTIAL}*"):
+        shutil.rmtree(partial, ignore_errors=True)
+    for old in cache.glob(f"{_OLD}*"):
+        if (cache / _PREPARED).exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(cache / _PREPARED)
+
+
+def _swap_in(cache: Path, partial: Path) -> None:
+    final, old = cache / _PREPARED, cache / f"{_OLD}{partial.name[len(_PARTIAL):]}"
+    if final.exists():
+        final.rename(old)
+    partial.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _download_path(cache: Path, url: str) -> Path:
+    # The URL's hash in the name keeps two sources with the same file name apart.
+    name = Path(urlparse(url).path).name or "download.zip"
+    return cache / "downloads" / f"{hashlib.sha256(url.encode()).hexdigest()[:8]}-{name}"
+
+
+def _tree_key(tree: SourceTree) -> str:
+    if tree.is_zip:
+        return f"zip sha256={fetch.file_digest(tree.location, 'sha256')}"
+    listing = hashlib.sha256()
+    for name in sorted(tree.files):
+        stat = (tree.location / name).stat()
+        listing.update(f"{name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return f"folder {tree.location} listing={listing.hexdigest()}"
+
+
+def _fingerprint(source_key: str, options: dict) -> str:
+    blob = json.dumps({"source": source_key, "options": options, "format": CACHE_FORMAT}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _current_fingerprint(cache: Path) -> str | None:
+    meta = cache / _PREPARED / "meta.json"
+    return json.loads(meta.read_text())["fingerprint"] if meta.is_file() else None
+
+
+@dataclass
+class _Plan:
+    classes: list[ClassInfo]
+    files: dict[str, list[str]]  # split -> file names in row order
+    labels: dict[str, np.ndarray]
+
+
+def _plan(tree: SourceTree, selection_fraction: float, seed: int) -> _Plan:
+    """Check the tree and decide every image's split and row."""
+    layout = fetch.read_layout(tree)
+    in_selection = np.zeros(len(layout.train_files), bool)
+    in_selection[stratified_subset(layout.train_labels, fraction=selection_fraction, seed=seed)] = True
+    rows = {"train": np.flatnonzero(~in_selection), "selection": np.flatnonzero(in_selection),
+            "test": np.arange(len(layout.test_files))}
+    files = {"train": layout.train_files, "selection": layout.train_files, "test": layout.test_files}
+    labels = {"train": layout.train_labels, "selection": layout.train_labels, "test": layout.test_labels}
+    classes = [ClassInfo(index, wnid, name)
+               for index, (wnid, name) in enumerate(zip(layout.wnids, layout.names, strict=True))]
+    return _Plan(classes, {split: [files[split][i] for i in rows[split]] for split in SPLITS},
+                 {split: labels[split][rows[split]] for split in SPLITS})
+
+
+def _decode_image(payload: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(payload)) as image:
+        # Tiny ImageNet has a few grayscale JPEGs (and CMYK is legal JPEG): the model wants RGB.
+        pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    if pixels.shape != IMAGE_SHAPE:
+        raise ValueError(f"image is {pixels.shape[1]}x{pixels.shape[0]}, expected 64x64")
+    return pixels
+
+
+class _Decoder:
+    """Decodes chunks of (split, row, file) into the split arrays, which are shared memory maps."""
+
+    def __init__(self, location: Path, is_zip: bool, prefix: str, outputs: dict[str, Path]):
+        self.tree = SourceTree(location, is_zip, prefix)
+        self.outputs = {split: np.lib.format.open_memmap(path, mode="r+") for split, path in outputs.items()}
+
+    def __call__(self, chunk: list[tuple[str, int, str]]) -> tuple[int, list[tuple[str, int, str, str]]]:
+        bad = []
+        for split, row, name in chunk:
+            try:
+                self.outputs[split][row] = _decode_image(self.tree.read(name))
+            # The ways PIL and zipfile report a corrupt, truncated or odd-sized image.
+            except (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile) as err:
+                bad.append((split, row, name, f"{type(err).__name__}: {err}"))
+        return len(chunk), bad
+
+    def close(self) -> None:
+        self.tree.close()
+        self.outputs.clear()
+
+
+_worker_decoder: _Decoder | None = None
+
+
+def _start_worker(*args) -> None:
+    global _worker_decoder
+    _worker_decoder = _Decoder(*args)
+
+
+def _decode_in_worker(chunk):
+    return _worker_decoder(chunk)
+
+
+def _decoded_chunks(args: tuple, chunks: list, workers: int) -> Iterator[tuple[int, list]]:
+    done = 0
+    if workers > 1:
+        # spawn, not fork: the caller may hold TensorFlow's threads, which fork would copy half-locked.
+        pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker, args)
+        try:
+            with pool:
+                for result in pool.map(_decode_in_worker, chunks):
+                    done += 1
+                    yield result
+            return
+        except BrokenProcessPool:
+            pass  # workers that cannot start (e.g. a __main__ read from stdin) or died: finish here
+    decoder = _Decoder(*args)
+    try:
+        yield from map(decoder, chunks[done:])
+    finally:
+        decoder.close()
+
+
+def _write_arrays(tree: SourceTree, plan: _Plan, folder: Path, skip_bad: bool, progress: bool) -> list[str]:
+    """Decode every image into ``folder``; return the names of the images skipped as undecodable."""
+    outputs = {split: folder / f"{split}_x.npy" for split in SPLITS}
+    for split, path in outputs.items():
+        _new_images(path, len(plan.files[split]))  # sized files on disk, which the workers map and fill
+    jobs = [(split, row, name) for split in SPLITS for row, name in enumerate(plan.files[split])]
+    chunks = [jobs[i:i + _CHUNK_IMAGES] for i in range(0, len(jobs), _CHUNK_IMAGES)]
+    workers = max(1, min(len(os.sched_getaffinity(0)), len(jobs) // _MIN_IMAGES_PER_WORKER))
+    bad = []
+    with _counting_bar(progress) as bar:
+        task = bar.add_task(f"decode ({workers} process{'es' if workers > 1 else ''})", total=len(jobs))
+        for count, chunk_bad in _decoded_chunks((tree.location, tree.is_zip, tree.prefix, outputs),
+                                                chunks, workers):
+            bad.extend(chunk_bad)
+            bar.advance(task, count)
+    if bad and not skip_bad:
+        _, _, name, reason = min(bad, key=lambda item: fetch.natural_key(item[2]))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"{tree.describe(name)} cannot be decoded ({reason}){more}; replace it, "
+                        f"or pass --skip-bad to skip undecodable images")
+    for split in SPLITS:
+        drop = [row for s, row, _, _ in bad if s == split]
+        keep = np.setdiff1d(np.arange(len(plan.files[split])), drop)
+        if drop:
+            _keep_rows(outputs[split], keep)
+        np.save(folder / f"{split}_y.npy", plan.labels[split][keep].astype(np.int64))
+    (folder / "classes.tsv").write_text("index\twnid\tname\n" + "".join(
+        f"{c.index}\t{c.wnid}\t{c.name}\n" for c in plan.classes))
+    return sorted((name for _, _, name, _ in bad), key=fetch.natural_key)
+
+
+def _keep_rows(path: Path, keep: np.ndarray) -> None:
+    source = np.load(path, mmap_mode="r")
+    kept = path.with_name(f"kept-{path.name}")
+    _new_images(kept, len(keep))[:] = source[keep]
+    del source
+    kept.replace(path)
+
+
+def _counting_bar(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class _Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.finished_speed or task.speed or 0:,.0f} images/s")
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                    TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
+
+
+def _new_images(path: Path, count: int) -> np.ndarray:
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(count, *IMAGE_SHAPE))
+
+
+def _prepared(cache_dir: str | os.PathLike | None) -> Path:
+    cache = _cache(cache_dir)
+    folder = cache / _PREPARED
+    if not (folder / "meta.json").is_file():
+        raise DataError(f"{cache} holds no prepared dataset; run `tinyopt data prepare --cache {cache}` first")
+    return folder
+
+
+def load_split(split: str, cache_dir: str | os.PathLike | None = None, *, mmap: bool = True
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Load one split of the prepared dataset.
+
+    Args:
+        split: ``train``, ``selection`` or ``test``.
+        cache_dir: cache folder; defaults to ``default_cache_dir()``.
+        mmap: memory-map the images (instant, shared between processes) instead of reading them.
+
+    Returns:
+        ``(x, y)``: uint8 images (N, 64, 64, 3) and int64 class indices (N,). ``test`` keeps the
+        official val order val_0, val_1, ...
+
+    Raises:
+        DataError: unknown split, or no prepared dataset in the cache.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    folder = _prepared(cache_dir)
+    images = np.load(folder / f"{split}_x.npy", mmap_mode="r" if mmap else None)
+    return images, np.load(folder / f"{split}_y.npy")
+
+
+def load_classes(cache_dir: str | os.PathLike | None = None) -> list[ClassInfo]:
+    """The class table of the prepared dataset, in class-index order (sorted wnids)."""
+    rows = (_prepared(cache_dir) / "classes.tsv").read_text().splitlines()[1:]
+    return [ClassInfo(int(index), wnid, name) for index, wnid, name in (row.split("\t") for row in rows)]
+
+
+def info(cache_dir: str | os.PathLike | None = None) -> dict:
+    """What the cache holds, for ``tinyopt data info``.
+
+    Returns:
+        A dict with ``cache`` (path of the prepared dataset), ``source``, ``fingerprint``,
+        ``created``, ``options``, ``classes`` (count), ``splits`` (images per split), ``skipped``
+        (undecodable images left out) and ``bytes`` (on disk).
+
+    Raises:
+        DataError: no prepared dataset in the cache.
+    """
+    folder = _prepared(cache_dir)
+    meta = json.loads((folder / "meta.json").read_text())
+    return {"cache": str(folder), "source": meta["source"], "fingerprint": meta["fingerprint"],
+            "created": meta["created"], "options": meta["options"], "classes": meta["classes"],
+            "splits": meta["splits"], "skipped": len(meta["skipped"]),
+            "bytes": sum(path.stat().st_size for path in folder.iterdir())}
+
+
+def stratified_subset(y: np.ndarray, *, per_class: int = 0, fraction: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Seeded subsample that keeps every class, e.g. for quick runs.
+
+    Each class keeps ``round(fraction * n)`` of its ``n`` examples (at least one), capped at
+    ``per_class`` when that is positive.
+
+    Args:
+        y: integer labels.
+        per_class: most examples kept per class; 0 keeps all.
+        fraction: share of each class kept, in (0, 1]; 1.0 keeps all.
+        seed: seed of the random choice.
+
+    Returns:
+        Sorted int64 indices into ``y``.
+
+    Raises:
+        ConfigError: ``fraction`` outside (0, 1] or a negative ``per_class``.
+    """
+    if not 0 < fraction <= 1 or per_class < 0:
+        raise ConfigError(f"subset needs 0 < fraction <= 1 and per_class >= 0, got fraction={fraction}, "
+                          f"per_class={per_class}")
+    y = np.asarray(y)
+    rng = np.random.default_rng(seed)
+    order = np.argsort(y, kind="stable")
+    groups = np.split(order, np.flatnonzero(np.diff(y[order])) + 1) if len(y) else []
+    chosen = []
+    for members in groups:
+        keep = max(1, int(fraction * len(members) + 0.5))
+        if per_class:
+            keep = min(keep, per_class)
+        chosen.append(rng.choice(members, size=keep, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, np.int64)
+
+
+def make_dataset(x: np.ndarray, y: np.ndarray | None = None, *, batch_size: int, shuffle: bool = False,
+                 seed: int = 0, repeat: bool = False):
+    """A ``tf.data`` pipeline of uint8 image batches (with int64 labels when ``y`` is given).
+
+    Only indices flow through tf.data; each batch is gathered from ``x`` (typically a memory map)
+    in numpy, so the dataset is never copied into the graph and images stay uint8 until the model.
+
+    Args:
+        x: uint8 images (N, H, W, C), e.g. from ``load_split``.
+        y: labels (N,), or None for images only.
+        batch_size: images per batch; the last batch of an epoch may be smaller.
+        shuffle: reshuffle the order every epoch.
+        seed: seed of the shuffle.
+        repeat: repeat forever (for ``steps_per_epoch``).
+
+    Returns:
+        A prefetching ``tf.data.Dataset`` of ``images`` or ``(images, labels)`` batches.
+    """
+    import tensorflow as tf
+
+    if y is not None and len(y) != len(x):
+        raise ValueError(f"x has {len(x)} images but y has {len(y)} labels")
+    labels = None if y is None else tf.constant(np.asarray(y, dtype=np.int64))
+    indices = tf.data.Dataset.range(len(x))
+    if shuffle:
+        indices = indices.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        indices = indices.repeat()
+
+    def gather(batch):
+        images = tf.numpy_function(lambda rows: x[rows], [batch], tf.uint8, stateful=False)
+        images.set_shape((None, *x.shape[1:]))
+        return images if labels is None else (images, tf.gather(labels, batch))
+
+    return indices.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

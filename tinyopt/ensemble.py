@@ -1,0 +1,333 @@
+"""Soft-voting ensemble over the approach studies' best trials, and the study of its weights.
+
+Every complete trial of an approach study saved its selection and test class probabilities, so the
+ensemble never reruns a model: it weights those arrays. Weights are searched on the selection
+split only; test scores are reported, never optimised on.
+
+An ensemble trial records what ``best --export`` and ``report`` need in its user attrs
+(see ``WeightSearch.record``)::
+
+    "members":  [{"label", "study", "trial_number", "run_id", "model_kept", "weight",
+                  "selection_top1", "selection_top5", "test_top1", "test_top5"}, ...]
+    "uniform":  {"selection_top1", "selection_top5", "test_top1", "test_top5"}
+    "selection_top1", "selection_top5", "test_top1", "test_top5",
+    "selection_log_loss", "test_log_loss"
+
+plus, from ``EnsembleObjective``, the user attrs every approach trial has: ``params`` (the raw
+weights), ``mlflow_run_id``, ``seconds`` and ``model_kept`` (always False: the members keep the
+models). Weights in ``members`` are normalised to sum 1. Only numpy loads with this module; sklearn
+(through ``tinyopt.metrics``), optuna, matplotlib and mlflow load in the functions that use them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from tinyopt.errors import ConfigError, DataError, StudyError, TrialError
+from tinyopt.metrics import scores
+from tinyopt.objectives import TrackedObjective
+
+OBJECTIVES = ("top1", "log_loss")
+MEMBERS_ATTR = "members"
+UNIFORM_ATTR = "uniform"
+WEIGHT_PREFIX = "weight_"
+_SPLITS = ("selection", "test")
+# MLflow accepts only these characters in param names, and the weight params end up there.
+_UNSAFE = re.compile(r"[^\w.\-]")
+
+
+def safe_name(text: str) -> str:
+    """``text`` with every character MLflow rejects in param and metric names replaced by ``_``."""
+    return _UNSAFE.sub("_", text)
+
+
+def normalise_weights(weights: Sequence[float]) -> np.ndarray:
+    """Weights scaled to sum 1.
+
+    Raises:
+        ValueError: a weight is negative or not finite.
+        TrialError: every weight is zero, so there is no vote to take.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise ValueError(f"ensemble weights must be finite and non-negative, got {weights.tolist()}")
+    total = weights.sum()
+    if total == 0:
+        raise TrialError("every ensemble member has weight 0; at least one weight must be positive")
+    return weights / total
+
+
+def soft_vote(probs_list: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """The weighted average of the members' class probabilities.
+
+    Args:
+        probs_list: one ``(N, C)`` probability array per member, rows in the same sample order.
+        weights: one non-negative weight per member; normalised to sum 1 here.
+
+    Returns:
+        ``(N, C)`` float32 probabilities, equal to sklearn's ``VotingClassifier(voting="soft")``.
+    """
+    return _vote(np.stack([np.asarray(p, dtype=np.float32) for p in probs_list]), weights)
+
+
+def _vote(stacked: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    if len(stacked) != len(weights):
+        raise ValueError(f"{len(stacked)} probability arrays but {len(weights)} weights")
+    return np.tensordot(normalise_weights(weights).astype(np.float32), stacked, axes=1)
+
+
+def _split_scores(probs: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """``{"selection_top1": ..., "test_log_loss": ...}`` from per-split probabilities and labels."""
+    return {f"{split}_{name}": value for split in _SPLITS
+            for name, value in scores(probs[split], labels[split]).items()}
+
+
+def _accuracies(flat: Mapping[str, float]) -> dict[str, float]:
+    return {key: value for key, value in flat.items() if not key.endswith("log_loss")}
+
+
+@dataclass(frozen=True)
+class Member:
+    """One complete trial of an approach study taking part in the vote.
+
+    Attributes:
+        study: the approach study's name.
+        trial_number: the trial's number in that study.
+        run_id: the trial's MLflow run, holding ``predictions.npz`` (and the model if kept).
+        model_kept: whether that run holds ``model/model.keras``, which export needs.
+    """
+
+    study: str
+    trial_number: int
+    run_id: str
+    model_kept: bool = False
+
+    @property
+    def label(self) -> str:
+        """``<study>-<trial number>``, safe as an Optuna and an MLflow param name."""
+        return safe_name(f"{self.study}-{self.trial_number}")
+
+    @property
+    def param(self) -> str:
+        """The name of this member's weight in the ensemble study."""
+        return f"{WEIGHT_PREFIX}{self.label}"
+
+
+class WeightSearch:
+    """The objective of the ensemble study: member weights that maximise the selection score.
+
+    Args:
+        members: the members, in a fixed order.
+        predictions: per member, the arrays of its ``predictions.npz`` (``selection_probs``,
+            ``selection_labels``, ``test_probs``, ``test_labels``).
+        objective: ``"top1"`` (selection top-1) or ``"log_loss"`` (minus the selection log loss, so
+            that the study maximises in both cases).
+
+    Raises:
+        DataError: the members were not scored on the same selection and test samples.
+        ConfigError: an unknown objective.
+    """
+
+    def __init__(self, members: Sequence[Member], predictions: Sequence[Mapping[str, np.ndarray]],
+                 objective: str = "top1"):
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"ensemble.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        if len(members) != len(predictions) or not members:
+            raise ValueError(f"{len(members)} members but {len(predictions)} prediction sets")
+        _check_same_samples(members, predictions)
+        self.members = list(members)
+        self.objective = objective
+        self._labels = {split: np.asarray(predictions[0][f"{split}_labels"]) for split in _SPLITS}
+        self._probs = {s: np.stack([np.asarray(p[f"{s}_probs"], dtype=np.float32) for p in predictions])
+                       for s in _SPLITS}
+        self.member_scores = [_split_scores({s: self._probs[s][i] for s in _SPLITS}, self._labels)
+                              for i in range(len(members))]
+        self.uniform_scores = self.evaluate([1.0] * len(members))
+
+    def vote(self, weights: Sequence[float]) -> dict[str, np.ndarray]:
+        """The weighted soft vote on the selection and test splits."""
+        return {split: _vote(self._probs[split], weights) for split in _SPLITS}
+
+    def evaluate(self, weights: Sequence[float]) -> dict[str, float]:
+        """Scores of the weighted vote, keyed like ``selection_top1`` and ``test_log_loss``."""
+        return _split_scores(self.vote(weights), self._labels)
+
+    def value(self, flat_scores: Mapping[str, float]) -> float:
+        """The number the study maximises."""
+        if self.objective == "log_loss":
+            return -flat_scores["selection_log_loss"]
+        return flat_scores["selection_top1"]
+
+    def suggest(self, trial: Any) -> list[float]:
+        """Sample one weight in [0, 1] per member, named ``weight_<member label>``."""
+        return [trial.suggest_float(member.param, 0.0, 1.0) for member in self.members]
+
+    def members_attr(self, weights: Sequence[float]) -> list[dict[str, Any]]:
+        """The ``members`` user attr: each member, its normalised weight and its own scores."""
+        normalised = normalise_weights(weights)
+        return [{"label": m.label, **asdict(m), "weight": float(w), **_accuracies(s)}
+                for m, w, s in zip(self.members, normalised, self.member_scores, strict=True)]
+
+    def record(self, trial: Any, weights: Sequence[float]) -> dict[str, float]:
+        """Score the vote of ``weights`` and store the ensemble user attrs on ``trial``; returns the scores."""
+        flat = self.evaluate(weights)
+        trial.set_user_attr(MEMBERS_ATTR, self.members_attr(weights))
+        trial.set_user_attr(UNIFORM_ATTR, _accuracies(self.uniform_scores))
+        for key, value in flat.items():
+            trial.set_user_attr(key, value)
+        return flat
+
+    def __call__(self, trial: Any) -> float:
+        """The objective without tracking: suggest weights, score and record their vote."""
+        return self.value(self.record(trial, self.suggest(trial)))
+
+    def comparison(self, weights: Sequence[float]) -> list[dict[str, Any]]:
+        """Rows for the member table and bar chart: each member, the uniform and the weighted vote."""
+        rows = [{"name": m["label"], "weight": m["weight"], **_accuracies(s)}
+                for m, s in zip(self.members_attr(weights), self.member_scores, strict=True)]
+        rows.append({"name": "uniform vote", "weight": None, **_accuracies(self.uniform_scores)})
+        rows.append({"name": "weighted vote", "weight": None, **_accuracies(self.evaluate(weights))})
+        return rows
+
+
+def _check_same_samples(members: Sequence[Member], predictions: Sequence[Mapping[str, np.ndarray]]) -> None:
+    first = predictions[0]
+    for member, saved in zip(members, predictions, strict=True):
+        missing = {f"{s}_{a}" for s in _SPLITS for a in ("probs", "labels")} - set(saved)
+        if missing:
+            raise DataError(f"predictions of {member.label} (MLflow run {member.run_id}) lack "
+                            f"{', '.join(sorted(missing))}; rerun that trial")
+        for split in _SPLITS:
+            if saved[f"{split}_probs"].shape != first[f"{split}_probs"].shape or not np.array_equal(
+                    saved[f"{split}_labels"], first[f"{split}_labels"]):
+                raise DataError(
+                    f"ensemble members {members[0].label} and {member.label} were evaluated on different "
+                    f"{split} samples (probabilities {first[f'{split}_probs'].shape} vs "
+                    f"{saved[f'{split}_probs'].shape}, or different labels); sweep them on the same "
+                    "data cache and data options")
+
+
+def weights_of(members_attr: Sequence[Mapping[str, Any]]) -> tuple[list[Member], list[float]]:
+    """Members and weights from an ensemble trial's ``members`` user attr."""
+    members = [Member(m["study"], m["trial_number"], m["run_id"], m["model_kept"]) for m in members_attr]
+    return members, [float(m["weight"]) for m in members_attr]
+
+
+def select_members(storage: Any, studies: Sequence[str], top_k: int = 1, min_members: int = 2
+                   ) -> tuple[list[Member], list[str]]:
+    """The best ``top_k`` complete trials of each study, in study order.
+
+    Args:
+        storage: an Optuna storage URL or object.
+        studies: names of the approach studies.
+        top_k: how many trials of each study become members.
+        min_members: fewer members than this is an error.
+
+    Returns:
+        The members, and one message per study that was skipped (missing or without a complete
+        trial), for the caller to show as warnings.
+
+    Raises:
+        StudyError: fewer than ``min_members`` members remain; names the skipped studies.
+    """
+    import optuna
+
+    members: list[Member] = []
+    skipped: list[str] = []
+    for name in studies:
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            skipped.append(f"study {name!r} does not exist; run `tinyopt sweep {name}` first")
+            continue
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if not complete:
+            skipped.append(f"study {name!r} has no complete trial")
+            continue
+        sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+        for trial in sorted(complete, key=lambda t: sign * t.value)[:top_k]:
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            if not run_id:
+                raise StudyError(f"trial {trial.number} of study {name!r} has no MLflow run id; "
+                                 "it was not run by `tinyopt sweep`")
+            members.append(Member(name, trial.number, run_id, bool(trial.user_attrs.get("model_kept"))))
+    if len(members) < min_members:
+        reasons = "; ".join(skipped) or f"studies {', '.join(studies)} hold {len(members)} complete trial(s)"
+        raise StudyError(f"the ensemble needs at least {min_members} members, found {len(members)} "
+                         f"({reasons}); sweep more approaches or lower ensemble.min_members")
+    return members, skipped
+
+
+def load_weight_search(members: Sequence[Member], tracking_uri: str, objective: str = "top1") -> WeightSearch:
+    """Read the members' saved probabilities from MLflow and build the ensemble objective."""
+    from tinyopt import tracking
+
+    predictions = [tracking.load_predictions(m.run_id, tracking_uri) for m in members]
+    return WeightSearch(members, predictions, objective)
+
+
+class EnsembleObjective(TrackedObjective):
+    """The ensemble study's objective with tracking: one MLflow run per trial, like the approaches.
+
+    Each run gets the weights as params, the vote's scores and the uniform vote's as metrics, and
+    ``ensemble_members.json`` plus ``ensemble_comparison.png``: every member, the uniform and the
+    weighted vote on selection and test.
+
+    Args:
+        search: the members and their probabilities.
+        config: the resolved ensemble config (logged with each run).
+        tracker: a ``tinyopt.tracking.Tracker`` with its sweep started.
+        events: progress listener (``tinyopt.objectives.Events``).
+        notes: messages about skipped studies, for the sweep summary.
+    """
+
+    def __init__(self, search: WeightSearch, config: dict[str, Any], tracker: Any, events: Any,
+                 notes: Sequence[str] = ()):
+        super().__init__(config, tracker, events, device="cpu (numpy)")
+        self.search = search
+        self.notes = list(notes)
+
+    def choose(self, trial: Any) -> dict[str, Any]:
+        weights = self.search.suggest(trial)
+        return {m.param: w for m, w in zip(self.search.members, weights, strict=True)}
+
+    def evaluate(self, trial: Any, params: dict[str, Any], run: Any) -> float:
+        from tinyopt.report import comparison_chart
+
+        trial.set_user_attr("model_kept", False)
+        weights = [params[m.param] for m in self.search.members]
+        flat = self.search.record(trial, weights)
+        uniform = {f"uniform_{key}": v for key, v in self.search.uniform_scores.items()}
+        run.log_metrics({**flat, **uniform})
+        rows = self.search.comparison(weights)
+        run.log_text(json.dumps(rows, indent=2), "ensemble_members.json")
+        run.log_figure(comparison_chart(rows, f"ensemble trial {trial.number}"), "ensemble_comparison.png")
+        return self.search.value(flat)
+
+
+def make_ensemble_objective(study: Any, config: dict[str, Any], storage: Any, tracker: Any, tracking_uri: str,
+                            events: Any) -> EnsembleObjective:
+    """The objective ``tinyopt sweep ensemble`` optimises (called by ``tinyopt.runner.run_sweep``).
+
+    Members are chosen once, when the sweep starts, from ``config["ensemble"]``: the best
+    ``top_k`` complete trials of each of ``studies``. Studies that are missing or have no complete
+    trial are skipped (listed in the objective's ``notes``) as long as ``min_members`` remain.
+
+    Raises:
+        StudyError: too few members, or the ensemble study itself listed as a member.
+        DataError: the members were scored on different samples.
+    """
+    settings = config["ensemble"]
+    studies = list(settings["studies"])
+    if study.study_name in studies:
+        raise StudyError(f"ensemble.studies lists the ensemble study {study.study_name!r} itself; "
+                         "name only approach studies")
+    members, skipped = select_members(storage, studies, int(settings["top_k"]), int(settings["min_members"]))
+    search = load_weight_search(members, tracking_uri, settings["objective"])
+    return EnsembleObjective(search, config, tracker, events, notes=skipped)

@@ -1,0 +1,300 @@
+"""Self-contained model bundles: a folder a person can ship, loadable without tinyopt.
+
+A bundle holds ``model.keras`` (raw uint8 images in, class probabilities out, preprocessing
+inside), ``classes.tsv`` (index, wnid, name in output order), ``params.json``, ``metrics.json`` and
+``MODEL.md``. Keras is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tinyopt.errors import StudyError, TinyoptError
+from tinyopt.urls import redact
+
+if TYPE_CHECKING:
+    from tinyopt.report import StudySummary
+
+MODEL_FILE = "model.keras"
+CLASSES_FILE = "classes.tsv"
+PARAMS_FILE = "params.json"
+METRICS_FILE = "metrics.json"
+README_FILE = "MODEL.md"
+_CLASSES_HEADER = ["index", "wnid", "name"]
+
+
+def write_classes(path: Path, classes: Sequence[Sequence[Any]]) -> None:
+    """Write ``(index, wnid, name)`` rows as a tab-separated file with a header line."""
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out, delimiter="\t", lineterminator="\n")
+        writer.writerow(_CLASSES_HEADER)
+        writer.writerows((int(index), wnid, name) for index, wnid, name in classes)
+
+
+def read_classes(path: Path) -> list[tuple[int, str, str]]:
+    """Read a ``classes.tsv``: ``(index, wnid, name)`` rows, header line optional, in index order.
+
+    Raises:
+        TinyoptError: the file is missing or its rows are not ``index<TAB>wnid<TAB>name`` with
+            indices 0..C-1.
+    """
+    if not path.is_file():
+        raise TinyoptError(f"{path} does not exist; a bundle needs its classes.tsv")
+    with path.open(newline="") as source:
+        rows = [row for row in csv.reader(source, delimiter="\t") if row]
+    if rows and rows[0] == _CLASSES_HEADER:
+        rows = rows[1:]
+    try:
+        classes = [(int(index), wnid, name) for index, wnid, name in rows]
+    except ValueError as err:
+        raise TinyoptError(f"{path} is not index<TAB>wnid<TAB>name rows ({err})") from err
+    if [c[0] for c in classes] != list(range(len(classes))):
+        raise TinyoptError(f"{path} must list class indices 0..{len(classes) - 1} in order")
+    return classes
+
+
+def ensemble_model(member_models: Sequence[Any], weights: Sequence[float]) -> Any:
+    """One Keras model computing the weighted soft vote of its members.
+
+    Each member's probabilities are scaled by its normalised weight (a ``Rescaling`` layer) and
+    summed (``Add``): built-in layers only, so the saved model loads without tinyopt. Members
+    with weight 0 are left out. The members are renamed ``member_<i>`` so their names are unique.
+
+    Args:
+        member_models: Keras models taking the same uint8 image input and giving the same classes.
+        weights: one non-negative weight per member; normalised to sum 1.
+
+    Raises:
+        TinyoptError: the members disagree on their input or output shape.
+    """
+    import keras
+
+    from tinyopt.ensemble import normalise_weights
+
+    if len(member_models) != len(weights):
+        raise ValueError(f"{len(member_models)} member models but {len(weights)} weights")
+    shapes = {(tuple(m.inputs[0].shape[1:]), tuple(m.outputs[0].shape[1:])) for m in member_models}
+    if len(shapes) != 1:
+        raise TinyoptError(f"ensemble members disagree on input/output shapes {sorted(shapes)}; "
+                           "they must be trained on the same images and classes")
+    (input_shape, _), = shapes
+    image = keras.Input(input_shape, dtype="uint8", name="image")
+    votes = []
+    for i, (model, weight) in enumerate(zip(member_models, normalise_weights(weights), strict=True)):
+        if weight == 0:
+            continue
+        model.name = f"member_{i}"
+        # float32 so that a mixed-precision policy cannot round the probabilities to float16.
+        votes.append(keras.layers.Rescaling(float(weight), dtype="float32", name=f"weight_{i}")(model(image)))
+    output = votes[0] if len(votes) == 1 else keras.layers.Add(dtype="float32", name="soft_vote")(votes)
+    return keras.Model(image, output, name="soft_vote_ensemble")
+
+
+def write_bundle(dst: str | Path, *, model: Any, classes: Sequence[Sequence[Any]], params: Mapping[str, Any],
+                 metrics: Mapping[str, float], description: Mapping[str, Any], overwrite: bool = False) -> Path:
+    """Write a model bundle to ``dst``, all or nothing.
+
+    The files are written to a temporary folder beside ``dst`` and renamed into place, so a
+    failure leaves no half bundle and an existing bundle is only replaced when asked to.
+
+    Args:
+        dst: the bundle folder; must not exist or be empty unless ``overwrite``.
+        model: a Keras model taking uint8 ``(H, W, 3)`` images and giving ``len(classes)`` probabilities.
+        classes: ``(index, wnid, name)`` per output column, in index order.
+        params: the hyperparameters of the trial that produced the model.
+        metrics: its scores, e.g. ``selection_top1``, ``test_top1``.
+        description: ``title``, ``what`` (what the model is) and ``how_chosen`` for MODEL.md, and
+            optionally ``provenance`` (a mapping, e.g. study, trial, MLflow run id).
+        overwrite: replace a non-empty ``dst``.
+
+    Returns:
+        The bundle folder.
+
+    Raises:
+        TinyoptError: ``dst`` is a file or a non-empty folder (without ``overwrite``), or the model's
+            output does not match the classes.
+    """
+    dst = Path(dst).resolve()  # "." has no name and no parent to stage beside
+    _check_destination(dst, overwrite)
+    n_outputs = model.outputs[0].shape[-1]
+    if n_outputs != len(classes):
+        raise TinyoptError(f"the model outputs {n_outputs} probabilities but {len(classes)} classes were given")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        model.save(staging / MODEL_FILE)
+        write_classes(staging / CLASSES_FILE, classes)
+        (staging / PARAMS_FILE).write_text(json.dumps(dict(params), indent=2, sort_keys=True) + "\n")
+        (staging / METRICS_FILE).write_text(json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")
+        (staging / README_FILE).write_text(_model_md(model, classes, params, metrics, description))
+        _move_into_place(staging, dst, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dst
+
+
+def _check_destination(dst: Path, overwrite: bool) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise TinyoptError(f"{dst} is a file; pass a folder for the bundle")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise TinyoptError(f"{dst} already exists and is not empty; pass --force to replace it "
+                           "or choose another folder")
+
+
+def _move_into_place(staging: Path, dst: Path, overwrite: bool) -> None:
+    # Checked again because another process may have written dst while the model was saving.
+    _check_destination(dst, overwrite)
+    if dst.is_dir() and not any(dst.iterdir()):
+        dst.rmdir()
+    if not dst.exists():
+        staging.rename(dst)
+        return
+    # Move the old bundle aside first so that dst is never a mix of old and new files.
+    old = staging.with_name(f"{staging.name}.old")
+    dst.rename(old)
+    try:
+        staging.rename(dst)
+    except OSError:
+        old.rename(dst)
+        raise
+    shutil.rmtree(old)
+
+
+def _model_md(model: Any, classes: Sequence[Sequence[Any]], params: Mapping[str, Any],
+              metrics: Mapping[str, float], description: Mapping[str, Any]) -> str:
+    height, width, _ = model.inputs[0].shape[1:]
+    lines = [f"# {description['title']}", "", description["what"], "",
+             "## How it was chosen", "", description["how_chosen"], ""]
+    provenance = description.get("provenance") or {}
+    lines += [f"- {key}: {value}" for key, value in provenance.items()]
+    lines += ["", "## Scores", "", "| metric | value |", "| --- | --- |"]
+    lines += [f"| {key} | {value:.4f} |" for key, value in metrics.items()]
+    lines += ["", "Selection scores chose the model; test scores (the official validation set) were only "
+              "reported.", "", "## Parameters", "", "```json", json.dumps(dict(params), indent=2, sort_keys=True),
+              "```"]
+    lines += [
+        "", "## How to load it", "",
+        f"`{MODEL_FILE}` takes raw uint8 RGB images of {height}x{width} pixels (its preprocessing is inside) "
+        f"and returns {len(classes)} probabilities, column i being class i of `{CLASSES_FILE}` "
+        "(index, wnid, name). It needs Keras 3, not tinyopt:", "",
+        "```python",
+        "import keras, numpy as np",
+        "from PIL import Image",
+        "",
+        f'model = keras.models.load_model("{MODEL_FILE}")',
+        f'image = Image.open("photo.jpg").convert("RGB").resize(({width}, {height}), Image.BILINEAR)',
+        'probs = model.predict(np.asarray(image, dtype="uint8")[None])[0]',
+        "```", "",
+        "With tinyopt installed: `tinyopt predict THIS_FOLDER photo.jpg`.", "",
+    ]
+    return "\n".join(lines)
+
+
+_WHAT = {
+    "pretrained": "An ImageNet-pretrained backbone used as-is on Tiny ImageNet, without training; its "
+                  "searched settings are the input resize method and size, test-time flip and the class mapping.",
+    "finetune": "An ImageNet-pretrained backbone fine-tuned on the Tiny ImageNet training split.",
+    "scratch": "A convolutional network trained from scratch on the Tiny ImageNet training split.",
+}
+
+
+def export_best(summary: StudySummary, dst: str | Path, *, storage_url: str, tracking_uri: str,
+                overwrite: bool = False) -> Path:
+    """Write the bundle of a study's best trial from the model(s) its MLflow run(s) kept.
+
+    For an ensemble study, the members' kept models are combined by ``ensemble_model`` with the
+    best trial's weights. Nothing is retrained.
+
+    Args:
+        summary: the study (``tinyopt.report.summarize_studies``).
+        dst: the bundle folder (see ``write_bundle``).
+        storage_url: the Optuna storage (read for ensemble members' params).
+        tracking_uri: the MLflow store holding the runs.
+        overwrite: replace a non-empty ``dst``.
+
+    Raises:
+        StudyError: no complete trial, or a model that was not kept.
+    """
+    from tinyopt.ensemble import weights_of
+
+    best = summary.best
+    if best is None:
+        raise StudyError(f"study {summary.name!r} has no complete trial to export")
+    where = f"trial {best.number} of study {summary.name!r}"
+    with tempfile.TemporaryDirectory(prefix="tinyopt-export-") as tmp:
+        if best.members:
+            members, weights = weights_of(best.members)
+            lost = [f"{m.study} trial {m.trial_number}" for m in members if not m.model_kept]
+            if lost:
+                raise StudyError(f"{where} votes with {', '.join(lost)}, whose model was not kept (only a trial "
+                                 "that was its study's best when it finished keeps its model); export cannot "
+                                 "rebuild it: sweep the ensemble with ensemble.top_k=1")
+            classes = _run_classes([m.run_id for m in members], tracking_uri, Path(tmp))
+            model = ensemble_model([_run_model(m.run_id, tracking_uri, Path(tmp)) for m in members], weights)
+            params = {"members": _member_params(best.members, storage_url)}
+            what = (f"A weighted soft vote of {len(members)} models, each taking the same images: "
+                    + "; ".join(f"{m['label']} (weight {m['weight']:.3f})" for m in best.members) + ".")
+        else:
+            if not best.model_kept or not best.run_id:
+                raise StudyError(f"{where} did not keep its model (MLflow run {best.run_id}); only a trial that "
+                                 "was its study's best when it finished keeps one. Retrain it by sweeping "
+                                 "again, or export another study")
+            classes = _run_classes([best.run_id], tracking_uri, Path(tmp))
+            model = _run_model(best.run_id, tracking_uri, Path(tmp))
+            params = best.params
+            what = _WHAT.get(summary.approach, f"A model of the {summary.approach} approach.")
+        counts = summary.counts
+        description = {
+            "title": f"tinyopt {summary.approach}: study {summary.name}, trial {best.number}",
+            "what": what,
+            "how_chosen": (f"The best of {counts['COMPLETE']} complete trials ({counts['PRUNED']} pruned, "
+                           f"{counts['FAIL']} failed) of an Optuna study, ranked on the selection split: a "
+                           "stratified slice of the training images held out from training."),
+            "provenance": {"Optuna storage": redact(storage_url), "study": summary.name, "trial": best.number,
+                           "objective value": f"{best.value:.4f}", "MLflow tracking URI": redact(tracking_uri),
+                           "MLflow run": best.run_id},
+        }
+        return write_bundle(dst, model=model, classes=classes, params=params, metrics=best.scores,
+                            description=description, overwrite=overwrite)
+
+
+def _run_model(run_id: str, tracking_uri: str, tmp: Path) -> Any:
+    import keras
+
+    from tinyopt import tracking
+
+    path = tracking.download_artifact(run_id, tracking.MODEL_PATH, tracking_uri, tmp / run_id)
+    return keras.models.load_model(path, compile=False)
+
+
+def _run_classes(run_ids: Sequence[str], tracking_uri: str, tmp: Path) -> list[tuple[int, str, str]]:
+    """The classes of the runs, which must agree: the models' output columns are summed by index."""
+    from tinyopt import tracking
+
+    found = [read_classes(tracking.download_artifact(r, CLASSES_FILE, tracking_uri, tmp / f"{r}-classes"))
+             for r in run_ids]
+    if any(classes != found[0] for classes in found):
+        raise StudyError(f"the runs {', '.join(run_ids)} were trained on different classes; "
+                         "sweep every member on the same data cache")
+    return found[0]
+
+
+def _member_params(members: Sequence[Mapping[str, Any]], storage_url: str) -> list[dict[str, Any]]:
+    import optuna
+
+    from tinyopt.report import open_existing_storage
+
+    storage = open_existing_storage(storage_url)
+    rows = []
+    for member in members:
+        study = optuna.load_study(study_name=member["study"], storage=storage)
+        trial = study.get_trials(deepcopy=False)[member["trial_number"]]
+        rows.append({**{k: member[k] for k in ("label", "study", "trial_number", "run_id", "weight")},
+                     "params": trial.user_attrs.get("params", trial.params)})
+    return rows

@@ -1,0 +1,311 @@
+"""The objective of the model approaches: build, (train), score and record one trial.
+
+One class serves pretrained, finetune and scratch: an approach module says how to build its model
+and whether it trains (``tinyopt.approaches``). Every trial gets a clean Keras session, its own
+MLflow run, and leaves behind the selection and test probabilities the ensemble study reads.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from tinyopt import space as search_space
+from tinyopt.errors import TinyoptError, TrialError
+from tinyopt.metrics import scores
+
+
+class TrialFailed(Exception):
+    """Raised to Optuna for a failed trial whose reason is already recorded (the sweep goes on)."""
+
+
+class Events(Protocol):
+    """What a front end (the rich progress of the CLI) hears from a sweep."""
+
+    def trial_started(self, number: int, epochs: int) -> None: ...
+
+    def epoch_ended(self, number: int, epoch: int, logs: dict[str, float]) -> None: ...
+
+    def trial_ended(self, number: int, state: str, value: float | None, reason: str | None) -> None: ...
+
+
+class QuietEvents:
+    """Events that go nowhere (library use and tests)."""
+
+    def trial_started(self, number: int, epochs: int) -> None:
+        pass
+
+    def epoch_ended(self, number: int, epoch: int, logs: dict[str, float]) -> None:
+        pass
+
+    def trial_ended(self, number: int, state: str, value: float | None, reason: str | None) -> None:
+        pass
+
+
+@dataclass
+class SweepData:
+    """The arrays a sweep trains and scores on; images uint8, labels integer class indices."""
+
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    classes: list[Any]
+    wnids: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.wnids = [c.wnid for c in self.classes]
+
+
+class TrackedObjective:
+    """An objective whose every trial is one MLflow run, closed with the state Optuna gives the trial.
+
+    Subclasses say how a trial's params are chosen (``choose``) and how it is scored (``evaluate``).
+    A ``TrialError`` or any unexpected exception fails only this trial (recorded with its reason
+    and traceback; the sweep goes on); any other ``TinyoptError`` stops the sweep; a pruned trial's
+    run is KILLED, and so is the run of a trial interrupted with Ctrl-C.
+    """
+
+    def __init__(self, config: dict[str, Any], tracker: Any, events: Events | None, device: str):
+        self.config = config
+        self.tracker = tracker
+        self.events = events or QuietEvents()
+        self.device = device
+
+    def choose(self, trial) -> dict[str, Any]:
+        """The trial's params (every value, fixed ones included)."""
+        raise NotImplementedError
+
+    def evaluate(self, trial, params: dict[str, Any], run) -> float:
+        """Score the trial, log its results to ``run`` and return the value Optuna maximises."""
+        raise NotImplementedError
+
+    def epochs(self, params: dict[str, Any]) -> int:
+        """Epochs the trial will train, for progress display (0: no training)."""
+        return 0
+
+    def __call__(self, trial) -> float:
+        import optuna
+
+        params = self.choose(trial)
+        trial.set_user_attr("params", params)
+        run = self.tracker.start_trial(trial.number, params, self.config, tags={"device": self.device})
+        trial.set_user_attr("mlflow_run_id", run.run_id)
+        started = time.perf_counter()
+        try:
+            self.events.trial_started(trial.number, self.epochs(params))
+            value = self.evaluate(trial, params, run)
+        except optuna.TrialPruned as pruned:
+            run.end("PRUNED")
+            self.events.trial_ended(trial.number, "PRUNED", None, str(pruned))
+            raise
+        except KeyboardInterrupt:
+            run.end("KILLED", "interrupted by the user")
+            raise
+        except Exception as err:  # noqa: BLE001 - every failure is recorded; only TinyoptErrors stop
+            reason = _reason(err)
+            run.log_text(traceback.format_exc(), "traceback.txt")
+            run.end("FAIL", reason)
+            trial.set_user_attr("fail_reason", reason)
+            self.events.trial_ended(trial.number, "FAIL", None, reason)
+            if isinstance(err, TinyoptError) and not isinstance(err, TrialError):
+                raise
+            raise TrialFailed(reason) from err
+        seconds = time.perf_counter() - started
+        trial.set_user_attr("seconds", seconds)
+        run.log_metrics({"trial_seconds": seconds})
+        run.end("COMPLETE")
+        self.events.trial_ended(trial.number, "COMPLETE", value, None)
+        return value
+
+
+class ModelObjective(TrackedObjective):
+    """``objective(trial) -> selection top-1`` for one of the model approaches.
+
+    Args:
+        approach: the approach module (``tinyopt.approaches.get_approach(name)``).
+        config: the resolved config.
+        data: the splits (``train`` only needed when the approach trains).
+        tracker: a ``tinyopt.tracking.Tracker`` with its sweep started.
+        seed: base seed; trial ``n`` runs with ``seed + n``.
+        events: progress listener.
+    """
+
+    def __init__(self, approach: Any, config: dict[str, Any], data: SweepData, tracker: Any, seed: int,
+                 events: Events | None = None):
+        from tinyopt.training import device_name
+
+        super().__init__(config, tracker, events, device_name())
+        self.approach = approach
+        self.data = data
+        self.seed = seed
+
+    def choose(self, trial) -> dict[str, Any]:
+        return search_space.suggest(trial, self.config["space"])
+
+    def epochs(self, params: dict[str, Any]) -> int:
+        return int(params.get("epochs", 0)) if self.approach.TRAINS else 0
+
+    def evaluate(self, trial, params: dict[str, Any], run) -> float:
+        import keras
+
+        # A fresh graph per trial: without it layers and memory pile up across trials.
+        keras.backend.clear_session(free_memory=True)
+        gc.collect()
+        keras.utils.set_random_seed(self.seed + trial.number)
+        return self._run(trial, params, run)
+
+    def _run(self, trial, params: dict[str, Any], run) -> float:
+        from tinyopt.training import set_precision
+
+        train_cfg = self.config.get("train", {})
+        set_precision(train_cfg.get("mixed_precision", "auto"))
+        model = self.approach.build(params, model=self.config.get("model", {}), wnids=self.data.wnids)
+        history: dict[str, list[float]] = {}
+        if self.approach.TRAINS:
+            history = self._fit(trial, model, params, run)
+        batch = int(train_cfg.get("eval_batch_size", 128))
+        results: dict[str, Any] = {}
+        arrays: dict[str, np.ndarray] = {}
+        for split in ("selection", "test"):
+            x, y = self.data.splits[split]
+            probs = _predict(model, x, batch)
+            results[split] = scores(probs, y)
+            arrays[f"{split}_probs"], arrays[f"{split}_labels"] = probs.astype(np.float32), np.asarray(y)
+        value = results["selection"]["top1"]
+        full_top1 = getattr(self.approach, "full_top1", None)
+        if full_top1 is not None and not params.get("restrict_200", True):
+            # The 1000-way baseline is scored as the report scored it: argmax over every ImageNet class.
+            for split in ("selection", "test"):
+                x, y = self.data.splits[split]
+                results[split]["top1"] = full_top1(params, model=self.config.get("model", {}),
+                                                   wnids=self.data.wnids, images=x, labels=y, batch_size=batch)
+            value = results["selection"]["top1"]
+        final = {f"{split}_{name}": v for split, r in results.items() for name, v in r.items()}
+        run.log_metrics(final, step=len(history.get("loss", [])))
+        run.log_predictions(arrays)
+        run.log_text(_classes_tsv(self.data.classes), "classes.tsv")
+        if history:
+            run.log_figure(learning_curve(history), "learning_curve.png")
+        for key in ("selection_top1", "selection_top5", "test_top1", "test_top5"):
+            trial.set_user_attr(key, final[key])
+        kept = _beats_best(trial, value)
+        if kept:
+            run.log_model(_inference_model(model))
+        trial.set_user_attr("model_kept", kept)
+        return value
+
+    def _fit(self, trial, model, params: dict[str, Any], run) -> dict[str, list[float]]:
+        import keras
+
+        from tinyopt import data
+        from tinyopt.training import compile_model, lr_at_epoch
+
+        compile_model(model, params)
+        x, y = self.data.splits["train"]
+        sx, sy = self.data.splits["selection"]
+        batch = int(params["batch_size"])
+        train = data.make_dataset(x, y, batch_size=batch, shuffle=True, seed=self.seed + trial.number)
+        selection = data.make_dataset(sx, sy, batch_size=int(self.config["train"].get("eval_batch_size", 128)))
+        callbacks = [
+            keras.callbacks.LearningRateScheduler(lr_at_epoch(params)),
+            keras.callbacks.TerminateOnNaN(),
+            keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", restore_best_weights=True,
+                                          patience=int(self.config["train"].get("early_stopping_patience", 3))),
+            _trial_callback(trial, run, self.events, len(x)),
+        ]
+        fitted = model.fit(train, validation_data=selection, epochs=int(params["epochs"]), verbose=0, shuffle=False,
+                           callbacks=callbacks)
+        history = fitted.history
+        if any(not np.isfinite(v) for v in history.get("loss", [])):
+            raise TrialError(f"loss became NaN/inf at epoch {len(history['loss'])} "
+                             f"(learning_rate={params['learning_rate']:.3g}); the search will try others")
+        return history
+
+
+def _trial_callback(trial, run, events: Events, train_images: int):
+    """A Keras callback that logs each epoch to MLflow, reports it to Optuna and prunes."""
+    import keras
+    import optuna
+
+    class TrialCallback(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = self.trained = time.perf_counter()
+
+        def on_test_begin(self, logs=None):
+            self.trained = time.perf_counter()  # validation starts: the training part of the epoch ends
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            now = time.perf_counter()
+            train_seconds = max(self.trained - self.started, 1e-9)
+            metrics = {
+                "loss": logs.get("loss"), "accuracy": logs.get("accuracy"), "top5": logs.get("top5"),
+                "selection_loss": logs.get("val_loss"), "selection_accuracy": logs.get("val_accuracy"),
+                "selection_top5": logs.get("val_top5"),
+                "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+                "epoch_seconds": now - self.started, "images_per_second": train_images / train_seconds,
+            }
+            metrics = {k: float(v) for k, v in metrics.items() if v is not None}
+            run.log_metrics(metrics, step=epoch)
+            events.epoch_ended(trial.number, epoch, metrics)
+            if "selection_accuracy" in metrics:
+                trial.report(metrics["selection_accuracy"], epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} "
+                                             f"(selection top-1 {metrics['selection_accuracy']:.3f})")
+
+    return TrialCallback()
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    from tinyopt import data
+
+    return np.asarray(model.predict(data.make_dataset(images, batch_size=batch_size), verbose=0))
+
+
+def _beats_best(trial, value: float) -> bool:
+    """Whether this trial is the study's best so far, so that its model is worth keeping."""
+    try:
+        return value > trial.study.best_value
+    except ValueError:  # no complete trial yet
+        return True
+
+
+def _inference_model(model):
+    """The same layers without the compiled optimizer/loss: reloads anywhere, with plain Keras."""
+    import keras
+
+    return keras.Model(model.inputs, model.outputs, name=model.name)
+
+
+def _classes_tsv(classes: list[Any]) -> str:
+    return "".join(f"{c.index}\t{c.wnid}\t{c.name}\n" for c in classes)
+
+
+def learning_curve(history: dict[str, list[float]]):
+    """Train vs selection accuracy and loss by epoch, as a matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 3.5))
+    epochs = np.arange(1, len(history["loss"]) + 1)
+    for axis, metric, title in zip(figure.subplots(1, 2), ("accuracy", "loss"), ("top-1 accuracy", "loss"),
+                                   strict=True):
+        axis.plot(epochs, history[metric], marker="o", label="train")
+        if f"val_{metric}" in history:
+            axis.plot(epochs, history[f"val_{metric}"], marker="o", label="selection")
+        axis.set_xlabel("epoch")
+        axis.set_title(title)
+        axis.legend()
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,289 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+One MLflow experiment per study, one parent run per study (reopened by each sweep of it), and one
+nested run per trial whose status follows the trial: COMPLETE -> FINISHED, PRUNED -> KILLED,
+FAIL -> FAILED with the reason. Logging goes through ``MlflowClient`` with explicit run ids, so
+nothing depends on MLflow's global "active run".
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+
+from tinyopt.errors import StudyError
+from tinyopt.urls import redact
+
+PREDICTIONS = "predictions.npz"
+MODEL_PATH = "model/model.keras"
+_PARAM_LIMIT = 6000  # MLflow rejects longer param values
+_PARENT_TAG = "tinyopt.parent"
+
+
+def _client(tracking_uri: str) -> MlflowClient:
+    local = _sqlite_path(tracking_uri)
+    if local is not None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+    # The registry defaults to the tracking store; set both so that model registration works too.
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _sqlite_path(tracking_uri: str) -> Path | None:
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///"))
+
+
+def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Artifacts of an embedded store go beside its database; a server decides for itself."""
+    local = _sqlite_path(tracking_uri)
+    if local is None:
+        return None
+    return (local.parent.resolve() / "artifacts" / experiment).as_uri()
+
+
+def experiment_name(study_name: str) -> str:
+    """The MLflow experiment that holds a study's runs."""
+    return f"tinyopt/{study_name}"
+
+
+class Tracker:
+    """Logs one study's sweep to MLflow.
+
+    Args:
+        tracking_uri: ``sqlite:///...`` for the embedded store or the URL of an ``mlflow server``.
+        study_name: the Optuna study name; the experiment is ``tinyopt/<study_name>``.
+        approach: recorded as a tag on every run.
+    """
+
+    def __init__(self, tracking_uri: str, study_name: str, approach: str):
+        self.tracking_uri = tracking_uri
+        self.study_name = study_name
+        self.approach = approach
+        self.client = _client(tracking_uri)
+        try:
+            self.experiment_id = self._experiment(experiment_name(study_name))
+        except mlflow.exceptions.MlflowException as err:
+            raise StudyError(f"cannot use MLflow tracking store {redact(tracking_uri)} ({_first_line(err)}); "
+                             "check --tracking-uri") from err
+        self.parent_run_id: str | None = None
+
+    def _experiment(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=_artifact_location(self.tracking_uri, name))
+        except mlflow.exceptions.MlflowException:
+            # Another worker created it between our lookup and our create.
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    def start_sweep(self, config: dict[str, Any], tags: dict[str, str]) -> str:
+        """Open (or reopen) the study's parent run and return its id.
+
+        Workers that start together may each create a parent; all then keep the oldest one and
+        delete their own, so every trial of a study ends up under one parent run.
+        """
+        parents = self._parents()
+        if not parents:
+            run = self.client.create_run(self.experiment_id, run_name=self.study_name,
+                                         tags={"approach": self.approach, "study": self.study_name,
+                                               _PARENT_TAG: "true", **tags})
+            self.client.log_dict(run.info.run_id, config, "config.json")
+            parents = self._parents()
+            for duplicate in parents[1:]:
+                if duplicate.info.run_id == run.info.run_id:
+                    self.client.delete_run(run.info.run_id)
+        self.parent_run_id = parents[0].info.run_id
+        self.client.update_run(self.parent_run_id, status="RUNNING")
+        return self.parent_run_id
+
+    def _parents(self) -> list[Any]:
+        return list(self.client.search_runs([self.experiment_id], f"tags.{_PARENT_TAG} = 'true'",
+                                            order_by=["attributes.start_time ASC"]))
+
+    def end_sweep(self, status: str = "FINISHED") -> None:
+        """Close the parent run (``FINISHED``, or ``KILLED`` on Ctrl-C / ``FAILED`` on a fatal error)."""
+        if self.parent_run_id:
+            self.client.set_terminated(self.parent_run_id, status=status)
+
+    def close_if_running(self, run_id: str, reason: str) -> None:
+        """Mark a run FAILED if it is still RUNNING (its process died before it could close it)."""
+        if self.client.get_run(run_id).info.status == "RUNNING":
+            TrialRun(self.client, run_id).end("FAIL", reason)
+
+    def start_trial(self, number: int, params: dict[str, Any], config: dict[str, Any],
+                    tags: dict[str, str]) -> TrialRun:
+        """Create the nested run of one trial with its params and resolved config."""
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"{self.study_name}#{number}",
+            tags={"mlflow.parentRunId": self.parent_run_id or "", "approach": self.approach,
+                  "study": self.study_name, "trial_number": str(number), "trial_state": "RUNNING", **tags},
+        )
+        trial_run = TrialRun(self.client, run.info.run_id)
+        trial_run.log_params({**params, **_flatten(config, "config.")})
+        self.client.log_dict(run.info.run_id, config, "config.json")
+        return trial_run
+
+
+
+class TrialRun:
+    """The MLflow run of one trial."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:_PARAM_LIMIT]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_predictions(self, arrays: dict[str, np.ndarray]) -> None:
+        """Store the class-probability arrays the ensemble study reads back."""
+        self._log_bytes(_npz_bytes(arrays), PREDICTIONS)
+
+    def log_model(self, model: Any) -> None:
+        """Store a Keras model as ``model/model.keras`` (reloadable without tinyopt)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.keras"
+            model.save(path)
+            self.client.log_artifact(self.run_id, str(path), "model")
+
+    def end(self, state: str, reason: str | None = None) -> None:
+        """Close the run with the status that matches the Optuna trial state."""
+        tags = {"trial_state": state}
+        if reason:
+            tags["fail_reason"] = reason[:5000]
+        self.set_tags(tags)
+        self.client.set_terminated(self.run_id, status=_STATUS[state])
+
+    def _log_bytes(self, payload: bytes, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(name).name
+            path.write_bytes(payload)
+            parent = str(Path(name).parent)
+            self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+
+
+_STATUS = {
+    "COMPLETE": RunStatus.to_string(RunStatus.FINISHED),
+    "PRUNED": RunStatus.to_string(RunStatus.KILLED),
+    "FAIL": RunStatus.to_string(RunStatus.FAILED),
+    "KILLED": RunStatus.to_string(RunStatus.KILLED),
+}
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _flatten(config: dict[str, Any], prefix: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if key == "space":
+            flat[f"{prefix}space"] = json.dumps(value, sort_keys=True)
+        elif isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _first_line(err: BaseException) -> str:
+    return redact(str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
+
+
+def download_artifact(run_id: str, path: str, tracking_uri: str, dst: str | Path | None = None) -> Path:
+    """Download one artifact of a run and return its local path.
+
+    Raises:
+        StudyError: the run or artifact does not exist in this tracking store.
+    """
+    client = _client(tracking_uri)
+    try:
+        if dst is None:
+            dst = tempfile.mkdtemp(prefix="tinyopt-artifact-")
+        return Path(client.download_artifacts(run_id, path, str(dst)))
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        raise StudyError(f"artifact {path!r} of MLflow run {run_id} is not in {redact(tracking_uri)} "
+                         f"({_first_line(err)}); check --tracking-uri") from err
+
+
+def load_predictions(run_id: str, tracking_uri: str) -> dict[str, np.ndarray]:
+    """The selection/test probabilities and labels a trial logged (see ``TrialRun.log_predictions``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with np.load(download_artifact(run_id, PREDICTIONS, tracking_uri, tmp)) as saved:
+            return {key: saved[key] for key in saved.files}
+
+
+def get_run(run_id: str, tracking_uri: str) -> Any:
+    """The MLflow run (info, params, metrics, tags)."""
+    return _client(tracking_uri).get_run(run_id)
+
+
+def metric_history(run_id: str, key: str, tracking_uri: str) -> list[float]:
+    """Values of one metric of a run, in step order."""
+    history = _client(tracking_uri).get_metric_history(run_id, key)
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+def register_model(bundle_dir: str | Path, name: str, tracking_uri: str, run_id: str | None = None) -> str:
+    """Register an exported bundle in the MLflow model registry and return the new version.
+
+    The bundle is logged as the ``export`` artifact of ``run_id`` (the winning trial's run), or of a
+    new run in the ``tinyopt/exports`` experiment when there is none, and registered from there.
+
+    Raises:
+        StudyError: the registry refuses (e.g. a tracking store without one).
+    """
+    client = _client(tracking_uri)
+    try:
+        if run_id is None:
+            experiment = Tracker(tracking_uri, "exports", "export").experiment_id
+            run_id = client.create_run(experiment, run_name=f"export {name}").info.run_id
+            client.set_terminated(run_id)
+        client.log_artifacts(run_id, str(bundle_dir), "export")
+        try:
+            client.create_registered_model(name)
+        except mlflow.exceptions.MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{client.get_run(run_id).info.artifact_uri}/export"
+        return str(client.create_model_version(name, source, run_id=run_id).version)
+    except mlflow.exceptions.MlflowException as err:
+        raise StudyError(f"cannot register {name!r} in {redact(tracking_uri)} ({_first_line(err)})") from err
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The shell command that opens the MLflow UI on this store (credentials hidden)."""
+    if _sqlite_path(tracking_uri) is None:
+        return f"open {redact(tracking_uri)} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"

@@ -1,0 +1,14 @@
+"""Storage and tracking URLs as the user may see them: never with their secrets."""
+
+from __future__ import annotations
+
+import re
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^/\s]*)@", re.I)
+_QUERY_SECRET = re.compile(r"(?P<key>[?&](?:password|passwd|token|secret|api_key)=)[^&\s]*", re.I)
+
+
+def redact(text: str) -> str:
+    """Hide the password of ``scheme://user:password@host`` and ``?password=`` style query values."""
+    text = _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _QUERY_SECRET.sub(lambda m: f"{m['key']}***", text)
