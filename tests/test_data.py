@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import zipfile
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -128,6 +130,18 @@ def test_decoding_finishes_in_process_when_workers_die(two_workers, tiny_zip, ti
     monkeypatch.setattr(data, "ProcessPoolExecutor", DyingPool)
     _assert_same_arrays(data.prepare(tiny_zip, tmp_path, progress=False), tiny_cache)
 
+
+def test_a_script_without_a_main_guard_still_prepares(tiny_folder, tmp_path):
+    # Spawned workers re-import the script; its top-level prepare() must fail fast there, not deadlock.
+    script = tmp_path / "unguarded.py"
+    script.write_text("from tinyopt import data\n"
+                      "data._MIN_IMAGES_PER_WORKER = 10\n"
+                      "data.os.sched_getaffinity = lambda pid: {0, 1}\n"
+                      f"data.prepare({str(tiny_folder)!r}, {str(tmp_path / 'cache')!r}, progress=False)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "__name__ == '__main__'" in done.stderr
+    assert data.info(tmp_path / "cache")["splits"]["test"] == len(FIXTURE_WNIDS) * VAL_PER_CLASS
 
 def test_prepare_again_is_a_no_op(tiny_folder, tmp_path, monkeypatch):
     cache = data.prepare(tiny_folder, tmp_path, progress=False)

@@ -87,7 +87,9 @@ def test_predictions_and_kept_model_reproduce_the_trial(stores, tiny_folder, cac
 
 def test_rerun_continues_the_same_study_and_parent_run(stores, tiny_folder, cache_root):
     sweep("scratch", stores, tiny_folder, cache_root, 1)
-    result = sweep("scratch", stores, tiny_folder, cache_root, 2)
+    # Without --data the prepared cache is used as it is (no download of the official archive).
+    result = runner.run_sweep("scratch", trials=2, cache_dir=str(cache_root), overrides=SMALL["scratch"],
+                              progress=False, **stores)
     assert result.new_trials == 2 and len(load_study(stores, "scratch").trials) == 3
     _, parents, children = runs_of(stores, "scratch")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and sorted(children) == [0, 1, 2]

@@ -51,6 +51,9 @@ _OLD = ".prepared.old-"
 _CHUNK_IMAGES = 500
 # Below this many images per worker, starting processes costs more than it saves.
 _MIN_IMAGES_PER_WORKER = 1500
+# Set while decoding workers start: a spawned worker re-imports the caller's __main__, and an
+# unguarded top-level prepare() there would wait for the lock its parent holds, forever.
+_WORKER_ENV = "TINYOPT_DECODE_WORKER"
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,9 @@ def prepare(source: str | os.PathLike | None = None, cache_dir: str | os.PathLik
             undecodable image (without ``skip_bad``).
         ConfigError: ``selection_fraction`` is not strictly between 0 and 1.
     """
+    if os.environ.get(_WORKER_ENV):
+        raise DataError("tinyopt.data.prepare ran while a decoding worker imported the main script; put the "
+                        "script's top-level code under `if __name__ == '__main__':`")
     if not 0 < selection_fraction < 1:
         raise ConfigError(f"selection fraction must be between 0 and 1 (exclusive), got {selection_fraction}")
     source = DEFAULT_URL if source is None else str(source)
@@ -291,12 +297,17 @@ def _decoded_chunks(args: tuple, chunks: list, workers: int) -> Iterator[tuple[i
         pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker, args)
         try:
             with pool:
-                for result in pool.map(_decode_in_worker, chunks):
+                os.environ[_WORKER_ENV] = "1"
+                try:
+                    results = pool.map(_decode_in_worker, chunks)  # submits every chunk, starting every worker
+                finally:
+                    del os.environ[_WORKER_ENV]
+                for result in results:
                     done += 1
                     yield result
             return
         except BrokenProcessPool:
-            pass  # workers that cannot start (e.g. a __main__ read from stdin) or died: finish here
+            pass  # workers that could not start (an unguarded or stdin __main__) or died: finish here
     decoder = _Decoder(*args)
     try:
         yield from map(decoder, chunks[done:])

@@ -148,7 +148,9 @@ def load_sweep_data(config: dict[str, Any], source: str | None, cache_dir: str |
     from tinyopt import data
     from tinyopt.objectives import SweepData
 
-    cache = data.prepare(source, cache_dir, progress=progress)
+    cache = _prepared_cache(cache_dir) if source is None else None
+    if cache is None:
+        cache = data.prepare(source, cache_dir, progress=progress)
     data_cfg = config.get("data", {})
     splits = {}
     for split in ("train", "selection", "test"):
@@ -159,6 +161,18 @@ def load_sweep_data(config: dict[str, Any], source: str | None, cache_dir: str |
             x, y = x[keep], y[keep]
         splits[split] = (x, y)
     return SweepData(splits=splits, classes=data.load_classes(cache))
+
+
+def _prepared_cache(cache_dir: str | None):
+    """The cache when it already holds a prepared dataset: a sweep without --data uses it as it is."""
+    from tinyopt import data
+    from tinyopt.errors import DataError
+
+    try:
+        data.info(cache_dir)
+    except DataError:
+        return None
+    return cache_dir if cache_dir is not None else data.default_cache_dir()
 
 
 def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None, source: str | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,9 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 
 from tinyopt.errors import StudyError
 from tinyopt.urls import redact
+
+# MLflow's INFO lines (database migrations, run links) would interleave with the sweep's progress.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 PREDICTIONS = "predictions.npz"
 MODEL_PATH = "model/model.keras"

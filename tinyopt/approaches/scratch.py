@@ -14,6 +14,7 @@ import keras
 from keras import layers
 
 from tinyopt.approaches import blocks
+from tinyopt.errors import ConfigError
 
 TRAINS = True
 
@@ -42,15 +43,18 @@ def build(params: dict[str, Any], *, model: dict[str, Any], wnids: list[str]) ->
     Args:
         params: ``stages``, ``width``, ``blocks``, ``residual``, ``batch_norm``, ``dropout``,
             ``initializer``, ``augment``; other keys are ignored.
-        model: unused (scratch has no ``[model]`` table); accepted like every approach's ``build``.
+        model: the ``[model]`` table; its only key, ``weights``, must be ``"none"`` (it exists so that
+            ``--set model.weights=none`` works the same for every approach).
         wnids: class wnids in class-index order (only their number matters).
 
     Returns:
         uint8 images (N, 64, 64, 3) -> float32 probabilities (N, len(wnids)).
 
     Raises:
-        ConfigError: unknown augment name.
+        ConfigError: unknown augment name, or pretrained weights asked of a model trained from scratch.
     """
+    if model.get("weights", "none") != "none":
+        raise ConfigError(f"scratch trains from random weights; model.weights must be none, got {model['weights']!r}")
     image = blocks.image_input()
     # Zero-centred pixels: without batch norm, uncentred inputs slow the first layers' training.
     x = layers.Rescaling(1 / 127.5, offset=-1.0, dtype="float32")(blocks.float_images(image, params["augment"]))

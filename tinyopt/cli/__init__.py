@@ -7,6 +7,7 @@ Heavy modules (tensorflow, mlflow, optuna) are imported inside commands so ``--h
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -58,4 +59,6 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
+    # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) would bury the progress bars.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cli(prog_name="tinyopt")

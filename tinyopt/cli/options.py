@@ -18,7 +18,8 @@ def cache_option(func):
 def data_option(func):
     return click.option(
         "--data", "source", default=None,
-        help="Tiny ImageNet source: the official URL (default), a local .zip, or an extracted folder.",
+        help="Tiny ImageNet source: the official URL (default), a local .zip, or an extracted folder. "
+             "`sweep` without --data uses the prepared cache when there is one.",
     )(func)
 
 
