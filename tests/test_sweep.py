@@ -82,7 +82,9 @@ def test_predictions_and_kept_model_reproduce_the_trial(stores, tiny_folder, cac
     np.testing.assert_array_equal(saved["test_labels"], y_test)
     assert np.mean(saved["selection_probs"].argmax(1) == y_sel) == pytest.approx(trial.value)
     model = keras.models.load_model(tracking.download_artifact(run_id, "model/model.keras", stores["tracking_uri"]))
-    np.testing.assert_allclose(model.predict(np.asarray(x_sel), verbose=0), saved["selection_probs"], atol=1e-5)
+    predicted = model.predict(np.asarray(x_sel), verbose=0)
+    assert isinstance(predicted, np.ndarray) and predicted.shape == saved["selection_probs"].shape
+    np.testing.assert_allclose(predicted, saved["selection_probs"], atol=1e-5)
 
 
 def test_rerun_continues_the_same_study_and_parent_run(stores, tiny_folder, cache_root):

@@ -283,7 +283,8 @@ def _inference_model(model):
     """The same layers without the compiled optimizer/loss: reloads anywhere, with plain Keras."""
     import keras
 
-    return keras.Model(model.inputs, model.outputs, name=model.name)
+    # input/output, not inputs/outputs: a list output would make the reloaded model return a list.
+    return keras.Model(model.input, model.output, name=model.name)
 
 
 def _classes_tsv(classes: list[Any]) -> str:

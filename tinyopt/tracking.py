@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from tinyopt.urls import redact
 
 # MLflow's INFO lines (database migrations, run links) would interleave with the sweep's progress.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 PREDICTIONS = "predictions.npz"
 MODEL_PATH = "model/model.keras"

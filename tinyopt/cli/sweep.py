@@ -72,8 +72,10 @@ def _render(console, result) -> None:
     from rich.table import Table
 
     table = Table(title=f"study {result.study_name}: top {len(result.top)} trials")
-    for column in ("trial", "selection top-1", "test top-1", "params", "MLflow run"):
-        table.add_column(column)
+    for column in ("trial", "selection top-1", "test top-1"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("params", overflow="fold")
+    table.add_column("MLflow run", overflow="fold")
     for row in result.top:
         params = ", ".join(f"{k}={_short(v)}" for k, v in row["params"].items())
         test = f"{row['test_top1']:.4f}" if row["test_top1"] is not None else "-"
