@@ -204,16 +204,17 @@ class ModelObjective(TrackedObjective):
         from tinyopt.training import compile_model, lr_at_epoch
 
         compile_model(model, params)
+        train_cfg = self.config.get("train", {})
         x, y = self.data.splits["train"]
         sx, sy = self.data.splits["selection"]
         batch = int(params["batch_size"])
         train = data.make_dataset(x, y, batch_size=batch, shuffle=True, seed=self.seed + trial.number)
-        selection = data.make_dataset(sx, sy, batch_size=int(self.config["train"].get("eval_batch_size", 128)))
+        selection = data.make_dataset(sx, sy, batch_size=int(train_cfg.get("eval_batch_size", 128)))
         callbacks = [
             keras.callbacks.LearningRateScheduler(lr_at_epoch(params)),
             keras.callbacks.TerminateOnNaN(),
             keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", restore_best_weights=True,
-                                          patience=int(self.config["train"].get("early_stopping_patience", 3))),
+                                          patience=int(train_cfg.get("early_stopping_patience", 3))),
             _trial_callback(trial, run, self.events, len(x)),
         ]
         fitted = model.fit(train, validation_data=selection, epochs=int(params["epochs"]), verbose=0, shuffle=False,
