@@ -16,8 +16,9 @@ from pathlib import Path
 from tinyopt.objectives import QuietEvents
 
 DEV_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200-dev.zip"
-SMALL = ("data.train_per_class=10", "data.test_per_class=5", "space.epochs=1", "space.stages=2",
-         "space.blocks=1", "train.eval_batch_size=256")
+# Small trials whose params still vary (optimizer, batch norm, augmentation, ...) as in a real study.
+SMALL = ("data.train_per_class=5", "data.selection_per_class=2", "data.test_per_class=2", "space.epochs=1",
+         "space.stages=2", "space.width=16", "space.blocks=1", "train.eval_batch_size=256")
 
 
 def rss_mib() -> float:

@@ -18,12 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-PARAMS = {"stages": 3, "width": 32, "blocks": 1, "residual": False, "batch_norm": True, "dropout": 0.2,
+PARAMS = {"stages": 3, "width": 16, "blocks": 1, "residual": False, "batch_norm": True, "dropout": 0.2,
           "initializer": "he_normal", "augment": "flip", "optimizer": "sgd", "learning_rate": 0.05, "momentum": 0.9,
           "weight_decay": 5e-4, "decay": "cosine", "warmup_epochs": 0, "batch_size": 128, "label_smoothing": 0.1,
           "epochs": 3}
 DEV_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200-dev.zip"
-DATA = {"data.train_per_class": 40, "data.selection_per_class": 0, "data.test_per_class": 10}
+DATA = {"data.train_per_class": 15, "data.selection_per_class": 5, "data.test_per_class": 10}
 
 
 def _bare(sweep_data) -> float:

@@ -59,20 +59,20 @@ def open_storage(url: str, heartbeat_interval: int = 60):
     elif url.split(":", 1)[0].split("+")[0] in ("postgresql", "mysql"):
         # Several workers share this database: a worker that dies leaves a RUNNING trial behind,
         # which the heartbeat turns into FAIL and the callback re-queues with the same params.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
         kwargs = {
             "heartbeat_interval": heartbeat_interval,
             "grace_period": 2 * heartbeat_interval,
-            "failed_trial_callback": retry,
+            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
             "engine_kwargs": {"pool_pre_ping": True},
         }
     else:
         raise StudyError(f"unsupported storage URL {redact(url)!r}; use sqlite:///FILE.db, "
                          "postgresql+psycopg://USER@HOST/DB or journal:PATH")
     try:
-        return optuna.storages.RDBStorage(url, **kwargs)
+        with warnings.catch_warnings():
+            # Heartbeats are marked experimental in Optuna; they are the documented way to recover trials.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, **kwargs)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
         first = redact(str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
         raise StudyError(f"cannot open Optuna storage {redact(url)} ({first}); check --storage "

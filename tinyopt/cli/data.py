@@ -48,6 +48,8 @@ def _show(summary: dict) -> None:
     from rich.filesize import decimal
     from rich.table import Table
 
+    from tinyopt.urls import redact
+
     table = Table(title="Tiny ImageNet cache", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -57,7 +59,7 @@ def _show(summary: dict) -> None:
     table.add_row("skipped images", f"{summary['skipped']:,}")
     table.add_row("bytes on disk", f"{decimal(summary['bytes'])} ({summary['bytes']:,} B)")
     table.add_row("cache", summary["cache"])
-    table.add_row("source", summary["source"])
+    table.add_row("source", redact(summary["source"]))
     table.add_row("fingerprint", summary["fingerprint"])
     table.add_row("options", ", ".join(f"{key}={value}" for key, value in summary["options"].items()))
     table.add_row("created", summary["created"])
