@@ -6,6 +6,7 @@ continues the study: Optuna keeps every trial, MLflow reopens the study's parent
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,19 @@ class SweepResult:
     notes: list[str] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def _optuna_experimental():
+    """Silence Optuna's ExperimentalWarning around heartbeats.
+
+    Heartbeats are marked experimental, yet they are Optuna's way to recover a dead worker's trial.
+    """
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def open_storage(url: str, heartbeat_interval: int = 60):
     """An Optuna storage for a URL.
 
@@ -59,19 +73,19 @@ def open_storage(url: str, heartbeat_interval: int = 60):
     elif url.split(":", 1)[0].split("+")[0] in ("postgresql", "mysql"):
         # Several workers share this database: a worker that dies leaves a RUNNING trial behind,
         # which the heartbeat turns into FAIL and the callback re-queues with the same params.
+        with _optuna_experimental():
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
         kwargs = {
             "heartbeat_interval": heartbeat_interval,
             "grace_period": 2 * heartbeat_interval,
-            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+            "heartbeat_stale_trial_callback": retry,
             "engine_kwargs": {"pool_pre_ping": True},
         }
     else:
         raise StudyError(f"unsupported storage URL {redact(url)!r}; use sqlite:///FILE.db, "
                          "postgresql+psycopg://USER@HOST/DB or journal:PATH")
     try:
-        with warnings.catch_warnings():
-            # Heartbeats are marked experimental in Optuna; they are the documented way to recover trials.
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with _optuna_experimental():
             return optuna.storages.RDBStorage(url, **kwargs)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
         first = redact(str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
@@ -261,8 +275,7 @@ def _close_runs_of_dead_workers(study, tracker) -> None:
     """
     import optuna
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with _optuna_experimental():
         optuna.storages.fail_stale_trials(study)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
         if "mlflow_run_id" in trial.user_attrs and "fail_reason" not in trial.user_attrs:
