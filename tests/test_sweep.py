@@ -180,3 +180,25 @@ def test_ctrl_c_closes_the_runs(stores, tiny_folder, cache_root):
     _, parents, children = runs_of(stores, "scratch")
     assert parents[0].info.status == "KILLED"
     assert children[1].info.status == "KILLED"
+
+
+def test_trials_per_process_runs_the_sweep_in_fresh_processes(stores, tiny_folder, cache_root):
+    import os
+
+    from click.testing import CliRunner
+
+    from tinyopt.cli import cli
+
+    args = ["sweep", "scratch", "--trials", "3", "--trials-per-process", "2", "--data", str(tiny_folder),
+            "--cache", str(cache_root), "--storage", stores["storage"], "--tracking-uri", stores["tracking_uri"]]
+    for item in SMALL["scratch"]:
+        args += ["--set", item]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert [t.state.name for t in load_study(stores, "scratch").trials] == ["COMPLETE"] * 3
+    _, parents, children = runs_of(stores, "scratch")
+    assert len(parents) == 1 and sorted(children) == [0, 1, 2]
+    workers = [children[n].data.tags["worker"] for n in (0, 1, 2)]
+    assert workers[0] == workers[1] != workers[2]
+    assert not any(w.endswith(f":{os.getpid()}") for w in workers)
+

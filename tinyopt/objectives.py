@@ -8,6 +8,8 @@ MLflow run, and leaves behind the selection and test probabilities the ensemble 
 from __future__ import annotations
 
 import gc
+import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -91,7 +93,8 @@ class TrackedObjective:
 
         params = self.choose(trial)
         trial.set_user_attr("params", params)
-        run = self.tracker.start_trial(trial.number, params, self.config, tags={"device": self.device})
+        run = self.tracker.start_trial(trial.number, params, self.config,
+                                       tags={"device": self.device, "worker": f"{socket.gethostname()}:{os.getpid()}"})
         trial.set_user_attr("mlflow_run_id", run.run_id)
         started = time.perf_counter()
         try:

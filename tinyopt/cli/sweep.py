@@ -45,19 +45,25 @@ class _RichEvents:
 @click.option("--study", "study_name", default=None, help="Study name (default: the approach).")
 @storage_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the sampler and every trial.")
+@click.option("--trials-per-process", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Run the trials in fresh processes of at most N trials each (0: all in this one). "
+                   "TensorFlow keeps memory per trained model, so this bounds a long sweep's memory.")
 def sweep(approach, trials, timeout, source, cache_dir, config_path, overrides, study_name, storage,
-          tracking_uri, seed) -> None:
+          tracking_uri, seed, trials_per_process) -> None:
     """Run (or continue) the Optuna study of APPROACH, one MLflow run per trial.
 
     Rerunning the same command adds trials to the same study.
     """
+    if trials is None and timeout is None:
+        trials = 10
+    if trials_per_process and (trials is None or trials > trials_per_process):
+        _sweep_in_processes({**click.get_current_context().params, "trials": trials})
+        return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tinyopt.runner import run_sweep
 
-    if trials is None and timeout is None:
-        trials = 10
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -66,6 +72,47 @@ def sweep(approach, trials, timeout, source, cache_dir, config_path, overrides, 
                            storage=storage, tracking_uri=tracking_uri, seed=seed,
                            events=_RichEvents(progress, trials))
     _render(console, result)
+
+
+def _sweep_in_processes(params: dict) -> None:
+    """Run the sweep as consecutive ``tinyopt sweep`` processes of ``--trials-per-process`` trials.
+
+    Each process continues the same study and parent MLflow run; a failing or interrupted one
+    ends the sweep with its exit code.
+    """
+    import subprocess
+    import sys
+    import time
+
+    per_process = params["trials_per_process"]
+    remaining = params["trials"]
+    deadline = time.monotonic() + params["timeout"] if params["timeout"] is not None else None
+    while remaining is None or remaining > 0:
+        left = deadline - time.monotonic() if deadline is not None else None
+        if left is not None and left <= 0:
+            return
+        batch = per_process if remaining is None else min(per_process, remaining)
+        command = [sys.executable, "-m", "tinyopt", *_sweep_args({**params, "trials": batch, "timeout": left,
+                                                                   "trials_per_process": 0})]
+        code = subprocess.call(command)
+        if code != 0:
+            sys.exit(code)
+        if remaining is not None:
+            remaining -= batch
+
+
+def _sweep_args(params: dict) -> list[str]:
+    """The ``tinyopt sweep`` arguments that reproduce ``params``."""
+    args = ["sweep", params["approach"]]
+    flags = {"trials": "--trials", "timeout": "--timeout", "source": "--data", "cache_dir": "--cache",
+             "config_path": "--config", "study_name": "--study", "storage": "--storage",
+             "tracking_uri": "--tracking-uri", "seed": "--seed", "trials_per_process": "--trials-per-process"}
+    for key, flag in flags.items():
+        if params[key] is not None:
+            args += [flag, str(params[key])]
+    for item in params["overrides"]:
+        args += ["--set", item]
+    return args
 
 
 def _render(console, result) -> None:
