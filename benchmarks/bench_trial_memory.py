@@ -1,9 +1,8 @@
 """Resident memory across the trials of one sweep, in one process and with --trials-per-process.
 
 Runs a scratch sweep of small trials (different params each, as a real study does) in this process
-and prints the RSS after every trial and the growth per trial over the second half. Then runs the
-same number of trials through `tinyopt sweep --trials-per-process K` and prints the peak RSS of its
-worker processes beside the in-process figure.
+and prints the RSS after every trial and the growth per trial over the second half, beside the peak
+RSS of the worker processes of the same number of trials run by `tinyopt sweep --trials-per-process K`.
 
     python benchmarks/bench_trial_memory.py [--data ../shared/data/tiny-imagenet-200-dev.zip] [--trials 20]
 """
@@ -49,6 +48,19 @@ def main() -> None:
     parser.add_argument("--trials-per-process", type=int, default=5)
     args = parser.parse_args()
 
+    # Workers first, while this process is small: a child forked from a large parent would count
+    # the parent's pages in its peak RSS.
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, "-m", "tinyopt", "sweep", "scratch", "--trials", str(args.trials),
+                   "--trials-per-process", str(args.trials_per_process), "--data", args.data,
+                   "--cache", args.cache or f"{tmp}/cache", "--storage", f"sqlite:///{tmp}/studies.db",
+                   "--tracking-uri", f"sqlite:///{tmp}/mlruns/mlflow.db"]
+        for item in SMALL:
+            command += ["--set", item]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    # The largest RSS any descendant process reached (Linux reports KiB).
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
     from tinyopt.runner import run_sweep
 
     events = RecordRss()
@@ -62,17 +74,6 @@ def main() -> None:
           f"last: {events.rss[-1]:.1f} MiB")
     print(f"growth over the second half: {growth:.2f} MiB per trial "
           f"({growth / events.rss[half] * 100:.2f}% of RSS per trial)")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "tinyopt", "sweep", "scratch", "--trials", str(args.trials),
-                   "--trials-per-process", str(args.trials_per_process), "--data", args.data,
-                   "--cache", args.cache or f"{tmp}/cache", "--storage", f"sqlite:///{tmp}/studies.db",
-                   "--tracking-uri", f"sqlite:///{tmp}/mlruns/mlflow.db"]
-        for item in SMALL:
-            command += ["--set", item]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    # The largest RSS any descendant process reached (Linux reports KiB).
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"--trials-per-process {args.trials_per_process}: peak RSS of any worker {peak:.1f} MiB "
           f"vs {events.rss[-1]:.1f} MiB after {len(events.rss)} trials in one process "
           f"(ratio {peak / events.rss[-1]:.2f})")

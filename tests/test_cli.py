@@ -47,6 +47,7 @@ def test_python_dash_m_works():
     (["sweep", "scratch", "--set", "model.nosuch=1"], "unknown config key"),
     (["sweep", "scratch", "--config", "missing.toml"], "does not exist"),
     (["sweep", "scratch", "--storage", "redis://u:hunter2@h/0"], "unsupported storage URL"),
+    (["sweep", "scratch", "--data", "nosuch.zip", "--cache", "cache"], "nosuch.zip"),
 ])
 def test_bad_sweep_input_is_one_line_and_nonzero(args, fragment, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -56,3 +57,7 @@ def test_bad_sweep_input_is_one_line_and_nonzero(args, fragment, tmp_path, monke
     assert len(lines) == 1 and fragment in lines[0], result.output
     assert "hunter2" not in result.output
     assert not (tmp_path / "mlruns").exists()
+    if (tmp_path / "studies" / "tinyopt.db").exists():
+        import optuna
+
+        assert optuna.get_all_study_names(f"sqlite:///{tmp_path}/studies/tinyopt.db") == []

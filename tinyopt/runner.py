@@ -224,14 +224,15 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
     study_cfg = config.get("study", {})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     opened = open_storage(storage, int(study_cfg.get("heartbeat_interval", 60)))
-    study = open_study(name, approach, opened, config, seed)
-    events = events or QuietEvents()
-    before = len(study.get_trials(deepcopy=False))
     if approach != "ensemble":
         from tinyopt.approaches import get_approach
 
         module = get_approach(approach)
+        # Before the study exists: bad data leaves no empty study behind.
         sweep_data = load_sweep_data(config, source, cache_dir, progress)
+    study = open_study(name, approach, opened, config, seed)
+    events = events or QuietEvents()
+    before = len(study.get_trials(deepcopy=False))
     if before == 0 and config.get("space"):
         # The first trial runs the defaults of the space: a known-sane baseline for TPE to beat.
         defaults = search_space.defaults(config["space"])
