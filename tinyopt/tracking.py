@@ -255,12 +255,6 @@ def get_run(run_id: str, tracking_uri: str) -> Any:
     return _client(tracking_uri).get_run(run_id)
 
 
-def metric_history(run_id: str, key: str, tracking_uri: str) -> list[float]:
-    """Values of one metric of a run, in step order."""
-    history = _client(tracking_uri).get_metric_history(run_id, key)
-    return [m.value for m in sorted(history, key=lambda m: m.step)]
-
-
 def register_model(bundle_dir: str | Path, name: str, tracking_uri: str, run_id: str | None = None) -> str:
     """Register an exported bundle in the MLflow model registry and return the new version.
 
