@@ -121,40 +121,23 @@ def make_pruner(study_cfg: dict[str, Any], max_epochs: int):
     raise StudyError(f"unknown study.pruner {name!r}; use median, hyperband or none")
 
 
-def open_study(name: str, approach: str, storage: Any, config: dict[str, Any], seed: int, create: bool = True):
+def open_study(name: str, approach: str, storage: Any, config: dict[str, Any], seed: int):
     """Create or load a study and check that it belongs to ``approach``."""
     import optuna
 
     study_cfg = config.get("study", {})
     epochs = config.get("space", {}).get("epochs", 1)
     max_epochs = epochs["high"] if search_space.is_distribution(epochs) else int(epochs)
-    previous = len(_existing_trials(storage, name))
+    study = optuna.create_study(study_name=name, storage=storage, pruner=make_pruner(study_cfg, max_epochs),
+                                direction="maximize", load_if_exists=True)
     # Offset the seed by the trials already run, or a rerun would replay the same random start-up trials.
-    sampler = make_sampler(study_cfg, seed + previous)
-    pruner = make_pruner(study_cfg, max_epochs)
-    if create:
-        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                                    direction="maximize", load_if_exists=True)
-    else:
-        try:
-            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-        except KeyError as err:
-            raise StudyError(f"no study named {name!r} in this storage; run `tinyopt sweep` first") from err
+    study.sampler = make_sampler(study_cfg, seed + len(study.get_trials(deepcopy=False)))
     owner = study.user_attrs.get("approach")
     if owner is None:
         study.set_user_attr("approach", approach)
     elif owner != approach:
         raise StudyError(f"study {name!r} holds {owner} trials, not {approach}; pass --study with another name")
     return study
-
-
-def _existing_trials(storage: Any, name: str) -> list[Any]:
-    import optuna
-
-    try:
-        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-    except KeyError:
-        return []
 
 
 def load_sweep_data(config: dict[str, Any], source: str | None, cache_dir: str | None, progress: bool):
@@ -216,7 +199,7 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
     """
     import optuna
 
-    from tinyopt.objectives import ModelObjective, QuietEvents, TrialFailed
+    from tinyopt.objectives import ModelObjective, TrialFailed
     from tinyopt.tracking import Tracker
 
     config = load_config(approach, config_path, overrides)
@@ -231,7 +214,6 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
         # Before the study exists: bad data leaves no empty study behind.
         sweep_data = load_sweep_data(config, source, cache_dir, progress)
     study = open_study(name, approach, opened, config, seed)
-    events = events or QuietEvents()
     before = len(study.get_trials(deepcopy=False))
     if before == 0 and config.get("space"):
         # The first trial runs the defaults of the space: a known-sane baseline for TPE to beat.
