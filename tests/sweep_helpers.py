@@ -1,10 +1,19 @@
-"""Shared by the sweep tests: small search spaces for the fixture and MLflow read-back."""
+"""Shared by the sweep tests: small search spaces for the fixture, real sweep processes, stores, read-back."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
 from mlflow import MlflowClient
 
-from tinyopt import tracking
+from tinyopt import storage, tracking
+
+POSTGRES = os.environ.get("TINYOPT_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 SMALL = {
     "scratch": ("space.stages=2", "space.width=8", "space.blocks=1", "space.epochs=2", "space.batch_size=16",
@@ -15,7 +24,60 @@ SMALL = {
     "pretrained": ("model.backbone=mobilenet", "model.alpha=0.25", "model.weights=none", "space.input_size=64",
                    "train.eval_batch_size=32"),
 }
+# A scratch trial that trains for minutes unless it is stopped (no early stop on the easy fixture).
+LONG = (*SMALL["scratch"], "space.epochs=400", "train.early_stopping_patience=400")
 
+
+def postgres_reachable() -> bool:
+    try:
+        import psycopg
+
+        psycopg.connect(POSTGRES.replace("postgresql+psycopg", "postgresql"), connect_timeout=3).close()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not here"
+        return False
+
+
+needs_postgres = pytest.mark.skipif(not postgres_reachable(),
+                                    reason=f"no PostgreSQL server at {POSTGRES} (set TINYOPT_TEST_POSTGRES)")
+
+
+def drop_postgres_study(name: str) -> None:
+    if postgres_reachable():
+        try:
+            optuna.delete_study(study_name=name, storage=POSTGRES)
+        except KeyError:
+            pass
+
+
+def start_sweep(args, overrides=SMALL["scratch"], approach="scratch", **popen):
+    """A real ``tinyopt sweep`` process (output in ``.stdout``, stderr merged)."""
+    command = [sys.executable, "-m", "tinyopt", "sweep", approach, *map(str, args)]
+    for item in overrides:
+        command += ["--set", item]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def trials_of(url, name):
+    """The study's trials, wherever it lives (its SQLite file or the journal of its workers); [] if none."""
+    try:
+        return storage.load_study(name, url).get_trials(deepcopy=False)
+    except Exception:  # noqa: BLE001 - the study, or its file, may not exist yet
+        return []
+
+
+def wait_for_training(url, name, process, timeout=240):
+    """The number of a RUNNING trial that has reported an epoch (it is training), waiting for one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = [t for t in trials_of(url, name) if t.state.name == "RUNNING" and t.intermediate_values]
+        if running:
+            return running[0].number
+        if process.poll() is not None:
+            pytest.fail(f"the sweep ended before training: {process.communicate()[0]}")
+        time.sleep(0.3)
+    process.kill()
+    pytest.fail(f"no trial was training after {timeout} s: {process.communicate()[0]}")
 
 
 def runs_of(stores, study):

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import click
-import pytest
 from click.testing import CliRunner
 
 from tinyopt.cli import cli
@@ -41,23 +40,3 @@ def test_help_does_not_import_heavy_libraries():
 def test_python_dash_m_works():
     out = subprocess.run([sys.executable, "-m", "tinyopt", "--version"], capture_output=True, text=True, check=True)
     assert "tinyopt" in out.stdout
-
-
-@pytest.mark.parametrize("args, fragment", [
-    (["sweep", "scratch", "--set", "model.nosuch=1"], "unknown config key"),
-    (["sweep", "scratch", "--config", "missing.toml"], "does not exist"),
-    (["sweep", "scratch", "--storage", "redis://u:hunter2@h/0"], "unsupported storage URL"),
-    (["sweep", "scratch", "--data", "nosuch.zip", "--cache", "cache"], "nosuch.zip"),
-])
-def test_bad_sweep_input_is_one_line_and_nonzero(args, fragment, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 1
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and fragment in lines[0], result.output
-    assert "hunter2" not in result.output
-    assert not (tmp_path / "mlruns").exists()
-    if (tmp_path / "studies" / "tinyopt.db").exists():
-        import optuna
-
-        assert optuna.get_all_study_names(f"sqlite:///{tmp_path}/studies/tinyopt.db") == []

@@ -9,7 +9,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.ensemble import VotingClassifier
 from sklearn.frozen import FrozenEstimator
 
-from tinyopt import ensemble
+from tinyopt import ensemble, record
 from tinyopt.errors import ConfigError, DataError, StudyError, TrialError
 
 N_CLASSES = 10
@@ -106,10 +106,10 @@ def test_weight_study_beats_uniform_vote(members_and_predictions):
     assert uniform < good_alone - 0.05, "fixture: the poor members should drag the uniform vote down"
     assert best.value > uniform + 0.05
     assert best.user_attrs["selection_top1"] == best.value
-    weights = {m["label"]: m["weight"] for m in best.user_attrs[ensemble.MEMBERS_ATTR]}
+    weights = {m["label"]: m["weight"] for m in best.user_attrs[record.MEMBERS]}
     assert sum(weights.values()) == pytest.approx(1.0)
     assert weights["finetune-12"] == max(weights.values())
-    assert best.user_attrs[ensemble.UNIFORM_ATTR]["selection_top1"] == uniform
+    assert best.user_attrs[record.UNIFORM]["selection_top1"] == uniform
 
 
 def test_log_loss_objective_is_maximised_as_minus_log_loss(members_and_predictions):

@@ -17,11 +17,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from tinyopt import ensemble, export, report, tracking
+from tinyopt import ensemble, export, record, report, tracking
 from tinyopt.cli import cli
 from tinyopt.metrics import scores
 from tinyopt.predict import predict_images
-from tinyopt.runner import open_storage, run_sweep
+from tinyopt.runner import run_sweep
+from tinyopt.storage import open_storage
 
 APPROACH_STUDIES = ("pretrained", "finetune", "scratch")
 CLASSES_TSV = "0\tn01443537\tgoldfish\n1\tn01629819\tEuropean fire salamander\n2\tn01641577\tbullfrog\n"
@@ -112,14 +113,14 @@ def test_ensemble_sweep_records_the_contract(store):
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trials) == 6
     best = study.best_trial
-    members = best.user_attrs[ensemble.MEMBERS_ATTR]
+    members = best.user_attrs[record.MEMBERS]
     expected = [(name, _study(store, name).best_trial) for name in APPROACH_STUDIES]
     assert [(m["study"], m["trial_number"], m["run_id"], m["model_kept"]) for m in members] == [
         (name, t.number, t.user_attrs["mlflow_run_id"], True) for name, t in expected]
     assert sum(m["weight"] for m in members) == pytest.approx(1.0)
     assert set(best.params) == {f"weight_{name}-{t.number}" for name, t in expected}
     assert best.value == best.user_attrs["selection_top1"]
-    assert set(best.user_attrs[ensemble.UNIFORM_ATTR]) == set(report.SCORES)
+    assert set(best.user_attrs[record.UNIFORM]) == set(report.SCORES)
     assert best.user_attrs["model_kept"] is False
     run = tracking.get_run(best.user_attrs["mlflow_run_id"], store["tracking_uri"])
     assert run.info.status == "FINISHED"
@@ -164,7 +165,7 @@ def test_exported_approach_predicts_what_its_trial_recorded(store, tmp_path):
 def test_exported_ensemble_is_the_weighted_vote_of_the_kept_models(store, tmp_path):
     result = _invoke(["best", "ensemble", "--export", str(tmp_path / "bundle"), *_options(store)])
     assert result.exit_code == 0, result.output
-    members = _study(store, "ensemble").best_trial.user_attrs[ensemble.MEMBERS_ATTR]
+    members = _study(store, "ensemble").best_trial.user_attrs[record.MEMBERS]
     recorded = [tracking.load_predictions(m["run_id"], store["tracking_uri"])["test_probs"] for m in members]
     expected = ensemble.soft_vote(recorded, [m["weight"] for m in members])
     model = keras.models.load_model(tmp_path / "bundle" / "model.keras")

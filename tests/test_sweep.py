@@ -7,8 +7,9 @@ import optuna
 import pytest
 from sweep_helpers import SMALL, artifacts, runs_of
 
-from tinyopt import runner, tracking
+from tinyopt import runner, sampling, tracking
 from tinyopt.errors import StudyError
+from tinyopt.objectives import QuietEvents
 
 
 @pytest.fixture
@@ -114,7 +115,7 @@ class _PruneTrialOne(optuna.pruners.BasePruner):
 
 
 def test_pruned_trial_run_is_killed(stores, tiny_folder, cache_root, monkeypatch):
-    monkeypatch.setattr(runner, "make_pruner", lambda *args: _PruneTrialOne())
+    monkeypatch.setattr(sampling, "make_pruner", lambda *args: _PruneTrialOne())
     sweep("scratch", stores, tiny_folder, cache_root, 2)
     states = [t.state for t in load_study(stores, "scratch").trials]
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
@@ -151,6 +152,14 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(stores, tiny_folder, cac
     assert parents[0].info.status == "FINISHED"
 
 
+def test_a_run_whose_every_trial_failed_is_an_error(stores, tiny_folder, cache_root, monkeypatch):
+    _failing_build(monkeypatch, lambda number: True)
+    with pytest.raises(StudyError, match="all 2 trials of this run failed.*out of memory"):
+        sweep("scratch", stores, tiny_folder, cache_root, 2)  # fewer than max_consecutive_failures (5)
+    _, parents, _ = runs_of(stores, "scratch")
+    assert parents[0].info.status == "FAILED"
+
+
 def test_consecutive_failures_stop_the_sweep(stores, tiny_folder, cache_root, monkeypatch):
     _failing_build(monkeypatch, lambda number: True)
     with pytest.raises(StudyError, match="2 consecutive failed trials.*out of memory"):
@@ -160,16 +169,10 @@ def test_consecutive_failures_stop_the_sweep(stores, tiny_folder, cache_root, mo
     assert parents[0].info.status == "FAILED"
 
 
-class _InterruptAtTrialOne:
+class _InterruptAtTrialOne(QuietEvents):
     def trial_started(self, number, epochs):
         if number == 1:
             raise KeyboardInterrupt
-
-    def epoch_ended(self, number, epoch, logs):
-        pass
-
-    def trial_ended(self, number, state, value, reason):
-        pass
 
 
 def test_ctrl_c_closes_the_runs(stores, tiny_folder, cache_root):

@@ -29,11 +29,10 @@ from keras import layers
 
 from tinyopt.errors import ConfigError, TrialError, WeightsError
 from tinyopt.imagenet import imagenet_indices
+from tinyopt.schema import IMAGENET_WEIGHTS, MIN_INPUT_SIZE, RESIZE_METHODS
 
 STAGES = 5
-RESIZE_METHODS = ("bilinear", "bicubic", "area", "zeropad")
 DEFAULT_BACKBONE = "resnet50"
-_MIN_INPUT_SIZE = 32  # the smallest input keras.applications models accept
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
@@ -90,10 +89,12 @@ class Backbone:
     alphas: tuple[float, ...] = ()
 
 
+# The names of tinyopt.schema.BACKBONES; which ImageNet weights each has is stated there, without keras.
 _BACKBONES = {
-    "resnet50": Backbone(keras.applications.ResNet50, _caffe_preprocess, "predictions", _resnet_stage, (224,)),
+    "resnet50": Backbone(keras.applications.ResNet50, _caffe_preprocess, "predictions", _resnet_stage,
+                         **IMAGENET_WEIGHTS["resnet50"]),
     "mobilenet": Backbone(keras.applications.MobileNet, _tf_preprocess, "conv_preds", _mobilenet_stage,
-                          (224, 192, 160, 128), alphas=(0.25, 0.5, 0.75, 1.0)),
+                          **IMAGENET_WEIGHTS["mobilenet"]),
 }
 NAMES = tuple(_BACKBONES)
 
@@ -199,8 +200,8 @@ def resize(x: Any, method: str, size: int) -> Any:
     """
     if method not in RESIZE_METHODS:
         raise ConfigError(f"unknown resize {method!r}; choose one of: {', '.join(RESIZE_METHODS)}")
-    if size < _MIN_INPUT_SIZE:
-        raise ConfigError(f"input_size must be at least {_MIN_INPUT_SIZE} for keras.applications models, "
+    if size < MIN_INPUT_SIZE:
+        raise ConfigError(f"input_size must be at least {MIN_INPUT_SIZE} for keras.applications models, "
                           f"got {size}")
     current = x.shape[1]
     if size == current:
@@ -270,6 +271,19 @@ def _pretrained_weights(name: str, spec: Backbone, alpha: float, model_cfg: dict
                            f"pass weights of that backbone with its 1000-way classifier (include_top=True), "
                            f"or --set model.weights=imagenet or none"
                            ) from err
+
+
+def check_weights(model_cfg: dict[str, Any]) -> None:
+    """Load the pretrained weights a ``[model]`` table names, before any study exists.
+
+    They are cached, so the first trial does not load them again.
+
+    Raises:
+        ConfigError: unknown backbone.
+        WeightsError: the weights cannot be had (no download) or do not fit the backbone.
+    """
+    name = model_cfg.get("backbone", DEFAULT_BACKBONE)
+    _pretrained_weights(name, get(name), float(model_cfg.get("alpha", 1.0)), model_cfg)
 
 
 def load(model_cfg: dict[str, Any], *, input_size: int) -> Features:

@@ -2,8 +2,9 @@
 
 ``sweeps/<approach>.toml`` holds every setting of an approach with its default. A ``--config`` file
 (such as the CPU presets in ``sweeps/cpu/``) is merged onto it, so it states only what differs, and
-``--set key=value`` overrides come last. Every key must exist in the default file: a typo is an
-error before any training, never a silently ignored setting.
+``--set key=value`` overrides come last. Every key must exist in the default file, and every value
+must have the type of its default and obey ``tinyopt.schema``: a typo is an error before any
+training, never a silently ignored setting or a failed trial.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from tinyopt import schema
 from tinyopt.errors import ConfigError
 
 APPROACHES = ("pretrained", "finetune", "scratch", "ensemble")
@@ -113,27 +115,67 @@ def load_config(approach: str, path: str | Path | None = None, overrides: list[s
         The resolved config as plain nested dicts.
 
     Raises:
-        ConfigError: unknown keys, a malformed override or search space, or a missing file.
+        ConfigError: unknown keys, a malformed override or search space, a value of the wrong type, an
+            unknown name, a number out of range, a missing file; or ImageNet weights that do not exist.
     """
-    schema = _read_toml(default_config_path(approach))
-    config = schema if path is None else _read_toml(Path(path))
+    defaults = _read_toml(default_config_path(approach))
+    config = copy.deepcopy(defaults)
     if path is not None:
-        _check_keys(config, schema, str(path))
-        config = _merge_onto(schema, config)
+        update = _read_toml(Path(path))
+        _check_keys(update, defaults, str(path))
+        _merge(config, update)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}; e.g. --set train.epochs=3")
         set_key(config, key.strip(), _parse_value(text.strip()))
+    _check_values(config, defaults)
+    schema.check_model(approach, config.get("model", {}))
     config["approach"] = approach
-    # Imported here because space.py validates distributions and config.py must stay importable alone.
-    from tinyopt.space import validate_space
-
-    validate_space(config.get("space", {}))
     return config
 
 
-def _merge_onto(schema: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(schema)
-    _merge(merged, config)
-    return merged
+def _check_values(config: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> None:
+    for key, value in config.items():
+        path, like = f"{prefix}{key}", defaults[key]
+        if not isinstance(like, dict):
+            schema.check(path, value, like)
+        elif not isinstance(value, dict):
+            raise ConfigError(f"{path}: got {value!r}; expected a table of settings ({', '.join(like)})")
+        elif path == "space":
+            _check_space(value, like)
+        else:
+            _check_values(value, like, f"{path}.")
+
+
+def _drawn(entry: Any) -> Any:
+    """A value of the type a default ``[space]`` entry holds or draws: the type its overrides must have."""
+    if not _is_distribution(entry):
+        return entry
+    if entry["type"] == "categorical":
+        return entry["choices"][0]
+    return entry["low"] if entry["type"] == "int" else float(entry["low"])
+
+
+def _check_space(space: dict[str, Any], defaults: dict[str, Any]) -> None:
+    # Imported here because space.py validates distributions and config.py must stay importable alone.
+    from tinyopt.space import validate_space
+
+    validate_space(space)
+    for name, entry in space.items():
+        key, like = f"space.{name}", _drawn(defaults[name])
+        if not _is_distribution(entry):
+            schema.check(key, entry, like, searchable=True)
+            continue
+        # A float distribution draws floats, which an integer setting cannot take.
+        kinds = [kind for kind, sample in (("float", 0.5), ("int", 1)) if schema.same_type(sample, like)]
+        if entry["type"] not in [*kinds, "categorical"]:
+            raise ConfigError(f"{key}.type: got {entry['type']!r}; expected {' or '.join([*kinds, 'categorical'])}"
+                              f", as {key} holds {schema.describe(key, like)}")
+        values = [(field, entry[field]) for field in ("low", "high", "default") if field in entry]
+        values += [("choices", choice) for choice in entry.get("choices", ())]
+        for field, value in values:
+            schema.check(key, value, like, where=f"{key}.{field}")
+        for other, wanted in entry.get("when", {}).items():
+            for value in wanted if isinstance(wanted, list) else [wanted]:
+                schema.check(f"space.{other}", value, _drawn(defaults[other]), where=f"{key}.when.{other}")

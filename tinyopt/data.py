@@ -16,7 +16,6 @@ the model, whose first layers cast, resize and augment them on the accelerator.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -38,6 +37,7 @@ import numpy as np
 from tinyopt import fetch
 from tinyopt.errors import ConfigError, DataError
 from tinyopt.fetch import DEFAULT_URL, OFFICIAL_MD5, SourceTree
+from tinyopt.locks import file_lock
 
 __all__ = ["DEFAULT_URL", "OFFICIAL_MD5", "SPLITS", "ClassInfo", "default_cache_dir", "prepare", "info",
            "load_split", "load_classes", "stratified_subset", "make_dataset"]
@@ -110,20 +110,22 @@ def prepare(source: str | os.PathLike | None = None, cache_dir: str | os.PathLik
     if md5 is None and source == DEFAULT_URL:
         md5 = OFFICIAL_MD5
     cache = _cache(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
     options = {"selection_fraction": selection_fraction, "seed": seed, "skip_bad": skip_bad}
-    with _locked(cache):
-        _recover(cache)
-        remote = fetch.is_url(source)
-        if remote:
-            fingerprint = _fingerprint(f"{source} md5={md5}", options)
-            if _current_fingerprint(cache) == fingerprint:
-                return _already(cache, progress)
-            tree = fetch.open_tree(fetch.download(source, _download_path(cache, source), md5=md5, progress=progress))
-        else:
-            tree = fetch.open_tree(Path(source))
-        try:
-            if not remote:
+    remote = fetch.is_url(source)
+    created = not cache.exists()
+    cache.mkdir(parents=True, exist_ok=True)
+    tree = None
+    try:
+        with file_lock(cache / ".lock"):
+            _recover(cache)
+            if remote:
+                fingerprint = _fingerprint(f"{source} md5={md5}", options)
+                if _current_fingerprint(cache) == fingerprint:
+                    return _already(cache, progress)
+                tree = fetch.open_tree(fetch.download(source, _download_path(cache, source), md5=md5,
+                                                      progress=progress))
+            else:
+                tree = fetch.open_tree(Path(source))
                 if md5 is not None and tree.is_zip:
                     _check_md5(tree.location, md5)
                 fingerprint = _fingerprint(_tree_key(tree), options)
@@ -132,7 +134,13 @@ def prepare(source: str | os.PathLike | None = None, cache_dir: str | os.PathLik
             meta = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "options": options,
                     "source": source if remote else str(tree.location)}
             _build(cache, tree, meta, progress)
-        finally:
+    except BaseException:
+        # A cache folder this call made holds nothing worth keeping, unless a download to resume.
+        if created and not any(cache.glob("downloads/*.part")):
+            shutil.rmtree(cache, ignore_errors=True)
+        raise
+    finally:
+        if tree is not None:
             tree.close()
     return cache
 
@@ -166,16 +174,6 @@ def _already(cache: Path, progress: bool) -> Path:
 
         Console(stderr=True).print(f"{cache} already holds this source with these options; nothing to do")
     return cache
-
-
-@contextlib.contextmanager
-def _locked(cache: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the cache, so two prepares never build or swap at once."""
-    import fcntl
-
-    with open(cache / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def _recover(cache: Path) -> None:

@@ -29,13 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from tinyopt import record
 from tinyopt.errors import ConfigError, DataError, StudyError, TrialError
 from tinyopt.metrics import scores
 from tinyopt.objectives import TrackedObjective
+from tinyopt.schema import ENSEMBLE_OBJECTIVES as OBJECTIVES
 
-OBJECTIVES = ("top1", "log_loss")
-MEMBERS_ATTR = "members"
-UNIFORM_ATTR = "uniform"
 WEIGHT_PREFIX = "weight_"
 _SPLITS = ("selection", "test")
 # MLflow accepts only these characters in param names, and the weight params end up there.
@@ -177,8 +176,8 @@ class WeightSearch:
     def record(self, trial: Any, weights: Sequence[float]) -> dict[str, float]:
         """Score the vote of ``weights`` and store the ensemble user attrs on ``trial``; returns the scores."""
         flat = self.evaluate(weights)
-        trial.set_user_attr(MEMBERS_ATTR, self.members_attr(weights))
-        trial.set_user_attr(UNIFORM_ATTR, _accuracies(self.uniform_scores))
+        trial.set_user_attr(record.MEMBERS, self.members_attr(weights))
+        trial.set_user_attr(record.UNIFORM, _accuracies(self.uniform_scores))
         for key, value in flat.items():
             trial.set_user_attr(key, value)
         return flat
@@ -219,12 +218,12 @@ def weights_of(members_attr: Sequence[Mapping[str, Any]]) -> tuple[list[Member],
     return members, [float(m["weight"]) for m in members_attr]
 
 
-def select_members(storage: Any, studies: Sequence[str], top_k: int = 1, min_members: int = 2
+def select_members(storage: str, studies: Sequence[str], top_k: int = 1, min_members: int = 2
                    ) -> tuple[list[Member], list[str]]:
     """The best ``top_k`` complete trials of each study, in study order.
 
     Args:
-        storage: an Optuna storage URL or object.
+        storage: an Optuna storage URL.
         studies: names of the approach studies.
         top_k: how many trials of each study become members.
         min_members: fewer members than this is an error.
@@ -234,15 +233,17 @@ def select_members(storage: Any, studies: Sequence[str], top_k: int = 1, min_mem
         trial), for the caller to show as warnings.
 
     Raises:
-        StudyError: fewer than ``min_members`` members remain; names the skipped studies.
+        StudyError: fewer than ``min_members`` members remain (names the skipped studies), or no storage.
     """
     import optuna
+
+    from tinyopt import storage as storages
 
     members: list[Member] = []
     skipped: list[str] = []
     for name in studies:
         try:
-            study = optuna.load_study(study_name=name, storage=storage)
+            study = storages.load_study(name, storage)
         except KeyError:
             skipped.append(f"study {name!r} does not exist; run `tinyopt sweep {name}` first")
             continue
@@ -252,11 +253,11 @@ def select_members(storage: Any, studies: Sequence[str], top_k: int = 1, min_mem
             continue
         sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
         for trial in sorted(complete, key=lambda t: sign * t.value)[:top_k]:
-            run_id = trial.user_attrs.get("mlflow_run_id")
+            run_id = trial.user_attrs.get(record.RUN_ID)
             if not run_id:
                 raise StudyError(f"trial {trial.number} of study {name!r} has no MLflow run id; "
                                  "it was not run by `tinyopt sweep`")
-            members.append(Member(name, trial.number, run_id, bool(trial.user_attrs.get("model_kept"))))
+            members.append(Member(name, trial.number, run_id, bool(trial.user_attrs.get(record.MODEL_KEPT))))
     if len(members) < min_members:
         reasons = "; ".join(skipped) or f"studies {', '.join(studies)} hold {len(members)} complete trial(s)"
         raise StudyError(f"the ensemble needs at least {min_members} members, found {len(members)} "
@@ -300,7 +301,7 @@ class EnsembleObjective(TrackedObjective):
     def evaluate(self, trial: Any, params: dict[str, Any], run: Any) -> float:
         from tinyopt.report import comparison_chart
 
-        trial.set_user_attr("model_kept", False)
+        trial.set_user_attr(record.MODEL_KEPT, False)
         weights = [params[m.param] for m in self.search.members]
         flat = self.search.record(trial, weights)
         uniform = {f"uniform_{key}": v for key, v in self.search.uniform_scores.items()}
@@ -311,13 +312,16 @@ class EnsembleObjective(TrackedObjective):
         return self.search.value(flat)
 
 
-def make_ensemble_objective(study: Any, config: dict[str, Any], storage: Any, tracker: Any, tracking_uri: str,
-                            events: Any) -> EnsembleObjective:
-    """The objective ``tinyopt sweep ensemble`` optimises (called by ``tinyopt.runner.run_sweep``).
+def prepare_search(study_name: str, config: dict[str, Any], storage: str, tracking_uri: str
+                   ) -> tuple[WeightSearch, list[str]]:
+    """The members of ``tinyopt sweep ensemble`` and their probabilities, read before the ensemble study exists.
 
     Members are chosen once, when the sweep starts, from ``config["ensemble"]``: the best
     ``top_k`` complete trials of each of ``studies``. Studies that are missing or have no complete
-    trial are skipped (listed in the objective's ``notes``) as long as ``min_members`` remain.
+    trial are skipped (one note each) as long as ``min_members`` remain.
+
+    Returns:
+        The weight search, and the notes about skipped studies.
 
     Raises:
         StudyError: too few members, or the ensemble study itself listed as a member.
@@ -325,9 +329,7 @@ def make_ensemble_objective(study: Any, config: dict[str, Any], storage: Any, tr
     """
     settings = config["ensemble"]
     studies = list(settings["studies"])
-    if study.study_name in studies:
-        raise StudyError(f"ensemble.studies lists the ensemble study {study.study_name!r} itself; "
-                         "name only approach studies")
+    if study_name in studies:
+        raise StudyError(f"ensemble.studies lists the ensemble study {study_name!r} itself; name only approach studies")
     members, skipped = select_members(storage, studies, int(settings["top_k"]), int(settings["min_members"]))
-    search = load_weight_search(members, tracking_uri, settings["objective"])
-    return EnsembleObjective(search, config, tracker, events, notes=skipped)
+    return load_weight_search(members, tracking_uri, settings["objective"]), skipped

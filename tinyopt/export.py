@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tinyopt import record
 from tinyopt.errors import StudyError, TinyoptError
 from tinyopt.urls import redact
 
@@ -221,11 +222,13 @@ def export_best(summary: StudySummary, dst: str | Path, *, storage_url: str, tra
     Raises:
         StudyError: no complete trial, or a model that was not kept.
     """
+    from tinyopt import backend
     from tinyopt.ensemble import weights_of
 
     best = summary.best
     if best is None:
         raise StudyError(f"study {summary.name!r} has no complete trial to export")
+    backend.load()
     where = f"trial {best.number} of study {summary.name!r}"
     with tempfile.TemporaryDirectory(prefix="tinyopt-export-") as tmp:
         if best.members:
@@ -269,7 +272,7 @@ def _run_model(run_id: str, tracking_uri: str, tmp: Path) -> Any:
 
     from tinyopt import tracking
 
-    path = tracking.download_artifact(run_id, tracking.MODEL_PATH, tracking_uri, tmp / run_id)
+    path = tracking.download_artifact(run_id, record.MODEL, tracking_uri, tmp / run_id)
     return keras.models.load_model(path, compile=False)
 
 
@@ -277,7 +280,7 @@ def _run_classes(run_ids: Sequence[str], tracking_uri: str, tmp: Path) -> list[t
     """The classes of the runs, which must agree: the models' output columns are summed by index."""
     from tinyopt import tracking
 
-    found = [read_classes(tracking.download_artifact(r, CLASSES_FILE, tracking_uri, tmp / f"{r}-classes"))
+    found = [read_classes(tracking.download_artifact(r, record.CLASSES_FILE, tracking_uri, tmp / f"{r}-classes"))
              for r in run_ids]
     if any(classes != found[0] for classes in found):
         raise StudyError(f"the runs {', '.join(run_ids)} were trained on different classes; "
@@ -286,15 +289,11 @@ def _run_classes(run_ids: Sequence[str], tracking_uri: str, tmp: Path) -> list[t
 
 
 def _member_params(members: Sequence[Mapping[str, Any]], storage_url: str) -> list[dict[str, Any]]:
-    import optuna
+    from tinyopt import storage
 
-    from tinyopt.report import open_existing_storage
-
-    storage = open_existing_storage(storage_url)
     rows = []
     for member in members:
-        study = optuna.load_study(study_name=member["study"], storage=storage)
-        trial = study.get_trials(deepcopy=False)[member["trial_number"]]
+        trial = storage.load_study(member["study"], storage_url).get_trials(deepcopy=False)[member["trial_number"]]
         rows.append({**{k: member[k] for k in ("label", "study", "trial_number", "run_id", "weight")},
-                     "params": trial.user_attrs.get("params", trial.params)})
+                     "params": trial.user_attrs.get(record.PARAMS, trial.params)})
     return rows

@@ -76,10 +76,10 @@ def download(url: str, dest: Path, *, md5: str | None = None, progress: bool = T
     dest = Path(dest)
     if dest.is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    with _progress_bar(progress) as bar:
-        task = bar.add_task(f"download {dest.name}", total=None)
+    bar = _progress_bar(progress)
+    task = bar.add_task(f"download {dest.name}", total=None)
+    try:
         for attempt in range(1, attempts + 1):
             try:
                 _fetch_into(url, part, bar, task, timeout)
@@ -90,6 +90,8 @@ def download(url: str, dest: Path, *, md5: str | None = None, progress: bool = T
                     raise DataError(f"downloading {url} failed after {attempt} attempt(s) ({err}); "
                                     f"check the URL and network, then {again}, or pass a local zip with --data"
                                     ) from err
+    finally:
+        bar.stop()
     if md5 is not None:
         actual = file_digest(part)
         if actual != md5.lower():
@@ -113,9 +115,11 @@ def _fetch_into(url: str, part: Path, bar, task, timeout: float) -> None:
     with response:
         if response.status != 206:  # the server ignored the Range header: start over
             have = 0
+        bar.start()  # only once a server answers: a refused connection leaves no empty bar behind
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         bar.update(task, total=total, completed=have)
+        part.parent.mkdir(parents=True, exist_ok=True)  # only now: a refused connection leaves no folder
         with open(part, "ab" if have else "wb") as out:
             while chunk := response.read(_CHUNK_BYTES):
                 out.write(chunk)

@@ -8,8 +8,6 @@ MLflow run, and leaves behind the selection and test probabilities the ensemble 
 from __future__ import annotations
 
 import gc
-import os
-import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -17,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from tinyopt import record, recovery, signals
 from tinyopt import space as search_space
 from tinyopt.errors import TinyoptError, TrialError
 from tinyopt.metrics import scores
@@ -29,6 +28,8 @@ class TrialFailed(Exception):
 class Events(Protocol):
     """What a front end (the rich progress of the CLI) hears from a sweep."""
 
+    def sweep_started(self, device: str, recovered: list[str]) -> None: ...
+
     def trial_started(self, number: int, epochs: int) -> None: ...
 
     def epoch_ended(self, number: int, epoch: int, logs: dict[str, float]) -> None: ...
@@ -38,6 +39,9 @@ class Events(Protocol):
 
 class QuietEvents:
     """Events that go nowhere (library use and tests)."""
+
+    def sweep_started(self, device: str, recovered: list[str]) -> None:
+        pass
 
     def trial_started(self, number: int, epochs: int) -> None:
         pass
@@ -91,33 +95,42 @@ class TrackedObjective:
     def __call__(self, trial) -> float:
         import optuna
 
+        # First of all: from here on, a trial whose process dies is recognised as dead (tinyopt.recovery).
+        worker = recovery.identity()
+        trial.set_user_attr(record.WORKER, worker)
         params = self.choose(trial)
-        trial.set_user_attr("params", params)
+        trial.set_user_attr(record.PARAMS, params)
         run = self.tracker.start_trial(trial.number, params, self.config,
-                                       tags={"device": self.device, "worker": f"{socket.gethostname()}:{os.getpid()}"})
-        trial.set_user_attr("mlflow_run_id", run.run_id)
+                                       tags={record.TAG_DEVICE: self.device,
+                                             record.TAG_WORKER: f"{worker['host']}:{worker['pid']}"})
+        trial.set_user_attr(record.RUN_ID, run.run_id)
         started = time.perf_counter()
         try:
-            self.events.trial_started(trial.number, self.epochs(params))
-            value = self.evaluate(trial, params, run)
+            with signals.interruptible():
+                self.events.trial_started(trial.number, self.epochs(params))
+                value = self.evaluate(trial, params, run)
         except optuna.TrialPruned as pruned:
             run.end("PRUNED")
             self.events.trial_ended(trial.number, "PRUNED", None, str(pruned))
             raise
-        except KeyboardInterrupt:
-            run.end("KILLED", "interrupted by the user")
+        except KeyboardInterrupt as stop:
+            # Optuna fails the trial and re-raises; the reason says it was stopped, not broken.
+            reason = f"interrupted by {stop.name}" if isinstance(stop, signals.Interrupted) else "interrupted"
+            trial.set_user_attr(record.FAIL_REASON, reason)
+            run.end("KILLED", reason)
+            self.events.trial_ended(trial.number, "FAIL", None, reason)
             raise
         except Exception as err:  # noqa: BLE001 - every failure is recorded; only TinyoptErrors stop
             reason = _reason(err)
-            run.log_text(traceback.format_exc(), "traceback.txt")
+            run.log_text(traceback.format_exc(), record.TRACEBACK_FILE)
             run.end("FAIL", reason)
-            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr(record.FAIL_REASON, reason)
             self.events.trial_ended(trial.number, "FAIL", None, reason)
             if isinstance(err, TinyoptError) and not isinstance(err, TrialError):
                 raise
             raise TrialFailed(reason) from err
         seconds = time.perf_counter() - started
-        trial.set_user_attr("seconds", seconds)
+        trial.set_user_attr(record.SECONDS, seconds)
         run.log_metrics({"trial_seconds": seconds})
         run.end("COMPLETE")
         self.events.trial_ended(trial.number, "COMPLETE", value, None)
@@ -134,13 +147,12 @@ class ModelObjective(TrackedObjective):
         tracker: a ``tinyopt.tracking.Tracker`` with its sweep started.
         seed: base seed; trial ``n`` runs with ``seed + n``.
         events: progress listener.
+        device: what ``tinyopt.backend.load`` returned, recorded on every run.
     """
 
     def __init__(self, approach: Any, config: dict[str, Any], data: SweepData, tracker: Any, seed: int,
-                 events: Events | None = None):
-        from tinyopt.training import device_name
-
-        super().__init__(config, tracker, events, device_name())
+                 events: Events | None = None, device: str = "cpu"):
+        super().__init__(config, tracker, events, device)
         self.approach = approach
         self.data = data
         self.seed = seed
@@ -189,15 +201,15 @@ class ModelObjective(TrackedObjective):
         final = {f"{split}_{name}": v for split, r in results.items() for name, v in r.items()}
         run.log_metrics(final, step=len(history.get("loss", [])))
         run.log_predictions(arrays)
-        run.log_text(_classes_tsv(self.data.classes), "classes.tsv")
+        run.log_text(_classes_tsv(self.data.classes), record.CLASSES_FILE)
         if history:
-            run.log_figure(learning_curve(history), "learning_curve.png")
-        for key in ("selection_top1", "selection_top5", "test_top1", "test_top5"):
+            run.log_figure(learning_curve(history), record.LEARNING_CURVE)
+        for key in record.SCORES:
             trial.set_user_attr(key, final[key])
         kept = _beats_best(trial, value)
         if kept:
             run.log_model(_inference_model(model))
-        trial.set_user_attr("model_kept", kept)
+        trial.set_user_attr(record.MODEL_KEPT, kept)
         return value
 
     def _fit(self, trial, model, params: dict[str, Any], run) -> dict[str, list[float]]:

@@ -35,6 +35,9 @@ def load_bundle(bundle_dir: str | Path) -> tuple[Any, list[tuple[int, str, str]]
     if not (bundle / MODEL_FILE).is_file():
         raise TinyoptError(f"{bundle} is not a model bundle (no {MODEL_FILE}); "
                            "export one with `tinyopt best --export DIR`")
+    from tinyopt import backend
+
+    backend.load()
     import keras
 
     return keras.models.load_model(bundle / MODEL_FILE, compile=False), read_classes(bundle / CLASSES_FILE)

@@ -14,11 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tinyopt import record
+from tinyopt import storage as storages
 from tinyopt.config import APPROACHES
 from tinyopt.errors import StudyError
+from tinyopt.record import SCORES
 from tinyopt.urls import redact
 
-SCORES = ("selection_top1", "selection_top5", "test_top1", "test_top5")
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
 _SCORE_LABELS = {"selection_top1": "selection top-1", "selection_top5": "selection top-5",
                  "test_top1": "test top-1", "test_top5": "test top-5"}
@@ -69,21 +71,6 @@ class StudySummary:
     best: BestTrial | None
 
 
-def open_existing_storage(url: str) -> Any:
-    """The Optuna storage at ``url``, refusing to create an empty SQLite or journal file where none was swept.
-
-    Raises:
-        StudyError: the SQLite file does not exist, or the storage cannot be opened.
-    """
-    from tinyopt.runner import open_storage
-
-    for prefix in ("sqlite:///", "journal:"):
-        if url.startswith(prefix) and not Path(url.removeprefix(prefix)).is_file():
-            raise StudyError(f"no Optuna storage at {url.removeprefix(prefix)}; run `tinyopt sweep APPROACH` "
-                             "first or pass --storage")
-    return open_storage(url)
-
-
 def _study_order(names: Sequence[str]) -> list[str]:
     """Approach studies in the usual order (ensemble last), then any others by name."""
     rank = {approach: i for i, approach in enumerate(APPROACHES)}
@@ -100,17 +87,14 @@ def summarize_studies(storage_url: str, names: Sequence[str] = ()) -> list[Study
 
 
 def _load_studies(storage_url: str, names: Sequence[str]) -> list[Any]:
-    import optuna
-
-    storage = open_existing_storage(storage_url)
-    existing = optuna.get_all_study_names(storage)
+    existing = storages.study_names(storage_url)
     if not existing:
         raise StudyError(f"{redact(storage_url)} holds no studies; run `tinyopt sweep APPROACH` first")
     missing = [n for n in names if n not in existing]
     if missing:
         raise StudyError(f"no study named {', '.join(map(repr, missing))} in {redact(storage_url)}; "
                          f"it holds: {', '.join(_study_order(existing))}")
-    return [optuna.load_study(study_name=n, storage=storage) for n in _study_order(names or existing)]
+    return [storages.load_study(n, storage_url) for n in _study_order(names or existing)]
 
 
 def _summarize(study: Any) -> StudySummary:
@@ -124,10 +108,10 @@ def _summarize(study: Any) -> StudySummary:
         attrs = trial.user_attrs
         best = BestTrial(
             number=trial.number, value=trial.value, scores={k: attrs[k] for k in SCORES if k in attrs},
-            params=attrs.get("params", trial.params), run_id=attrs.get("mlflow_run_id"),
-            model_kept=bool(attrs.get("model_kept")), members=attrs.get("members", []),
-            uniform=attrs.get("uniform", {}))
-    return StudySummary(name=study.study_name, approach=study.user_attrs.get("approach", study.study_name),
+            params=attrs.get(record.PARAMS, trial.params), run_id=attrs.get(record.RUN_ID),
+            model_kept=bool(attrs.get(record.MODEL_KEPT)), members=attrs.get(record.MEMBERS, []),
+            uniform=attrs.get(record.UNIFORM, {}))
+    return StudySummary(name=study.study_name, approach=study.user_attrs.get(record.APPROACH, study.study_name),
                         counts={state: counts.get(state, 0) for state in STATES}, compute_seconds=seconds,
                         best=best)
 

@@ -1,29 +1,35 @@
-"""Running a sweep: storage, study, sampler, pruner, data, tracking and the failure policy.
+"""Running a sweep: checks first, then the study, its MLflow runs, its trials, and how it stops.
 
-``run_sweep`` is what ``tinyopt sweep`` calls. Rerunning it with the same study name and storage
-continues the study: Optuna keeps every trial, MLflow reopens the study's parent run.
+``run_sweep`` is what ``tinyopt sweep`` calls (in each worker process, when there are several). It
+checks everything it can before it creates anything: the config when it loads, the storage and the
+tracking store (reachable, within seconds), the data (prepared once, the slow part), the pretrained
+weights. Only then does it open the study and the MLflow parent run, recover the trials of dead
+workers, and run trials until ``trials``, ``timeout``, ``max_trials``, a signal or the failure
+policy stops it. Rerunning it with the same study name and storage continues the study.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from tinyopt import record, signals
 from tinyopt import space as search_space
+from tinyopt import storage as storages
 from tinyopt.config import load_config
 from tinyopt.errors import StudyError
 from tinyopt.urls import redact
 
-DEFAULT_STORAGE = "sqlite:///studies/tinyopt.db"
+DEFAULT_STORAGE = storages.DEFAULT_STORAGE
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 
 
 @dataclass
 class SweepResult:
-    """What a finished sweep reports: counts, the best trials and where to look at them."""
+    """What a sweep reports: counts, the best trials, where to look at them, and how it ended."""
 
     study_name: str
     approach: str
@@ -33,111 +39,51 @@ class SweepResult:
     ui_command: str
     new_trials: int = 0
     notes: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)
+    interrupted: str | None = None  # the signal that stopped the sweep, e.g. "SIGTERM"
+    exit_code: int = 0
 
 
-@contextlib.contextmanager
-def _optuna_experimental():
-    """Silence Optuna's ExperimentalWarning around heartbeats.
+@dataclass
+class Prepared:
+    """A sweep checked and ready: the resolved config, its data and the device trials run on."""
 
-    Heartbeats are marked experimental, yet they are Optuna's way to recover a dead worker's trial.
-    """
-    import optuna
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
+    config: dict[str, Any]
+    data: Any  # tinyopt.objectives.SweepData, or for the ensemble its weight search and notes
+    device: str
 
 
-def open_storage(url: str, heartbeat_interval: int = 60):
-    """An Optuna storage for a URL.
+def prepare(approach: str, *, study_name: str | None = None, config_path: str | None = None,
+            overrides: tuple[str, ...] = (), source: str | None = None, cache_dir: str | None = None,
+            storage: str = DEFAULT_STORAGE, tracking_uri: str = DEFAULT_TRACKING_URI, progress: bool = True
+            ) -> Prepared:
+    """Check a sweep without creating a study or a run: config, stores, data, weights, ensemble members.
 
-    ``sqlite:///file.db`` (one process), ``postgresql+psycopg://...`` or ``mysql+...://`` (several
-    workers, with heartbeats so that a killed worker's trial is failed and retried), or
-    ``journal:PATH`` (Optuna's journal file, several processes on one file system).
+    Only the data cache may be written: ``tinyopt.data.prepare`` decodes the dataset once (an
+    interrupted or failed prepare leaves the cache as it was).
 
     Raises:
-        StudyError: an unsupported scheme or a database that cannot be reached.
+        TinyoptError: a bad config value, an unreachable storage or tracking store, bad data or weights,
+            or too few ensemble members.
     """
-    import optuna
-    import sqlalchemy.exc
+    config = load_config(approach, config_path, overrides)
+    storages.check(storage)
+    from tinyopt import tracking  # mlflow: after the config, whose mistakes are found in a blink
 
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
+    tracking.check(tracking_uri)
+    if approach == "ensemble":
+        from tinyopt.ensemble import prepare_search
 
-        path = Path(url.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        kwargs: dict[str, Any] = {}
-    elif url.split(":", 1)[0].split("+")[0] in ("postgresql", "mysql"):
-        # Several workers share this database: a worker that dies leaves a RUNNING trial behind,
-        # which the heartbeat turns into FAIL and the callback re-queues with the same params.
-        with _optuna_experimental():
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
-        kwargs = {
-            "heartbeat_interval": heartbeat_interval,
-            "grace_period": 2 * heartbeat_interval,
-            "heartbeat_stale_trial_callback": retry,
-            "engine_kwargs": {"pool_pre_ping": True},
-        }
-    else:
-        raise StudyError(f"unsupported storage URL {redact(url)!r}; use sqlite:///FILE.db, "
-                         "postgresql+psycopg://USER@HOST/DB or journal:PATH")
-    try:
-        with _optuna_experimental():
-            return optuna.storages.RDBStorage(url, **kwargs)
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
-        first = redact(str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
-        raise StudyError(f"cannot open Optuna storage {redact(url)} ({first}); check --storage "
-                         "(PostgreSQL needs `pip install tinyopt[postgres]`)") from err
+        return Prepared(config, prepare_search(study_name or approach, config, storage, tracking_uri), "cpu (numpy)")
+    data = load_sweep_data(config, source, cache_dir, progress)
+    from tinyopt import backend
 
+    device = backend.load()
+    if "backbone" in config.get("model", {}):
+        from tinyopt import backbones
 
-def make_sampler(study_cfg: dict[str, Any], seed: int):
-    """The configured sampler, seeded."""
-    import optuna
-
-    name = study_cfg.get("sampler", "tpe")
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(study_cfg.get("n_startup_trials", 10)))
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise StudyError(f"unknown study.sampler {name!r}; use tpe or random")
-
-
-def make_pruner(study_cfg: dict[str, Any], max_epochs: int):
-    """The configured pruner: ``median``, ``hyperband`` or ``none``."""
-    import optuna
-
-    name = study_cfg.get("pruner", "median")
-    warmup = int(study_cfg.get("pruner_warmup_epochs", 1))
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=int(study_cfg.get("n_startup_trials", 5)),
-                                           n_warmup_steps=warmup)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(warmup, 1), max_resource=max(max_epochs, 1))
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise StudyError(f"unknown study.pruner {name!r}; use median, hyperband or none")
-
-
-def open_study(name: str, approach: str, storage: Any, config: dict[str, Any], seed: int):
-    """Create or load a study and check that it belongs to ``approach``."""
-    import optuna
-
-    study_cfg = config.get("study", {})
-    epochs = config.get("space", {}).get("epochs", 1)
-    max_epochs = epochs["high"] if search_space.is_distribution(epochs) else int(epochs)
-    study = optuna.create_study(study_name=name, storage=storage, pruner=make_pruner(study_cfg, max_epochs),
-                                direction="maximize", load_if_exists=True)
-    # Offset the seed by the trials already run, or a rerun would replay the same random start-up trials.
-    study.sampler = make_sampler(study_cfg, seed + len(study.get_trials(deepcopy=False)))
-    owner = study.user_attrs.get("approach")
-    if owner is None:
-        study.set_user_attr("approach", approach)
-    elif owner != approach:
-        raise StudyError(f"study {name!r} holds {owner} trials, not {approach}; pass --study with another name")
-    return study
+        backbones.check_weights(config["model"])
+    return Prepared(config, data, device)
 
 
 def load_sweep_data(config: dict[str, Any], source: str | None, cache_dir: str | None, progress: bool):
@@ -172,17 +118,82 @@ def _prepared_cache(cache_dir: str | None):
     return cache_dir if cache_dir is not None else data.default_cache_dir()
 
 
-def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None, source: str | None = None,
-              cache_dir: str | None = None, config_path: str | None = None, overrides: tuple[str, ...] = (),
-              study_name: str | None = None, storage: str = DEFAULT_STORAGE,
-              tracking_uri: str = DEFAULT_TRACKING_URI, seed: int = 0, events: Any = None,
-              progress: bool = True) -> SweepResult:
+@dataclass
+class Session:
+    """An opened sweep: the study, where it lives, its tracker and what recovery found."""
+
+    study: Any
+    storage: Any
+    url: str
+    tracker: Any
+    recovered: list[str]
+
+
+def open_sweep(approach: str, name: str, config: dict[str, Any], *, storage: str, tracking_uri: str,
+               seed: int = 0, owner: bool = True, workers: int = 1) -> Session:
+    """Create or load the study and its MLflow parent run, and recover the trials of dead workers.
+
+    Everything happens under the study's lock, so workers that start together on fresh stores
+    create one study, one first trial and one parent run between them.
+
+    Args:
+        owner: this process opens and closes the parent run (a worker of ``--workers`` does not).
+        workers: how many worker processes will share the study (a SQLite study moves to a journal file).
+
+    Raises:
+        StudyError: the study belongs to another approach, or a store cannot be opened.
+    """
+    import optuna
+
+    from tinyopt import recovery, sampling
+    from tinyopt.tracking import Tracker
+
+    study_cfg = config.get("study", {})
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with storages.study_lock(storage, name):
+        # MLflow first: a tracking store that cannot be opened leaves no study behind.
+        tracker = Tracker(tracking_uri, name, approach)
+        url = (storages.move_to_journal(storage, name) if storages.needs_journal(storage, workers)
+               else storages.home(storage, name))
+        opened = storages.open_storage(url, int(study_cfg.get("heartbeat_interval", 60)))
+        pruner = sampling.make_pruner(study_cfg, sampling.max_epochs(config.get("space", {})))
+        study = optuna.create_study(study_name=name, storage=opened, pruner=pruner, direction="maximize",
+                                    load_if_exists=True)
+        study.sampler = sampling.make_sampler(study_cfg, seed)
+        owner_approach = study.user_attrs.get(record.APPROACH)
+        if owner_approach is not None and owner_approach != approach:
+            raise StudyError(f"study {name!r} holds {owner_approach} trials, not {approach}; "
+                             "pass --study with another name")
+        if owner_approach is None:
+            study.set_user_attr(record.APPROACH, approach)
+        if not study.get_trials(deepcopy=False) and config.get("space"):
+            # The first trial runs the defaults of the space: a known-sane baseline for TPE to beat.
+            defaults = search_space.defaults(config["space"])
+            study.enqueue_trial(search_space.searched(config["space"], defaults))
+        study.set_user_attr(record.CONFIG, config)
+        study.set_user_attr(record.EXPERIMENT_ID, tracker.experiment_id)
+        parent = tracker.start_sweep(config, tags={"storage": redact(storage)}, reopen=owner)
+        study.set_user_attr(record.PARENT_RUN_ID, parent)
+        recovered = recovery.recover(study, opened, tracker)
+    return Session(study, opened, url, tracker, recovered)
+
+
+def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None, max_trials: int | None = None,
+              source: str | None = None, cache_dir: str | None = None, config_path: str | None = None,
+              overrides: tuple[str, ...] = (), study_name: str | None = None, storage: str = DEFAULT_STORAGE,
+              tracking_uri: str = DEFAULT_TRACKING_URI, seed: int = 0, events: Any = None, progress: bool = True,
+              owner: bool = True) -> SweepResult:
     """Run (or continue) the study of one approach and record every trial in MLflow.
+
+    SIGINT and SIGTERM end it cleanly: the running trial is failed with the reason, every MLflow run
+    of this process is closed, and the result says which signal stopped it (``exit_code`` 130/143).
 
     Args:
         approach: ``pretrained``, ``finetune``, ``scratch`` or ``ensemble``.
-        trials: number of trials to add; ``None`` runs until ``timeout``.
+        trials: number of trials this process adds; ``None`` runs until ``timeout``.
         timeout: stop starting new trials after this many seconds.
+        max_trials: start no trial once the study holds this many finished or running trials,
+            counted over every worker of every machine.
         source: dataset source for ``tinyopt.data.prepare`` (URL, zip or folder).
         cache_dir: dataset cache folder.
         config_path: a config file merged onto ``sweeps/<approach>.toml``.
@@ -193,76 +204,153 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
         seed: seeds the sampler and every trial.
         events: progress listener (see ``tinyopt.objectives.Events``).
         progress: show the data preparation progress bar.
+        owner: open and close the parent run; False in the workers of ``tinyopt sweep --workers``.
 
     Raises:
-        TinyoptError: bad config, data, storage or weights, or too many consecutive failed trials.
+        TinyoptError: bad config, data, storage or weights; too many consecutive failed trials; or
+            every trial of this run failed.
     """
-    import optuna
+    from tinyopt.objectives import ModelObjective, QuietEvents, TrialFailed
 
-    from tinyopt.objectives import ModelObjective, TrialFailed
-    from tinyopt.tracking import Tracker
-
-    config = load_config(approach, config_path, overrides)
+    events = events or QuietEvents()
     name = study_name or approach
-    study_cfg = config.get("study", {})
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    opened = open_storage(storage, int(study_cfg.get("heartbeat_interval", 60)))
-    if approach != "ensemble":
-        from tinyopt.approaches import get_approach
+    prepared = prepare(approach, study_name=name, config_path=config_path, overrides=overrides, source=source,
+                       cache_dir=cache_dir, storage=storage, tracking_uri=tracking_uri, progress=progress)
+    config = prepared.config
+    with signals.deferred(), _quiet_trial_failures():
+        session = open_sweep(approach, name, config, storage=storage, tracking_uri=tracking_uri, seed=seed,
+                             owner=owner)
+        study, tracker = session.study, session.tracker
+        policy = _FailurePolicy(int(config.get("study", {}).get("max_consecutive_failures", 5)))
+        cap = _TrialCap(study, max_trials, lambda: storages.study_lock(storage, name))
+        ran: list[int] = []
+        objective = None
+        status, stopped = "FAILED", None
+        try:
+            events.sweep_started(prepared.device, session.recovered)
+            if approach == "ensemble":
+                from tinyopt.ensemble import EnsembleObjective
 
-        module = get_approach(approach)
-        # Before the study exists: bad data leaves no empty study behind.
-        sweep_data = load_sweep_data(config, source, cache_dir, progress)
-    study = open_study(name, approach, opened, config, seed)
-    before = len(study.get_trials(deepcopy=False))
-    if before == 0 and config.get("space"):
-        # The first trial runs the defaults of the space: a known-sane baseline for TPE to beat.
-        defaults = search_space.defaults(config["space"])
-        study.enqueue_trial(search_space.searched(config["space"], defaults), skip_if_exists=True)
+                search, skipped = prepared.data
+                objective = EnsembleObjective(search, config, tracker, events, notes=skipped)
+            else:
+                from tinyopt import approaches
 
-    tracker = Tracker(tracking_uri, name, approach)
-    study.set_user_attr("config", config)
-    study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
-    parent = tracker.start_sweep(config, tags={"storage": redact(storage)})
-    _close_runs_of_dead_workers(study, tracker)
-    study.set_user_attr("mlflow_parent_run_id", parent)
-    if approach == "ensemble":
-        from tinyopt.ensemble import make_ensemble_objective
+                objective = ModelObjective(approaches.get_approach(approach), config, prepared.data, tracker,
+                                           seed, events, prepared.device)
 
-        objective = make_ensemble_objective(study, config, opened, tracker, tracking_uri, events)
-    else:
-        objective = ModelObjective(module, config, sweep_data, tracker, seed, events)
-    policy = _FailurePolicy(int(study_cfg.get("max_consecutive_failures", 5)))
-    status = "FAILED"
-    try:
-        study.optimize(objective, n_trials=trials, timeout=timeout, catch=(TrialFailed,), callbacks=[policy])
-        status = "FAILED" if policy.stopped else "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.end_sweep(status)
+            def counted(trial) -> float:
+                cap.release()  # the trial exists now: other workers may count it
+                ran.append(trial.number)
+                return objective(trial)
+
+            signals.raise_pending()
+            if cap.acquire():
+                study.optimize(counted, n_trials=trials, timeout=timeout, catch=(TrialFailed,),
+                               callbacks=[policy, cap, _stop_on_signal])
+            stopped = signals.pending()
+            status = "KILLED" if stopped else "FAILED" if policy.stopped or _all_failed(study, ran) else "FINISHED"
+        except signals.Interrupted as err:
+            stopped, status = err, "KILLED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            cap.release()
+            if owner:
+                tracker.end_sweep(status)
+    result = summarize(study, storage, tracking_uri, new_trials=len(ran))
+    result.notes = list(getattr(objective, "notes", []))
+    result.recovered = session.recovered
+    if stopped is not None:
+        result.interrupted, result.exit_code = stopped.name, stopped.exit_code
+        return result
     if policy.stopped:
         raise StudyError(f"stopped after {policy.limit} consecutive failed trials (last: {policy.last_reason}); "
                          "see the FAILED runs in MLflow, fix the config, and rerun to continue the study")
-    result = summarize(study, storage, tracking_uri, new_trials=len(study.get_trials(deepcopy=False)) - before)
-    result.notes = list(getattr(objective, "notes", []))
+    if _all_failed(study, ran):
+        raise StudyError(f"all {len(ran)} trials of this run failed (last: {_reason(study, ran[-1])}); "
+                         "see the FAILED runs in MLflow, fix the cause, and rerun to continue the study")
     return result
 
 
-def _close_runs_of_dead_workers(study, tracker) -> None:
-    """Fail the trials whose worker died (heartbeat gone), and their MLflow runs with them.
-
-    A killed worker cannot close its own runs; Optuna marks its trial FAIL (and, with the retry
-    callback, queues it again), and the run that stayed RUNNING is closed here as FAILED.
-    """
+def _all_failed(study, numbers: list[int]) -> bool:
     import optuna
 
-    with _optuna_experimental():
-        optuna.storages.fail_stale_trials(study)
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
-        if "mlflow_run_id" in trial.user_attrs and "fail_reason" not in trial.user_attrs:
-            tracker.close_if_running(trial.user_attrs["mlflow_run_id"], "its worker stopped (no heartbeat)")
+    trials = study.get_trials(deepcopy=False)
+    return bool(numbers) and all(trials[n].state == optuna.trial.TrialState.FAIL for n in numbers)
+
+
+def _reason(study, number: int) -> str:
+    return study.get_trials(deepcopy=False)[number].user_attrs.get(record.FAIL_REASON, "unknown")
+
+
+def _stop_on_signal(study, _trial) -> None:
+    """Start no trial after a deferred SIGINT/SIGTERM: the one that was running has ended."""
+    if signals.pending():
+        study.stop()
+
+
+@contextlib.contextmanager
+def _quiet_trial_failures():
+    """Drop Optuna's "Trial N failed" warning and its traceback while trials run.
+
+    tinyopt reports a failure itself: one line in the terminal, the reason and the traceback in the
+    trial's MLflow run. (An interrupted trial would otherwise print a KeyboardInterrupt traceback.)
+    """
+
+    class _Filter(logging.Filter):
+        def filter(self, log: logging.LogRecord) -> bool:
+            return " failed with " not in log.getMessage()
+
+    logger = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
+    dropped = _Filter()
+    logger.addFilter(dropped)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropped)
+
+
+class _TrialCap:
+    """``--max-trials``: no trial starts once the study holds ``limit`` finished or running trials.
+
+    Optuna's ``MaxTrialsCallback`` counts after each trial ends, so K workers that pass the check
+    together overshoot by up to K - 1. Here the count and the creation of the next trial happen
+    under the study's lock (a file lock, or an advisory lock in the database, shared by every
+    machine): the lock is taken when a trial ends (Optuna calls this object as a callback), and
+    released once the next trial exists (``release`` at the top of the objective).
+    """
+
+    def __init__(self, study: Any, limit: int | None, lock: Callable[[], Any]):
+        self.study = study
+        self.limit = limit
+        self._lock = lock
+        self._held: Any = None
+
+    def acquire(self) -> bool:
+        """Take the lock and say whether another trial may start (releasing the lock if not)."""
+        import optuna
+
+        if self.limit is None:
+            return True
+        self._held = self._lock()
+        self._held.__enter__()
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                  optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING)
+        if len(self.study.get_trials(deepcopy=False, states=states)) < self.limit:
+            return True
+        self.release()
+        return False
+
+    def release(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            held.__exit__(None, None, None)
+
+    def __call__(self, study, _trial) -> None:
+        if not self.acquire():
+            study.stop()
 
 
 class _FailurePolicy:
@@ -281,7 +369,7 @@ class _FailurePolicy:
             self.in_a_row = 0
             return
         self.in_a_row += 1
-        self.last_reason = trial.user_attrs.get("fail_reason", "unknown")
+        self.last_reason = trial.user_attrs.get(record.FAIL_REASON, "unknown")
         if self.limit and self.in_a_row >= self.limit:
             self.stopped = True
             study.stop()
@@ -302,8 +390,7 @@ def summarize(study, storage: str, tracking_uri: str, new_trials: int = 0, top: 
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = sorted(complete, key=lambda t: t.value, reverse=True)[:top]
     rows = [{"number": t.number, "value": t.value, "test_top1": t.user_attrs.get("test_top1"),
-             "params": t.params, "run_id": t.user_attrs.get("mlflow_run_id")} for t in best]
-    return SweepResult(study_name=study.study_name, approach=study.user_attrs.get("approach", ""),
+             "params": t.params, "run_id": t.user_attrs.get(record.RUN_ID)} for t in best]
+    return SweepResult(study_name=study.study_name, approach=study.user_attrs.get(record.APPROACH, ""),
                        storage=redact(storage), counts=counts, top=rows, ui_command=ui_command(tracking_uri),
                        new_trials=new_trials)
-

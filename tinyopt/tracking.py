@@ -8,12 +8,15 @@ nothing depends on MLflow's global "active run".
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
+import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +25,86 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 
+from tinyopt import record
 from tinyopt.errors import StudyError
+from tinyopt.locks import file_lock
+from tinyopt.storage import is_database, probe_database
 from tinyopt.urls import redact
 
 # MLflow's INFO lines (database migrations, run links) would interleave with the sweep's progress.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-PREDICTIONS = "predictions.npz"
-MODEL_PATH = "model/model.keras"
 _PARAM_LIMIT = 6000  # MLflow rejects longer param values
-_PARENT_TAG = "tinyopt.parent"
+_CHECK_TIMEOUT = 5  # seconds: an unreachable server fails the sweep before it starts, not after 4 minutes of retries
+_FIX = "check --tracking-uri (sqlite:///FILE.db, the http(s) URL of an mlflow server, or a database URL)"
+_OPENED: set[Path] = set()  # SQLite stores this process has opened (and MLflow created or migrated)
 
 
 def _client(tracking_uri: str) -> MlflowClient:
+    # The registry defaults to the tracking store; set both so that model registration works too.
+    local = _sqlite_path(tracking_uri)
+    if local is None or local in _OPENED:
+        return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    # MLflow creates and migrates a new SQLite store when it first opens it; two processes doing it
+    # at once fail ("duplicate column name"), so each process's first open takes its turn.
+    with file_lock(local.with_name(f"{local.name}.tinyopt-lock")):
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        client.search_experiments(max_results=1)
+    _OPENED.add(local)
+    return client
+
+
+def check(tracking_uri: str) -> None:
+    """Make sure the tracking store can be reached, without creating anything in it.
+
+    A local SQLite store only needs a path that can hold the file; a server must answer an MLflow
+    API request within a few seconds (MLflow's own client would retry for minutes).
+
+    Raises:
+        StudyError: an unsupported URI, an unusable path, or a server that does not answer as MLflow.
+    """
     local = _sqlite_path(tracking_uri)
     if local is not None:
-        local.parent.mkdir(parents=True, exist_ok=True)
-    # The registry defaults to the tracking store; set both so that model registration works too.
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        if local.is_dir():
+            raise StudyError(f"MLflow store {local} is a folder; {_FIX}")
+        return
+    if is_database(tracking_uri):
+        probe_database(tracking_uri, "the MLflow tracking store", _FIX)
+        return
+    if not tracking_uri.startswith(("http://", "https://")):
+        raise StudyError(f"unsupported MLflow tracking URI {redact(tracking_uri)!r}; {_FIX}")
+    with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(_CHECK_TIMEOUT)):
+        try:
+            MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+        except mlflow.exceptions.MlflowException as err:
+            raise StudyError(f"cannot use the MLflow tracking server {redact(tracking_uri)} ({_why(err)}); "
+                             f"start it or {_FIX}") from err
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the body only (MLflow reads its HTTP settings on every request)."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _why(err: BaseException) -> str:
+    """The short reason of a failed MLflow HTTP request: the OS error, or the HTTP status."""
+    text = str(err)
+    found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text) or re.search(r"(error code \d+)", text)
+    if found:
+        return found.group(1).strip()
+    return "timed out" if "timed out" in text.lower() else _first_line(err)[:200]
 
 
 def _sqlite_path(tracking_uri: str) -> Path | None:
@@ -75,10 +139,10 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.study_name = study_name
         self.approach = approach
-        self.client = _client(tracking_uri)
         try:
+            self.client = _client(tracking_uri)
             self.experiment_id = self._experiment(experiment_name(study_name))
-        except mlflow.exceptions.MlflowException as err:
+        except Exception as err:  # noqa: BLE001 - MLflow, SQLAlchemy and requests each raise their own
             raise StudyError(f"cannot use MLflow tracking store {redact(tracking_uri)} ({_first_line(err)}); "
                              "check --tracking-uri") from err
         self.parent_run_id: str | None = None
@@ -96,29 +160,25 @@ class Tracker:
                 raise
             return experiment.experiment_id
 
-    def start_sweep(self, config: dict[str, Any], tags: dict[str, str]) -> str:
-        """Open (or reopen) the study's parent run and return its id.
+    def start_sweep(self, config: dict[str, Any], tags: dict[str, str], *, reopen: bool = True) -> str:
+        """Find (or create) the study's parent run and return its id; mark it RUNNING if ``reopen``.
 
-        Workers that start together may each create a parent; all then keep the oldest one and
-        delete their own, so every trial of a study ends up under one parent run.
+        Call it holding ``tinyopt.storage.study_lock``: workers that start together then find one parent.
+        Workers started by ``tinyopt sweep --workers`` pass ``reopen=False``: their supervisor owns the status.
         """
-        parents = self._parents()
-        if not parents:
+        parents = list(self.client.search_runs([self.experiment_id], f"tags.`{record.TAG_PARENT}` = 'true'",
+                                               order_by=["attributes.start_time ASC"], max_results=1))
+        if parents:
+            self.parent_run_id = parents[0].info.run_id
+        else:
             run = self.client.create_run(self.experiment_id, run_name=self.study_name,
-                                         tags={"approach": self.approach, "study": self.study_name,
-                                               _PARENT_TAG: "true", **tags})
-            self.client.log_dict(run.info.run_id, config, "config.json")
-            parents = self._parents()
-            for duplicate in parents[1:]:
-                if duplicate.info.run_id == run.info.run_id:
-                    self.client.delete_run(run.info.run_id)
-        self.parent_run_id = parents[0].info.run_id
-        self.client.update_run(self.parent_run_id, status="RUNNING")
+                                         tags={record.TAG_APPROACH: self.approach, record.TAG_STUDY: self.study_name,
+                                               record.TAG_PARENT: "true", **tags})
+            self.client.log_dict(run.info.run_id, config, record.CONFIG_FILE)
+            self.parent_run_id = run.info.run_id
+        if reopen:
+            self.client.update_run(self.parent_run_id, status="RUNNING")
         return self.parent_run_id
-
-    def _parents(self) -> list[Any]:
-        return list(self.client.search_runs([self.experiment_id], f"tags.{_PARENT_TAG} = 'true'",
-                                            order_by=["attributes.start_time ASC"]))
 
     def end_sweep(self, status: str = "FINISHED") -> None:
         """Close the parent run (``FINISHED``, or ``KILLED`` on Ctrl-C / ``FAILED`` on a fatal error)."""
@@ -135,12 +195,13 @@ class Tracker:
         """Create the nested run of one trial with its params and resolved config."""
         run = self.client.create_run(
             self.experiment_id, run_name=f"{self.study_name}#{number}",
-            tags={"mlflow.parentRunId": self.parent_run_id or "", "approach": self.approach,
-                  "study": self.study_name, "trial_number": str(number), "trial_state": "RUNNING", **tags},
+            tags={"mlflow.parentRunId": self.parent_run_id or "", record.TAG_APPROACH: self.approach,
+                  record.TAG_STUDY: self.study_name, record.TAG_TRIAL_NUMBER: str(number),
+                  record.TAG_TRIAL_STATE: "RUNNING", **tags},
         )
         trial_run = TrialRun(self.client, run.info.run_id)
         trial_run.log_params({**params, **_flatten(config, "config.")})
-        self.client.log_dict(run.info.run_id, config, "config.json")
+        self.client.log_dict(run.info.run_id, config, record.CONFIG_FILE)
         return trial_run
 
 
@@ -172,20 +233,21 @@ class TrialRun:
 
     def log_predictions(self, arrays: dict[str, np.ndarray]) -> None:
         """Store the class-probability arrays the ensemble study reads back."""
-        self._log_bytes(_npz_bytes(arrays), PREDICTIONS)
+        self._log_bytes(_npz_bytes(arrays), record.PREDICTIONS)
 
     def log_model(self, model: Any) -> None:
-        """Store a Keras model as ``model/model.keras`` (reloadable without tinyopt)."""
+        """Store a Keras model as ``record.MODEL`` (reloadable without tinyopt)."""
+        folder, name = record.MODEL.rsplit("/", 1)
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.keras"
+            path = Path(tmp) / name
             model.save(path)
-            self.client.log_artifact(self.run_id, str(path), "model")
+            self.client.log_artifact(self.run_id, str(path), folder)
 
     def end(self, state: str, reason: str | None = None) -> None:
         """Close the run with the status that matches the Optuna trial state."""
-        tags = {"trial_state": state}
+        tags = {record.TAG_TRIAL_STATE: state}
         if reason:
-            tags["fail_reason"] = reason[:5000]
+            tags[record.FAIL_REASON] = reason[:5000]
         self.set_tags(tags)
         self.client.set_terminated(self.run_id, status=_STATUS[state])
 
@@ -246,7 +308,7 @@ def download_artifact(run_id: str, path: str, tracking_uri: str, dst: str | Path
 def load_predictions(run_id: str, tracking_uri: str) -> dict[str, np.ndarray]:
     """The selection/test probabilities and labels a trial logged (see ``TrialRun.log_predictions``)."""
     with tempfile.TemporaryDirectory() as tmp:
-        with np.load(download_artifact(run_id, PREDICTIONS, tracking_uri, tmp)) as saved:
+        with np.load(download_artifact(run_id, record.PREDICTIONS, tracking_uri, tmp)) as saved:
             return {key: saved[key] for key in saved.files}
 
 

@@ -11,10 +11,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from tinyopt.errors import TrialError
-
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-DECAYS = ("constant", "cosine", "exponential", "step")
+from tinyopt.backend import device_name
+from tinyopt.errors import ConfigError
+from tinyopt.schema import DECAYS, OPTIMIZERS, PRECISIONS
 
 
 def lr_at_epoch(params: dict[str, Any]) -> Callable[[int], float]:
@@ -28,7 +27,7 @@ def lr_at_epoch(params: dict[str, Any]) -> Callable[[int], float]:
     warmup = min(int(params.get("warmup_epochs", 0)), max(epochs - 1, 0))
     decay = params.get("decay", "constant")
     if decay not in DECAYS:
-        raise TrialError(f"unknown decay {decay!r}; use one of {', '.join(DECAYS)}")
+        raise ConfigError(f"unknown decay {decay!r}; use one of {', '.join(DECAYS)}")
 
     def schedule(epoch: int, _current_lr: float | None = None) -> float:
         if epoch < warmup:
@@ -65,7 +64,7 @@ def make_optimizer(params: dict[str, Any]):
         return keras.optimizers.AdamW(lr, weight_decay=decay or 0.0)
     if name == "rmsprop":
         return keras.optimizers.RMSprop(lr, momentum=momentum, weight_decay=decay)
-    raise TrialError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
+    raise ConfigError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
 
 
 def make_loss(label_smoothing: float):
@@ -106,20 +105,9 @@ def set_precision(setting: str) -> str:
     """
     import keras
 
-    if setting not in ("auto", "on", "off"):
-        raise TrialError(f"train.mixed_precision must be auto, on or off, got {setting!r}")
+    if setting not in PRECISIONS:
+        raise ConfigError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)}, got {setting!r}")
     mixed = setting == "on" or (setting == "auto" and device_name() != "cpu")
     policy = "mixed_float16" if mixed else "float32"
     keras.mixed_precision.set_global_policy(policy)
     return policy
-
-
-def device_name() -> str:
-    """The accelerator training runs on (its model name), or ``cpu``."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return "cpu"
-    details = tf.config.experimental.get_device_details(gpus[0])
-    return details.get("device_name", "gpu")

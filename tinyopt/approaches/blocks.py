@@ -8,9 +8,9 @@ import keras
 from keras import layers
 
 from tinyopt.errors import ConfigError
+from tinyopt.schema import AUGMENTATIONS
 
 IMAGE_SIZE = 64
-AUGMENTATIONS = ("none", "flip", "flip_translate", "flip_crop")
 
 
 def image_input() -> Any:

@@ -18,9 +18,9 @@ from keras import layers
 from tinyopt import backbones
 from tinyopt.approaches import blocks
 from tinyopt.errors import ConfigError, TrialError
+from tinyopt.schema import HEAD_INITS
 
 TRAINS = True
-HEAD_INITS = ("pretrained", "random")
 
 
 def build(params: dict[str, Any], *, model: dict[str, Any], wnids: list[str]) -> keras.Model:

@@ -1,8 +1,9 @@
 """The ``tinyopt`` command: thin click commands over the library.
 
 Commands parse options, call one library function and render its result with rich. Library
-errors (``TinyoptError``) become one red line on stderr and exit code 1; Ctrl-C exits with 130.
-Heavy modules (tensorflow, mlflow, optuna) are imported inside commands so ``--help`` stays fast.
+errors (``TinyoptError``) become one line on stderr, printed literally, and exit code 1; SIGINT and
+SIGTERM end a command with one line and exit code 130 / 143, never a traceback. Heavy modules
+(tensorflow, mlflow, optuna) are imported inside commands so ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 import click
 
-from tinyopt import __version__
+from tinyopt import __version__, signals
 from tinyopt.errors import TinyoptError
 
 
@@ -20,14 +21,22 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as err:
+            # One line, like every other error (click would print usage, a hint and the error).
+            where = f" (see `{err.ctx.command_path} --help`)" if err.ctx else ""
+            click.echo(f"error: {err.format_message()}{where}", err=True)
+            sys.exit(err.exit_code)
         except TinyoptError as err:
             from rich.console import Console
+            from rich.text import Text
 
-            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            # Text, not markup: the message may hold brackets (e.g. pip install 'tinyopt[postgres]').
+            Console(stderr=True).print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as stop:
+            name = stop.name if isinstance(stop, signals.Interrupted) else "SIGINT"
+            click.echo(f"interrupted by {name}", err=True)
+            sys.exit(stop.exit_code if isinstance(stop, signals.Interrupted) else 130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,6 +68,7 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
-    # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) would bury the progress bars.
+    # TensorFlow's C++ log lines after start-up (tinyopt.backend drops those of start-up itself).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    signals.install()
     cli(prog_name="tinyopt")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from tinyopt.cli.options import cache_option, data_option, storage_options
@@ -16,6 +18,10 @@ class _RichEvents:
         self.trials = progress.add_task("trials", total=trials)
         self.epochs = progress.add_task("epochs", total=None, visible=False)
 
+    def sweep_started(self, device: str, recovered: list[str]) -> None:
+        for line in (f"trials run on {device}", *recovered):
+            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
     def trial_started(self, number: int, epochs: int) -> None:
         self.progress.update(self.trials, description=f"trial {number}")
         self.progress.reset(self.epochs, total=epochs or None, visible=bool(epochs), description="epochs")
@@ -26,16 +32,40 @@ class _RichEvents:
         self.progress.update(self.epochs, advance=1, description=label)
 
     def trial_ended(self, number: int, state: str, value: float | None, reason: str | None) -> None:
-        shown = f"{value:.4f}" if value is not None else (reason or "")
-        self.progress.console.print(f"trial {number}: {state} {shown}", highlight=False, soft_wrap=True)
+        self.progress.console.print(_trial_line(number, state, value, reason), markup=False, highlight=False,
+                                    soft_wrap=True)
         self.progress.update(self.trials, advance=1)
+
+
+class _LineEvents:
+    """One plain line per trial: what a worker of ``--workers`` prints for its supervisor to pass on."""
+
+    def sweep_started(self, device: str, recovered: list[str]) -> None:
+        for line in recovered:
+            click.echo(line)
+
+    def trial_started(self, number: int, epochs: int) -> None:
+        click.echo(f"trial {number}: started")
+
+    def epoch_ended(self, number: int, epoch: int, logs: dict[str, float]) -> None:
+        pass
+
+    def trial_ended(self, number: int, state: str, value: float | None, reason: str | None) -> None:
+        click.echo(_trial_line(number, state, value, reason))
+
+
+def _trial_line(number: int, state: str, value: float | None, reason: str | None) -> str:
+    return f"trial {number}: {state} " + (f"{value:.4f}" if value is not None else (reason or ""))
 
 
 @click.command()
 @click.argument("approach", type=click.Choice(APPROACHES))
 @click.option("--trials", type=click.IntRange(min=1), default=None,
-              help="Trials to add to the study (default: until --timeout, else 10).")
+              help="Trials this command adds, in all its workers (default: until --timeout, else 10).")
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop starting trials after SECONDS.")
+@click.option("--max-trials", type=click.IntRange(min=1), default=None,
+              help="Start no trial once the study holds N finished or running trials, counted over every worker "
+                   "of every machine (for workers started by hand on several machines).")
 @data_option
 @cache_option
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
@@ -45,74 +75,57 @@ class _RichEvents:
 @click.option("--study", "study_name", default=None, help="Study name (default: the approach).")
 @storage_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the sampler and every trial.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes on this machine sharing the study (default 1, or one per --gpus).")
+@click.option("--gpus", default=None, metavar="IDS",
+              help="Pin one worker per GPU, e.g. --gpus 0,1 (sets CUDA_VISIBLE_DEVICES of each worker).")
 @click.option("--trials-per-process", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Run the trials in fresh processes of at most N trials each (0: all in this one). "
+              help="Run each worker's trials in fresh processes of at most N trials (0: all in one). "
                    "TensorFlow keeps memory per trained model, so this bounds a long sweep's memory.")
-def sweep(approach, trials, timeout, source, cache_dir, config_path, overrides, study_name, storage,
-          tracking_uri, seed, trials_per_process) -> None:
+@click.option("--worker", "is_worker", is_flag=True, hidden=True,
+              help="Run as a worker of a supervising `tinyopt sweep` (plain lines; it owns the parent run).")
+def sweep(approach, trials, timeout, max_trials, source, cache_dir, config_path, overrides, study_name, storage,
+          tracking_uri, seed, workers, gpus, trials_per_process, is_worker) -> None:
     """Run (or continue) the Optuna study of APPROACH, one MLflow run per trial.
 
-    Rerunning the same command adds trials to the same study.
+    Rerunning the same command adds trials to the same study. SIGINT (Ctrl-C) and SIGTERM stop it
+    cleanly: the running trial is recorded as failed, every MLflow run is closed, exit code 130/143.
     """
+    from rich.console import Console
+
+    from tinyopt.workers import SweepArgs, parse_gpus
+
     if trials is None and timeout is None:
         trials = 10
-    if trials_per_process and (trials is None or trials > trials_per_process):
-        _sweep_in_processes({**click.get_current_context().params, "trials": trials})
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    gpu_ids, workers = parse_gpus(gpus, workers)
+    args = SweepArgs(approach, trials, timeout, max_trials, source, cache_dir, config_path, tuple(overrides),
+                     study_name, storage, tracking_uri, seed, trials_per_process, workers, gpu_ids)
+    console = Console()
+    if is_worker:
+        result = _run(args, _LineEvents(), owner=False)
+    elif workers > 1 or gpu_ids or (trials_per_process and (trials is None or trials > trials_per_process)):
+        from tinyopt.workers import supervise
 
+        result = supervise(args, lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+        _render(console, result)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            result = _run(args, _RichEvents(progress, trials))
+        _render(console, result)
+    if result.exit_code:
+        sys.exit(result.exit_code)
+
+
+def _run(args, events, owner: bool = True):
     from tinyopt.runner import run_sweep
 
-    console = Console()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        result = run_sweep(approach, trials=trials, timeout=timeout, source=source, cache_dir=cache_dir,
-                           config_path=config_path, overrides=tuple(overrides), study_name=study_name,
-                           storage=storage, tracking_uri=tracking_uri, seed=seed,
-                           events=_RichEvents(progress, trials))
-    _render(console, result)
-
-
-def _sweep_in_processes(params: dict) -> None:
-    """Run the sweep as consecutive ``tinyopt sweep`` processes of ``--trials-per-process`` trials.
-
-    Each process continues the same study and parent MLflow run; a failing or interrupted one
-    ends the sweep with its exit code.
-    """
-    import subprocess
-    import sys
-    import time
-
-    per_process = params["trials_per_process"]
-    remaining = params["trials"]
-    deadline = time.monotonic() + params["timeout"] if params["timeout"] is not None else None
-    while remaining is None or remaining > 0:
-        left = deadline - time.monotonic() if deadline is not None else None
-        if left is not None and left <= 0:
-            return
-        batch = per_process if remaining is None else min(per_process, remaining)
-        command = [sys.executable, "-m", "tinyopt", *_sweep_args({**params, "trials": batch, "timeout": left,
-                                                                   "trials_per_process": 0})]
-        code = subprocess.call(command)
-        if code != 0:
-            sys.exit(code)
-        if remaining is not None:
-            remaining -= batch
-
-
-def _sweep_args(params: dict) -> list[str]:
-    """The ``tinyopt sweep`` arguments that reproduce ``params``."""
-    args = ["sweep", params["approach"]]
-    flags = {"trials": "--trials", "timeout": "--timeout", "source": "--data", "cache_dir": "--cache",
-             "config_path": "--config", "study_name": "--study", "storage": "--storage",
-             "tracking_uri": "--tracking-uri", "seed": "--seed", "trials_per_process": "--trials-per-process"}
-    for key, flag in flags.items():
-        if params[key] is not None:
-            args += [flag, str(params[key])]
-    for item in params["overrides"]:
-        args += ["--set", item]
-    return args
+    return run_sweep(args.approach, trials=args.trials, timeout=args.timeout, max_trials=args.max_trials,
+                     source=args.source, cache_dir=args.cache_dir, config_path=args.config_path,
+                     overrides=args.overrides, study_name=args.study_name, storage=args.storage,
+                     tracking_uri=args.tracking_uri, seed=args.seed, events=events, owner=owner)
 
 
 def _render(console, result) -> None:
@@ -127,13 +140,21 @@ def _render(console, result) -> None:
         params = ", ".join(f"{k}={_short(v)}" for k, v in row["params"].items())
         test = f"{row['test_top1']:.4f}" if row["test_top1"] is not None else "-"
         table.add_row(str(row["number"]), f"{row['value']:.4f}", test, params, row["run_id"] or "-")
-    console.print(table)
+    if result.top:
+        console.print(table)
     counts = result.counts
-    console.print(f"{result.new_trials} new trials; study totals: {counts['COMPLETE']} complete, "
-                  f"{counts['PRUNED']} pruned, {counts['FAIL']} failed (storage {result.storage})")
-    for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
-    console.print(f"Review every trial: [bold]{result.ui_command}[/]")
+    lines = [f"note: {note}" for note in result.notes]
+    if result.recovered:  # each was named in a line of its own when the sweep started
+        lines.append(f"{len(result.recovered)} trial(s) left RUNNING by a dead worker were failed and queued again "
+                     "when the sweep started")
+    if result.interrupted:
+        lines.append(f"interrupted by {result.interrupted}: no trial was left running and every MLflow run of this "
+                     "sweep is closed; rerun the same command to continue the study")
+    lines.append(f"{result.new_trials} new trials; study totals: {counts['COMPLETE']} complete, "
+                 f"{counts['PRUNED']} pruned, {counts['FAIL']} failed (storage {result.storage})")
+    lines.append(f"Review every trial: {result.ui_command}")
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _short(value) -> str:

@@ -1,0 +1,195 @@
+"""Several workers on one study: ``--workers K``, ``--gpus``, ``--max-trials``, all starting at the same instant."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pytest
+from sweep_helpers import (
+    LONG,
+    POSTGRES,
+    drop_postgres_study,
+    needs_postgres,
+    runs_of,
+    start_sweep,
+    trials_of,
+    wait_for_training,
+)
+
+from tinyopt import record, sampling, storage, workers
+from tinyopt.errors import TinyoptError
+
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+@pytest.fixture
+def study():
+    name = f"scratch-{uuid.uuid4().hex[:8]}"
+    yield name
+    drop_postgres_study(name)
+
+
+def _args(study, storage_url, tracking_uri, tiny_folder, tmp_path, *extra):
+    return ["--study", study, "--storage", storage_url, "--tracking-uri", tracking_uri, "--data", tiny_folder,
+            "--cache", tmp_path / "cache", *extra]
+
+
+def _check_study(storage_url, tracking_uri, study, finished):
+    """Exactly ``finished`` trials, all finished, no two alike, under one parent run."""
+    trials = trials_of(storage_url, study)
+    assert [t.state.name for t in trials if t.state.name not in FINISHED] == []
+    assert len(trials) == finished
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == finished
+    _, parents, children = runs_of({"tracking_uri": tracking_uri}, study)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(children) == list(range(finished))
+    assert {run.info.status for run in children.values()} <= {"FINISHED", "KILLED"}  # KILLED: pruned
+    return trials
+
+
+def test_three_workers_on_fresh_sqlite_stores(study, tiny_folder, tmp_path):
+    sqlite = f"sqlite:///{tmp_path}/studies/tinyopt.db"
+    tracking_uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    sweep = start_sweep(["--workers", 3, "--trials", 5,
+                         *_args(study, sqlite, tracking_uri, tiny_folder, tmp_path)])
+    output = sweep.communicate(timeout=600)[0]
+    assert sweep.returncode == 0, output
+    assert "Optuna's journal file" in output and "5 new trials" in output
+    trials = _check_study(sqlite, tracking_uri, study, 5)
+    assert len({t.user_attrs[record.WORKER]["pid"] for t in trials}) == 3
+    assert study in storage.study_names(sqlite)  # `tinyopt best` finds it through the SQLite URL
+
+
+@pytest.mark.slow
+@needs_postgres
+def test_three_workers_on_postgres_and_an_mlflow_server(study, tiny_folder, tmp_path, mlflow_server):
+    sweep = start_sweep(["--workers", 3, "--trials", 4,
+                         *_args(study, POSTGRES, mlflow_server, tiny_folder, tmp_path)])
+    output = sweep.communicate(timeout=600)[0]
+    assert sweep.returncode == 0, output
+    assert "4 new trials" in output and "journal" not in output
+    _check_study(POSTGRES, mlflow_server, study, 4)
+
+
+@pytest.fixture(params=["journal-and-fresh-mlflow-sqlite",
+                        pytest.param("postgres-and-mlflow-server", marks=needs_postgres)])
+def shared_stores(request, tmp_path):
+    """Stores that independent commands share: fresh files on this machine, or servers for several machines."""
+    if request.param.startswith("journal"):
+        return f"journal:{tmp_path}/studies/journal.log", f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    return POSTGRES, request.getfixturevalue("mlflow_server")
+
+
+@pytest.mark.slow
+def test_max_trials_is_honoured_by_three_independent_commands(study, tiny_folder, tmp_path, shared_stores):
+    from tinyopt import data
+
+    storage_url, tracking_uri = shared_stores
+    data.prepare(str(tiny_folder), str(tmp_path / "cache"), progress=False)  # as on machines with their own copy
+    commands = [start_sweep(["--trials", 10, "--max-trials", 4,
+                             *_args(study, storage_url, tracking_uri, tiny_folder, tmp_path)]) for _ in range(3)]
+    outputs = [command.communicate(timeout=600)[0] for command in commands]
+    assert [command.returncode for command in commands] == [0, 0, 0], outputs
+    _check_study(storage_url, tracking_uri, study, 4)
+    added = [int(line.split()[0]) for output in outputs for line in output.splitlines() if "new trials" in line]
+    assert sum(added) == 4
+
+
+def test_sigterm_to_the_supervisor_stops_every_worker_cleanly(study, tiny_folder, tmp_path):
+    sqlite = f"sqlite:///{tmp_path}/studies/tinyopt.db"
+    tracking_uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    sweep = start_sweep(["--workers", 2, "--trials", 4, *_args(study, sqlite, tracking_uri, tiny_folder, tmp_path)],
+                        overrides=LONG)
+    wait_for_training(sqlite, study, sweep)
+    deadline = time.monotonic() + 120
+    while sum(t.state.name == "RUNNING" for t in trials_of(sqlite, study)) < 2:  # both workers in a trial
+        assert sweep.poll() is None and time.monotonic() < deadline
+        time.sleep(0.3)
+    sweep.send_signal(signal.SIGTERM)
+    output = sweep.communicate(timeout=120)[0]
+    assert sweep.returncode == 143, output
+    assert "Traceback" not in output and "interrupted by SIGTERM" in output
+    trials = trials_of(sqlite, study)
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert {t.user_attrs[record.FAIL_REASON] for t in trials} == {"interrupted by SIGTERM"}
+    _, parents, children = runs_of({"tracking_uri": tracking_uri}, study)
+    assert parents[0].info.status == "KILLED" and [r.info.status for r in children.values()] == ["KILLED"] * 2
+
+
+def test_shares_add_up_to_the_trials():
+    assert workers.shares(7, 3) == [3, 2, 2] and sum(workers.shares(2, 3)) == 2
+    assert workers.shares(None, 2) == [None, None]
+
+
+@pytest.mark.parametrize("gpus, count, error", [
+    ("0,1", None, None), ("0,1,2", 2, None), ("0,1", 3, "--workers 3 needs 3 GPUs"), ("0,0", None, "distinct"),
+    ("0,", None, "distinct"),
+])
+def test_gpus_pin_one_worker_each(gpus, count, error):
+    if error:
+        with pytest.raises(TinyoptError, match=error):
+            workers.parse_gpus(gpus, count)
+        return
+    ids, count = workers.parse_gpus(gpus, count)
+    assert ids == gpus.split(",")[:count] and len(ids) == count
+
+
+def test_each_worker_gets_its_gpu_and_its_share_in_processes_of_at_most_n_trials(monkeypatch):
+    args = workers.SweepArgs("scratch", trials=5, workers=2, gpus=["0", "1"], trials_per_process=2)
+    supervisor = workers._Supervisor(args, print)
+    started = []
+
+    def run(index, command, env):
+        started.append((index, int(command[command.index("--trials") + 1]), env["CUDA_VISIBLE_DEVICES"]))
+        assert "--worker" in command and "--data" not in command
+        return 1000 + len(started), 0
+
+    supervisor._run = run
+    monkeypatch.setattr(workers, "_trials_of", lambda study, pids: 1)  # every process ran its trials
+    for index, share in enumerate(workers.shares(args.trials, args.workers)):
+        supervisor.slot(index, share, None)
+    assert started == [(0, 2, "0"), (0, 1, "0"), (1, 2, "1")]
+
+
+def test_each_trial_draws_from_its_own_seed():
+    """Workers starting together draw different trials; the same seed draws the same trial again."""
+    def draws(seed, count):
+        study = optuna.create_study(sampler=sampling.make_sampler({"sampler": "tpe"}, seed))
+        for _ in range(count):
+            trial = study.ask()
+            trial.suggest_float("x", 0, 1)
+            trial.suggest_categorical("c", ["a", "b", "c"])
+        return [t.params for t in study.trials]
+
+    first = draws(seed=0, count=4)
+    assert len({json.dumps(p, sort_keys=True) for p in first}) == 4  # four RUNNING trials, as four workers
+    assert draws(seed=0, count=4) == first and draws(seed=1, count=4) != first
+
+
+def test_processes_opening_a_fresh_mlflow_store_together_all_succeed(tmp_path):
+    """MLflow creates a new SQLite store on first use; at once, raw MLflow clients fail with migration errors."""
+    tracking_uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    code = ("import sys; from tinyopt.tracking import Tracker; "
+            "print(Tracker(sys.argv[1], sys.argv[2], 'scratch').experiment_id)")
+    processes = [subprocess.Popen([sys.executable, "-c", code, tracking_uri, f"study-{i}"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for i in range(6)]
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0] * 6, outputs
+    assert len({output.strip().splitlines()[-1] for output in outputs}) == 6  # six studies, six experiments
+
+
+def test_a_worker_process_that_ran_no_trial_ends_its_slot(monkeypatch):
+    """With --timeout and --trials-per-process, a process that found --max-trials met is not started again."""
+    args = workers.SweepArgs("scratch", trials=None, timeout=3600, max_trials=4, trials_per_process=2)
+    supervisor = workers._Supervisor(args, print)
+    started = []
+    supervisor._run = lambda index, command, env: (started.append(command), (1234, 0))[1]
+    monkeypatch.setattr(workers, "_trials_of", lambda study, pids: 0)
+    supervisor.slot(0, None, time.monotonic() + 3600)
+    assert len(started) == 1

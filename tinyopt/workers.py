@@ -1,0 +1,225 @@
+"""Worker processes on this machine sharing one study: ``tinyopt sweep --workers K`` (and ``--trials-per-process``).
+
+The supervisor, the command the user started, checks and prepares everything once (config,
+stores, data, weights), opens the study and its MLflow parent run, and then starts K worker
+processes. Each worker is a ``tinyopt sweep --worker`` of its share of the trials, in a process
+group of its own (a Ctrl-C reaches it once, through the supervisor) and, with ``--gpus``, on its
+own GPU. With ``--trials-per-process N`` a worker's share runs in consecutive fresh processes of at
+most N trials each, which bounds the memory TensorFlow keeps per trained model.
+
+The supervisor forwards SIGINT and SIGTERM to every worker, prefixes each worker's lines with its
+number, closes the parent run with the status of the whole, and reports one summary.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tinyopt import record, runner, signals
+from tinyopt import storage as storages
+from tinyopt.errors import TinyoptError
+
+
+@dataclass
+class SweepArgs:
+    """The options of one ``tinyopt sweep`` command (see ``tinyopt.cli.sweep``)."""
+
+    approach: str
+    trials: int | None
+    timeout: float | None = None
+    max_trials: int | None = None
+    source: str | None = None
+    cache_dir: str | None = None
+    config_path: str | None = None
+    overrides: tuple[str, ...] = ()
+    study_name: str | None = None
+    storage: str = runner.DEFAULT_STORAGE
+    tracking_uri: str = runner.DEFAULT_TRACKING_URI
+    seed: int = 0
+    trials_per_process: int = 0
+    workers: int = 1
+    gpus: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.study_name or self.approach
+
+
+def shares(trials: int | None, workers: int) -> list[int | None]:
+    """How many trials each worker runs so that they add ``trials`` in all (None: until the timeout)."""
+    if trials is None:
+        return [None] * workers
+    return [trials // workers + (1 if i < trials % workers else 0) for i in range(workers)]
+
+
+def parse_gpus(text: str | None, workers: int | None) -> tuple[list[str], int]:
+    """The GPUs of ``--gpus 0,1`` and the worker count they allow (one worker per GPU).
+
+    Raises:
+        TinyoptError: an empty or repeated GPU id, or more workers than GPUs.
+    """
+    if not text:
+        return [], workers or 1
+    gpus = [item.strip() for item in text.split(",")]
+    if any(not gpu for gpu in gpus) or len(set(gpus)) != len(gpus):
+        raise TinyoptError(f"--gpus {text!r} must list distinct GPU indices or UUIDs separated by commas, e.g. 0,1")
+    workers = workers or len(gpus)
+    if workers > len(gpus):
+        raise TinyoptError(f"--workers {workers} needs {workers} GPUs but --gpus lists {len(gpus)} ({text}); "
+                           "list more GPUs or lower --workers (one worker per GPU)")
+    return gpus[:workers], workers
+
+
+def _worker_command(args: SweepArgs, trials: int | None, timeout: float | None) -> list[str]:
+    command = [sys.executable, "-m", "tinyopt", "sweep", args.approach, "--worker", "--seed", str(args.seed),
+               "--storage", args.storage, "--tracking-uri", args.tracking_uri, "--study", args.name]
+    # The supervisor prepared the data: workers read the cache without hashing the source again.
+    for flag, value in (("--trials", trials), ("--timeout", timeout), ("--max-trials", args.max_trials),
+                        ("--cache", args.cache_dir), ("--config", args.config_path)):
+        if value is not None:
+            command += [flag, str(value)]
+    for item in args.overrides:
+        command += ["--set", item]
+    return command
+
+
+class _Supervisor:
+    """Runs the worker slots and forwards signals to the processes they run."""
+
+    def __init__(self, args: SweepArgs, emit: Callable[[str], None]):
+        self.args = args
+        self.emit = emit
+        self.study: Any = None  # set once the study is open
+        self.lock = threading.Lock()
+        self.running: dict[int, subprocess.Popen] = {}
+        self.pids: set[int] = set()
+        self.codes: list[int] = []
+        self.signum: int | None = None
+
+    def forward(self, signum: int, _frame=None) -> None:
+        self.signum = signum
+        with self.lock:
+            for process in self.running.values():
+                try:
+                    os.killpg(process.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def slot(self, index: int, trials: int | None, deadline: float | None) -> None:
+        """Worker ``index``: its share of the trials, in consecutive processes of at most ``trials_per_process``."""
+        per_process = self.args.trials_per_process
+        env = dict(os.environ)
+        if self.args.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.args.gpus[index]
+        remaining = trials
+        while remaining is None or remaining > 0:
+            left = deadline - time.monotonic() if deadline is not None else None
+            if self.signum is not None or (left is not None and left <= 0):
+                return
+            batch = remaining
+            if per_process:
+                batch = per_process if remaining is None else min(per_process, remaining)
+            pid, code = self._run(index, _worker_command(self.args, batch, left), env)
+            # A worker that ran no trial met --max-trials (or its timeout): so would the next one.
+            if code != 0 or batch is None or not _trials_of(self.study, {pid}):
+                return
+            if remaining is not None:
+                remaining -= batch
+
+    def _run(self, index: int, command: list[str], env: dict[str, str]) -> tuple[int, int]:
+        """Run one worker process to its end, passing its lines on; its pid and exit code."""
+        with self.lock:
+            if self.signum is not None:
+                return 0, 128 + self.signum
+            process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       bufsize=1, start_new_session=True)
+            self.running[index] = process
+            self.pids.add(process.pid)
+        prefix = f"[w{index}] " if self.args.workers > 1 else ""
+        for line in process.stdout:
+            self.emit(prefix + line.rstrip("\n"))
+        code = process.wait()
+        with self.lock:
+            self.running.pop(index, None)
+            self.codes.append(code)
+        return process.pid, code
+
+
+def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = True) -> runner.SweepResult:
+    """Run ``args.workers`` worker processes (each maybe several, one after another) over one study.
+
+    Args:
+        args: the sweep's options.
+        emit: prints one line (notes, and each worker's lines prefixed with its number).
+        progress: show the data preparation progress bar.
+
+    Returns:
+        The study's summary; ``exit_code`` is 128 + the signal that stopped it, else the first
+        non-zero exit code of a worker, else 0. ``new_trials`` counts the trials of its workers.
+
+    Raises:
+        TinyoptError: anything ``runner.prepare`` or ``runner.open_sweep`` refuses; nothing is started.
+    """
+    prepared = runner.prepare(args.approach, study_name=args.name, config_path=args.config_path,
+                              overrides=args.overrides,
+                              source=args.source, cache_dir=args.cache_dir, storage=args.storage,
+                              tracking_uri=args.tracking_uri, progress=progress)
+    supervisor = _Supervisor(args, emit)
+    # From here a signal is only remembered, then passed on to the workers: setting up the study and
+    # the parent run is never cut halfway.
+    previous = {signum: signal.signal(signum, supervisor.forward) for signum in signals.HANDLED}
+    try:
+        session = runner.open_sweep(args.approach, args.name, prepared.config, storage=args.storage,
+                                    tracking_uri=args.tracking_uri, seed=args.seed, workers=args.workers)
+        supervisor.study = session.study
+        status = "FAILED"
+        try:
+            where = "on GPUs " + ",".join(args.gpus) if args.gpus else f"on {prepared.device}"
+            emit(f"{args.workers} worker processes {where}" if args.workers > 1 else f"trials run {where}")
+            if storages.needs_journal(args.storage, args.workers):
+                emit(f"SQLite serves one process, so the {args.workers} workers share the study in Optuna's "
+                     f"journal file {session.url.removeprefix('journal:')}, Optuna's storage for several "
+                     f"processes on one machine; every tinyopt command finds it there through {args.storage}")
+            for line in session.recovered:
+                emit(line)
+            deadline = time.monotonic() + args.timeout if args.timeout is not None else None
+            threads = [threading.Thread(target=supervisor.slot, args=(i, share, deadline), daemon=True)
+                       for i, share in enumerate(shares(args.trials, args.workers))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                while thread.is_alive():  # join with a timeout, so that the signal handler runs meanwhile
+                    thread.join(0.2)
+            failed = [code for code in supervisor.codes if code != 0]
+            status = "KILLED" if supervisor.signum is not None else "FAILED" if failed else "FINISHED"
+        finally:
+            session.tracker.end_sweep(status)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    result = runner.summarize(session.study, args.storage, args.tracking_uri, new_trials=_trials_of(
+        session.study, supervisor.pids))
+    result.recovered = session.recovered
+    if supervisor.signum is not None:
+        result.interrupted = signal.Signals(supervisor.signum).name
+        result.exit_code = 128 + supervisor.signum
+    elif failed:
+        result.exit_code = failed[0]
+    return result
+
+
+def _trials_of(study: Any, pids: set[int]) -> int:
+    """How many trials of the study these processes of this machine ran."""
+    from tinyopt.recovery import identity
+
+    host = identity()["host"]
+    workers = (t.user_attrs.get(record.WORKER) or {} for t in study.get_trials(deepcopy=False))
+    return sum(1 for w in workers if w.get("host") == host and w.get("pid") in pids)
