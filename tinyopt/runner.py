@@ -225,7 +225,7 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
         cap = _TrialCap(study, max_trials, lambda: storages.study_lock(storage, name))
         ran: list[int] = []
         objective = None
-        status, stopped = "FAILED", None
+        status, stopped, all_failed = "FAILED", None, False
         try:
             events.sweep_started(prepared.device, session.recovered)
             if approach == "ensemble":
@@ -248,8 +248,8 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
             if cap.acquire():
                 study.optimize(counted, n_trials=trials, timeout=timeout, catch=(TrialFailed,),
                                callbacks=[policy, cap, _stop_on_signal])
-            stopped = signals.pending()
-            status = "KILLED" if stopped else "FAILED" if policy.stopped or _all_failed(study, ran) else "FINISHED"
+            stopped, all_failed = signals.pending(), _all_failed(study, ran)
+            status = "KILLED" if stopped else "FAILED" if policy.stopped or all_failed else "FINISHED"
         except signals.Interrupted as err:
             stopped, status = err, "KILLED"
         except KeyboardInterrupt:
@@ -268,7 +268,7 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
     if policy.stopped:
         raise StudyError(f"stopped after {policy.limit} consecutive failed trials (last: {policy.last_reason}); "
                          "see the FAILED runs in MLflow, fix the config, and rerun to continue the study")
-    if _all_failed(study, ran):
+    if all_failed:
         raise StudyError(f"all {len(ran)} trials of this run failed (last: {_reason(study, ran[-1])}); "
                          "see the FAILED runs in MLflow, fix the cause, and rerun to continue the study")
     return result

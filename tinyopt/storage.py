@@ -27,7 +27,7 @@ from typing import Any
 
 from tinyopt.errors import StudyError
 from tinyopt.locks import file_lock
-from tinyopt.urls import redact
+from tinyopt.urls import first_line, redact
 
 DEFAULT_STORAGE = "sqlite:///studies/tinyopt.db"
 CONNECT_TIMEOUT = 10  # seconds: an unreachable database fails fast, well before a sweep starts
@@ -98,7 +98,7 @@ def probe_database(url: str, what: str, fix: str) -> None:
         raise StudyError(f"{what} {redact(url)} needs a database driver that is not installed ({err}); {fix}"
                          ) from err
     except Exception as err:  # noqa: BLE001 - drivers raise their own types for refused or unknown hosts
-        raise StudyError(f"cannot reach {what} {redact(url)} ({_first_line(err)}); {fix}") from err
+        raise StudyError(f"cannot reach {what} {redact(url)} ({first_line(err)}); {fix}") from err
 
 
 def open_storage(url: str, heartbeat_interval: int = 60) -> Any:
@@ -137,7 +137,7 @@ def open_storage(url: str, heartbeat_interval: int = 60) -> Any:
         with optuna_experimental():
             return optuna.storages.RDBStorage(url, **kwargs)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
-        raise StudyError(f"cannot open Optuna storage {redact(url)} ({_first_line(err)}); {_FIX}") from err
+        raise StudyError(f"cannot open Optuna storage {redact(url)} ({first_line(err)}); {_FIX}") from err
 
 
 def _journal(path: Path) -> Any:
@@ -312,7 +312,3 @@ def optuna_experimental() -> Iterator[None]:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         yield
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return redact(text.splitlines()[0]) if text else type(err).__name__

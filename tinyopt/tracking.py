@@ -29,7 +29,7 @@ from tinyopt import record
 from tinyopt.errors import StudyError
 from tinyopt.locks import file_lock
 from tinyopt.storage import is_database, probe_database
-from tinyopt.urls import redact
+from tinyopt.urls import first_line, redact
 
 # MLflow's INFO lines (database migrations, run links) would interleave with the sweep's progress.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -104,7 +104,7 @@ def _why(err: BaseException) -> str:
     found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text) or re.search(r"(error code \d+)", text)
     if found:
         return found.group(1).strip()
-    return "timed out" if "timed out" in text.lower() else _first_line(err)[:200]
+    return "timed out" if "timed out" in text.lower() else first_line(err)[:200]
 
 
 def _sqlite_path(tracking_uri: str) -> Path | None:
@@ -143,7 +143,7 @@ class Tracker:
             self.client = _client(tracking_uri)
             self.experiment_id = self._experiment(experiment_name(study_name))
         except Exception as err:  # noqa: BLE001 - MLflow, SQLAlchemy and requests each raise their own
-            raise StudyError(f"cannot use MLflow tracking store {redact(tracking_uri)} ({_first_line(err)}); "
+            raise StudyError(f"cannot use MLflow tracking store {redact(tracking_uri)} ({first_line(err)}); "
                              "check --tracking-uri") from err
         self.parent_run_id: str | None = None
 
@@ -285,10 +285,6 @@ def _flatten(config: dict[str, Any], prefix: str) -> dict[str, Any]:
     return flat
 
 
-def _first_line(err: BaseException) -> str:
-    return redact(str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
-
-
 def download_artifact(run_id: str, path: str, tracking_uri: str, dst: str | Path | None = None) -> Path:
     """Download one artifact of a run and return its local path.
 
@@ -302,7 +298,7 @@ def download_artifact(run_id: str, path: str, tracking_uri: str, dst: str | Path
         return Path(client.download_artifacts(run_id, path, str(dst)))
     except (mlflow.exceptions.MlflowException, OSError) as err:
         raise StudyError(f"artifact {path!r} of MLflow run {run_id} is not in {redact(tracking_uri)} "
-                         f"({_first_line(err)}); check --tracking-uri") from err
+                         f"({first_line(err)}); check --tracking-uri") from err
 
 
 def load_predictions(run_id: str, tracking_uri: str) -> dict[str, np.ndarray]:
@@ -341,7 +337,7 @@ def register_model(bundle_dir: str | Path, name: str, tracking_uri: str, run_id:
         source = f"{client.get_run(run_id).info.artifact_uri}/export"
         return str(client.create_model_version(name, source, run_id=run_id).version)
     except mlflow.exceptions.MlflowException as err:
-        raise StudyError(f"cannot register {name!r} in {redact(tracking_uri)} ({_first_line(err)})") from err
+        raise StudyError(f"cannot register {name!r} in {redact(tracking_uri)} ({first_line(err)})") from err
 
 
 def ui_command(tracking_uri: str) -> str:

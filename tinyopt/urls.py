@@ -12,3 +12,9 @@ def redact(text: str) -> str:
     """Hide the password of ``scheme://user:password@host`` and ``?password=`` style query values."""
     text = _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
     return _QUERY_SECRET.sub(lambda m: f"{m['key']}***", text)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, secrets hidden (its type name if it has no message)."""
+    text = str(err).strip()
+    return redact(text.splitlines()[0]) if text else type(err).__name__

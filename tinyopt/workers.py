@@ -209,8 +209,8 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
         session.study, supervisor.pids))
     result.recovered = session.recovered
     if supervisor.signum is not None:
-        result.interrupted = signal.Signals(supervisor.signum).name
-        result.exit_code = 128 + supervisor.signum
+        stopped = signals.Interrupted(supervisor.signum)
+        result.interrupted, result.exit_code = stopped.name, stopped.exit_code
     elif failed:
         result.exit_code = failed[0]
     return result

@@ -9,6 +9,7 @@ SIGTERM end a command with one line and exit code 130 / 143, never a traceback. 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import click
@@ -34,9 +35,10 @@ class _Group(click.Group):
             Console(stderr=True).print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
             sys.exit(1)
         except KeyboardInterrupt as stop:
-            name = stop.name if isinstance(stop, signals.Interrupted) else "SIGINT"
-            click.echo(f"interrupted by {name}", err=True)
-            sys.exit(stop.exit_code if isinstance(stop, signals.Interrupted) else 130)
+            if not isinstance(stop, signals.Interrupted):  # Python's own SIGINT handler
+                stop = signals.Interrupted(signal.SIGINT)
+            click.echo(f"interrupted by {stop.name}", err=True)
+            sys.exit(stop.exit_code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
