@@ -71,10 +71,10 @@ def _bench_load(cache: Path) -> tuple[float, float]:
 
 
 def _bench_pipeline(cache: Path) -> tuple[float, int]:
-    from tinyopt import data
+    from tinyopt import batches, data
 
     x, y = data.load_split("train", cache)
-    dataset = data.make_dataset(x, y, batch_size=256, shuffle=True)
+    dataset = batches.make_dataset(x, y, batch_size=256, shuffle=True)
     return _timed(lambda: sum(len(images) for images, _ in dataset.as_numpy_iterator()))
 
 

@@ -392,30 +392,6 @@ def test_stratified_subset_rejects_bad_arguments(kwargs):
         data.stratified_subset(LABELS, **kwargs)
 
 
-# --- tf.data ---------------------------------------------------------------------------------------
-
-def test_make_dataset_feeds_uint8_batches_with_their_labels(tiny_cache):
-    x, y = data.load_split("train", tiny_cache)
-    batches = list(data.make_dataset(x, y, batch_size=32).as_numpy_iterator())
-    assert [len(images) for images, _ in batches] == [32] * (len(x) // 32) + [len(x) % 32]
-    images = np.concatenate([b[0] for b in batches])
-    assert images.dtype == np.uint8 and images.shape == x.shape
-    np.testing.assert_array_equal(images, x)
-    np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), y)
-
-    shuffled = data.make_dataset(x, y, batch_size=32, shuffle=True, seed=1)
-    epochs = [np.concatenate([b[1] for b in shuffled.as_numpy_iterator()]) for _ in range(2)]
-    assert sorted(epochs[0]) == sorted(y) and not np.array_equal(epochs[0], y)
-    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
-    pairs = next(shuffled.as_numpy_iterator())
-    for image, label in zip(*pairs, strict=True):  # each image travels with its own label
-        assert label == y[np.flatnonzero((x == image).all(axis=(1, 2, 3)))[0]]
-
-    endless = data.make_dataset(x, batch_size=50, repeat=True)
-    first = list(endless.take(len(x) // 50 + 3).as_numpy_iterator())
-    assert all(batch.dtype == np.uint8 and batch.shape == (50, 64, 64, 3) for batch in first)
-
-
 def test_fixture_images_are_class_specific(tmp_path):
     # The training tests of others rely on classes being learnable: class colours must differ.
     folder = make_tiny_imagenet(tmp_path, train_per_class=4, val_per_class=1, test_images=0, grayscale=0, cmyk=0)

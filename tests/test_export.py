@@ -13,6 +13,8 @@ import pytest
 from tinyopt import ensemble, export
 from tinyopt.errors import TinyoptError
 
+pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlow
+
 CLASSES = [(0, "n01443537", "goldfish, Carassius auratus"), (1, "n01629819", "European fire salamander"),
            (2, "n01641577", "bullfrog, Rana catesbeiana")]
 DESCRIPTION = {"title": "Test model", "what": "A tiny dense classifier.", "how_chosen": "Best of 3 trials.",
@@ -47,7 +49,10 @@ def test_ensemble_bundle_loads_and_predicts_without_tinyopt(tmp_path, members, i
     weights = [0.3, 0.9]
     bundle = _write(tmp_path / "bundle", export.ensemble_model(members, weights))
     assert sorted(p.name for p in bundle.iterdir()) == ["MODEL.md", "classes.tsv", "metrics.json",
-                                                        "model.keras", "params.json"]
+                                                        "model.keras", "params.json", "provenance.json"]
+    provenance = json.loads((bundle / "provenance.json").read_text())
+    assert provenance == {**DESCRIPTION["provenance"], "Keras": keras.__version__,
+                          "Keras backend of the export": keras.backend.backend()}
     np.save(tmp_path / "images.npy", images)
     # tinyopt is made unimportable in the child, and the child runs outside the repository.
     script = ("import sys; sys.modules['tinyopt'] = None\n"

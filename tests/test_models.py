@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,8 @@ from tinyopt import backbones, config, space
 from tinyopt.approaches import get_approach
 from tinyopt.errors import ConfigError, DataError, TrialError, WeightsError
 from tinyopt.imagenet import imagenet_indices
+
+pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlow
 
 WNIDS = sorted(FIXTURE_WNIDS)
 # MobileNet at alpha 0.25 builds in a fraction of a second; ResNet50 only where it matters.
@@ -277,3 +280,45 @@ def test_saved_models_reload_without_tinyopt(tmp_path, shared):
                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"reloaded {len(models)}" in result.stdout
+
+
+CROSS_BACKEND = {
+    "pretrained": {"resize": "bicubic", "input_size": 96, "flip_tta": True, "restrict_200": True},
+    "finetune": {"head_init": "random", "head_width": 16, "resize": "area", "input_size": 80, "augment": "flip_crop",
+                 "trainable_stages": 2},
+    "scratch": {"stages": 3, "width": 8, "blocks": 1, "residual": True, "batch_norm": True, "dropout": 0.3,
+                "augment": "flip_translate"},
+}
+
+
+def test_a_bundle_predicts_the_same_on_the_other_backend(tmp_path):
+    """Every approach's model, exported on this backend, loads and predicts within 1e-4 on the other one."""
+    from tinyopt import export
+
+    this = keras.backend.backend()
+    other = "jax" if this == "tensorflow" else "tensorflow"
+    pytest.importorskip(other, reason=f"the {other} backend is not installed (pip install -e '.[jax]')")
+    images = _images(6, seed=3)
+    np.save(tmp_path / "images.npy", images)
+    expected = {}
+    for approach, override in CROSS_BACKEND.items():
+        keras.utils.set_random_seed(1)
+        model = get_approach(approach).build(_params(approach, **override), model=SMALL, wnids=WNIDS)
+        expected[approach] = model.predict(images, verbose=0)
+        export.write_bundle(tmp_path / approach, model=model, classes=[(i, w, w) for i, w in enumerate(WNIDS)],
+                            params=override, metrics={}, description={"title": approach, "what": "", "how_chosen": ""})
+    script = textwrap.dedent(f"""
+        import json, keras, numpy as np
+        from tinyopt.predict import load_bundle
+        assert keras.backend.backend() == {other!r}
+        for approach in {list(CROSS_BACKEND)!r}:
+            model, _ = load_bundle(approach)
+            np.save(approach + ".npy", model.predict(np.load("images.npy"), verbose=0))
+            print(json.load(open(approach + "/provenance.json"))["Keras backend of the export"])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "KERAS_BACKEND": other})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [this] * len(CROSS_BACKEND)
+    for approach, probs in expected.items():
+        np.testing.assert_allclose(np.load(tmp_path / f"{approach}.npy"), probs, atol=1e-4, err_msg=approach)

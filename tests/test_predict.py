@@ -15,6 +15,8 @@ from tinyopt.cli import cli
 from tinyopt.errors import TinyoptError
 from tinyopt.predict import predict_images
 
+pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlow
+
 CLASSES = [(i, f"n0000000{i}", f"class {i}") for i in range(6)]
 
 

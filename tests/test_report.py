@@ -60,7 +60,8 @@ def _sweep_approach(name: str, storage: str, tracking_uri: str, images: dict, la
         probs = {split: model.predict(images[split], verbose=0) for split in ("selection", "test")}
         final = {f"{split}_{key}": value for split in probs
                  for key, value in scores(probs[split], labels[split]).items()}
-        run = tracker.start_trial(number, params, {"approach": name}, tags={})
+        run = tracker.start_trial(number, params, {"approach": name},
+                                  tags={record.TAG_BACKEND: keras.backend.backend()})
         run.log_predictions({"selection_probs": probs["selection"], "selection_labels": labels["selection"],
                              "test_probs": probs["test"], "test_labels": labels["test"]})
         run.log_text(CLASSES_TSV, "classes.tsv")
@@ -160,6 +161,11 @@ def test_exported_approach_predicts_what_its_trial_recorded(store, tmp_path):
     readme = (tmp_path / "bundle" / "MODEL.md").read_text()
     assert f"trial {best.number}" in readme and best.user_attrs["mlflow_run_id"] in readme
     assert "fine-tuned" in readme and "The best of 3 complete trials (1 pruned, 1 failed)" in readme
+    provenance = json.loads((tmp_path / "bundle" / "provenance.json").read_text())
+    assert provenance["Keras backend of the training"] == provenance["Keras backend of the export"] \
+        == keras.backend.backend()
+    assert provenance["MLflow run"] == best.user_attrs["mlflow_run_id"]
+    assert f"Keras backend of the training: {keras.backend.backend()}" in readme
 
 
 def test_exported_ensemble_is_the_weighted_vote_of_the_kept_models(store, tmp_path):

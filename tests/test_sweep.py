@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import optuna
 import pytest
@@ -32,6 +33,7 @@ def load_study(stores, name):
     return optuna.load_study(study_name=name, storage=stores["storage"])
 
 
+@pytest.mark.backend  # CI runs it under JAX as well as TensorFlow
 @pytest.mark.parametrize("approach", ["scratch", "finetune", "pretrained"])
 def test_sweep_records_every_trial_in_mlflow(approach, stores, tiny_folder, cache_root):
     result = sweep(approach, stores, tiny_folder, cache_root, 2)
@@ -48,6 +50,10 @@ def test_sweep_records_every_trial_in_mlflow(approach, stores, tiny_folder, cach
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert run.data.tags["approach"] == approach and run.data.tags["trial_state"] == "COMPLETE"
         assert run.data.tags["device"] == "cpu"
+        assert run.data.tags["keras_backend"] == keras.backend.backend()
+        assert run.data.tags["precision"] == "float32"  # auto: no mixed precision on a CPU
+        assert run.data.tags["jit_compile"] in ("True", "False") and run.data.tags["eval_batch_size"] == "32"
+        assert not any(key.startswith("system/") for key in run.data.metrics)  # auto: only with a GPU
         assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
         for name, value in trial.params.items():
             assert run.data.params[name] == str(value)
@@ -66,6 +72,21 @@ def test_sweep_records_every_trial_in_mlflow(approach, stores, tiny_folder, cach
     assert study.trials[0].user_attrs["model_kept"]  # the first complete trial is always the best so far
 
 
+def test_gpu_settings_can_be_forced_on_a_cpu(stores, tiny_folder, cache_root, monkeypatch):
+    """MLflow's system metrics, bfloat16 and the automatic evaluation batch, asked for on a CPU."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    sweep("scratch", stores, tiny_folder, cache_root, 1, "train.system_metrics=true",
+          "train.mixed_precision=bfloat16", "train.eval_batch_size=auto", "train.jit_compile=false")
+    client, _, children = runs_of(stores, "scratch")
+    run = children[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["precision"] == "mixed_bfloat16" and run.data.tags["jit_compile"] == "False"
+    assert run.data.tags["eval_batch_size"] == "256"  # auto on a CPU
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    assert np.isfinite(run.data.metrics["selection_top1"])
+
+
+@pytest.mark.backend
 def test_predictions_and_kept_model_reproduce_the_trial(stores, tiny_folder, cache_root):
     import keras
 

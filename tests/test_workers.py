@@ -23,6 +23,7 @@ from sweep_helpers import (
 )
 
 from tinyopt import record, sampling, storage, workers
+from tinyopt.backend import SHARE_ENV
 from tinyopt.errors import TinyoptError
 
 FINISHED = ("COMPLETE", "PRUNED")
@@ -128,8 +129,8 @@ def test_shares_add_up_to_the_trials():
 
 
 @pytest.mark.parametrize("gpus, count, error", [
-    ("0,1", None, None), ("0,1,2", 2, None), ("0,1", 3, "--workers 3 needs 3 GPUs"), ("0,0", None, "distinct"),
-    ("0,", None, "distinct"),
+    ("0,1", None, None), ("0,1,2", 2, None), ("0,1", 3, "--workers 3 needs 3 GPUs"), ("0,0", None, None),
+    ("0,", None, "indices or UUIDs"),
 ])
 def test_gpus_pin_one_worker_each(gpus, count, error):
     if error:
@@ -155,6 +156,23 @@ def test_each_worker_gets_its_gpu_and_its_share_in_processes_of_at_most_n_trials
     for index, share in enumerate(workers.shares(args.trials, args.workers)):
         supervisor.slot(index, share, None)
     assert started == [(0, 2, "0"), (0, 1, "0"), (1, 2, "1")]
+
+
+def test_workers_listed_on_one_gpu_know_they_share_it(monkeypatch):
+    """--gpus 0,0,1: the two workers of GPU 0 are told they share it (tinyopt.backend splits its memory)."""
+    args = workers.SweepArgs("scratch", trials=3, workers=3, gpus=["0", "0", "1"])
+    supervisor = workers._Supervisor(args, print)
+    seen = []
+
+    def run(index, command, env):
+        seen.append((env["CUDA_VISIBLE_DEVICES"], env[SHARE_ENV]))
+        return 2000 + index, 0
+
+    supervisor._run = run
+    monkeypatch.setattr(workers, "_trials_of", lambda study, pids: 1)
+    for index in range(3):
+        supervisor.slot(index, 1, None)
+    assert seen == [("0", "2"), ("0", "2"), ("1", "1")]
 
 
 def test_each_trial_draws_from_its_own_seed():

@@ -167,7 +167,17 @@ class Features:
 
 
 def _interpolation_matrix(method: str, source: int, size: int) -> np.ndarray:
-    """The (source, size) matrix that resizes one axis, taken from Keras' own resize of one-hot columns."""
+    """The (source, size) matrix that resizes one axis, taken from Keras' own resize of one-hot columns.
+
+    ``area`` is computed here (each output pixel averages the input it covers, as TensorFlow's
+    ResizeArea does), because ``keras.ops.image.resize`` offers it on TensorFlow only.
+    """
+    if method == "area":
+        scale = source / size
+        starts = np.arange(size) * scale
+        pixels = np.arange(source)[:, None]
+        overlap = np.minimum(pixels + 1, starts + scale) - np.maximum(pixels, starts)
+        return (np.clip(overlap, 0, None) / scale).astype(np.float32)
     one_hot = np.eye(source, dtype=np.float32).reshape(source, source, 1, 1)
     resized = keras.ops.image.resize(one_hot, (size, 1), interpolation=method)
     return keras.ops.convert_to_numpy(resized).reshape(source, size)

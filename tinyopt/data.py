@@ -1,4 +1,4 @@
-"""Tiny ImageNet as a verified, memory-mappable uint8 cache: prepare once, load fast, feed tf.data.
+"""Tiny ImageNet as a verified, memory-mappable uint8 cache: prepare once, load fast.
 
 A cache folder holds::
 
@@ -40,7 +40,7 @@ from tinyopt.fetch import DEFAULT_URL, OFFICIAL_MD5, SourceTree
 from tinyopt.locks import file_lock
 
 __all__ = ["DEFAULT_URL", "OFFICIAL_MD5", "SPLITS", "ClassInfo", "default_cache_dir", "prepare", "info",
-           "load_split", "load_classes", "stratified_subset", "make_dataset"]
+           "load_split", "load_classes", "stratified_subset"]
 
 SPLITS = ("train", "selection", "test")
 IMAGE_SHAPE = (64, 64, 3)
@@ -457,40 +457,3 @@ def stratified_subset(y: np.ndarray, *, per_class: int = 0, fraction: float = 1.
             keep = min(keep, per_class)
         chosen.append(rng.choice(members, size=keep, replace=False))
     return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, np.int64)
-
-
-def make_dataset(x: np.ndarray, y: np.ndarray | None = None, *, batch_size: int, shuffle: bool = False,
-                 seed: int = 0, repeat: bool = False):
-    """A ``tf.data`` pipeline of uint8 image batches (with int64 labels when ``y`` is given).
-
-    Only indices flow through tf.data; each batch is gathered from ``x`` (typically a memory map)
-    in numpy, so the dataset is never copied into the graph and images stay uint8 until the model.
-
-    Args:
-        x: uint8 images (N, H, W, C), e.g. from ``load_split``.
-        y: labels (N,), or None for images only.
-        batch_size: images per batch; the last batch of an epoch may be smaller.
-        shuffle: reshuffle the order every epoch.
-        seed: seed of the shuffle.
-        repeat: repeat forever (for ``steps_per_epoch``).
-
-    Returns:
-        A prefetching ``tf.data.Dataset`` of ``images`` or ``(images, labels)`` batches.
-    """
-    import tensorflow as tf
-
-    if y is not None and len(y) != len(x):
-        raise ValueError(f"x has {len(x)} images but y has {len(y)} labels")
-    labels = None if y is None else tf.constant(np.asarray(y, dtype=np.int64))
-    indices = tf.data.Dataset.range(len(x))
-    if shuffle:
-        indices = indices.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        indices = indices.repeat()
-
-    def gather(batch):
-        images = tf.numpy_function(lambda rows: x[rows], [batch], tf.uint8, stateful=False)
-        images.set_shape((None, *x.shape[1:]))
-        return images if labels is None else (images, tf.gather(labels, batch))
-
-    return indices.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

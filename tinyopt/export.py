@@ -1,8 +1,10 @@
 """Self-contained model bundles: a folder a person can ship, loadable without tinyopt.
 
 A bundle holds ``model.keras`` (raw uint8 images in, class probabilities out, preprocessing
-inside), ``classes.tsv`` (index, wnid, name in output order), ``params.json``, ``metrics.json`` and
-``MODEL.md``. Keras is imported inside the functions that need it.
+inside), ``classes.tsv`` (index, wnid, name in output order), ``params.json``, ``metrics.json``,
+``provenance.json`` (where it came from, and the Keras version and backend that wrote it) and
+``MODEL.md``. ``model.keras`` holds no backend-specific code: it loads on TensorFlow or JAX alike.
+Keras is imported inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ CLASSES_FILE = "classes.tsv"
 PARAMS_FILE = "params.json"
 METRICS_FILE = "metrics.json"
 README_FILE = "MODEL.md"
+PROVENANCE_FILE = "provenance.json"
 _CLASSES_HEADER = ["index", "wnid", "name"]
 
 
@@ -111,7 +114,8 @@ def write_bundle(dst: str | Path, *, model: Any, classes: Sequence[Sequence[Any]
         params: the hyperparameters of the trial that produced the model.
         metrics: its scores, e.g. ``selection_top1``, ``test_top1``.
         description: ``title``, ``what`` (what the model is) and ``how_chosen`` for MODEL.md, and
-            optionally ``provenance`` (a mapping, e.g. study, trial, MLflow run id).
+            optionally ``provenance`` (a mapping, e.g. study, trial, MLflow run id), to which the
+            Keras version and backend of this export are added.
         overwrite: replace a non-empty ``dst``.
 
     Returns:
@@ -126,10 +130,18 @@ def write_bundle(dst: str | Path, *, model: Any, classes: Sequence[Sequence[Any]
     n_outputs = model.outputs[0].shape[-1]
     if n_outputs != len(classes):
         raise TinyoptError(f"the model outputs {n_outputs} probabilities but {len(classes)} classes were given")
+    import keras
+
+    from tinyopt import backend
+
+    provenance = {**(description.get("provenance") or {}), "Keras": keras.__version__,
+                  "Keras backend of the export": backend.name()}
+    description = {**description, "provenance": provenance}
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
         model.save(staging / MODEL_FILE)
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         write_classes(staging / CLASSES_FILE, classes)
         (staging / PARAMS_FILE).write_text(json.dumps(dict(params), indent=2, sort_keys=True) + "\n")
         (staging / METRICS_FILE).write_text(json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")
@@ -238,7 +250,8 @@ def export_best(summary: StudySummary, dst: str | Path, *, storage_url: str, tra
                 raise StudyError(f"{where} votes with {', '.join(lost)}, whose model was not kept (only a trial "
                                  "that was its study's best when it finished keeps its model); export cannot "
                                  "rebuild it: sweep the ensemble with ensemble.top_k=1")
-            classes = _run_classes([m.run_id for m in members], tracking_uri, Path(tmp))
+            run_ids = [m.run_id for m in members]
+            classes = _run_classes(run_ids, tracking_uri, Path(tmp))
             model = ensemble_model([_run_model(m.run_id, tracking_uri, Path(tmp)) for m in members], weights)
             params = {"members": _member_params(best.members, storage_url)}
             what = (f"A weighted soft vote of {len(members)} models, each taking the same images: "
@@ -248,7 +261,8 @@ def export_best(summary: StudySummary, dst: str | Path, *, storage_url: str, tra
                 raise StudyError(f"{where} did not keep its model (MLflow run {best.run_id}); only a trial that "
                                  "was its study's best when it finished keeps one. Retrain it by sweeping "
                                  "again, or export another study")
-            classes = _run_classes([best.run_id], tracking_uri, Path(tmp))
+            run_ids = [best.run_id]
+            classes = _run_classes(run_ids, tracking_uri, Path(tmp))
             model = _run_model(best.run_id, tracking_uri, Path(tmp))
             params = best.params
             what = _WHAT.get(summary.approach, f"A model of the {summary.approach} approach.")
@@ -261,10 +275,19 @@ def export_best(summary: StudySummary, dst: str | Path, *, storage_url: str, tra
                            "stratified slice of the training images held out from training."),
             "provenance": {"Optuna storage": redact(storage_url), "study": summary.name, "trial": best.number,
                            "objective value": f"{best.value:.4f}", "MLflow tracking URI": redact(tracking_uri),
-                           "MLflow run": best.run_id},
+                           "MLflow run": best.run_id,
+                           "Keras backend of the training": _trained_with(run_ids, tracking_uri)},
         }
         return write_bundle(dst, model=model, classes=classes, params=params, metrics=best.scores,
                             description=description, overwrite=overwrite)
+
+
+def _trained_with(run_ids: Sequence[str], tracking_uri: str) -> str:
+    """The Keras backend(s) the runs' models were trained with, from their tags."""
+    from tinyopt import tracking
+
+    found = {tracking.get_run(r, tracking_uri).data.tags.get(record.TAG_BACKEND, "unknown") for r in run_ids}
+    return ", ".join(sorted(found))
 
 
 def _run_model(run_id: str, tracking_uri: str, tmp: Path) -> Any:

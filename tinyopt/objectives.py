@@ -7,7 +7,6 @@ MLflow run, and leaves behind the selection and test probabilities the ensemble 
 
 from __future__ import annotations
 
-import gc
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tinyopt import record, recovery, signals
+from tinyopt import backend, record, recovery, signals
 from tinyopt import space as search_space
 from tinyopt.errors import TinyoptError, TrialError
 from tinyopt.metrics import scores
@@ -101,8 +100,9 @@ class TrackedObjective:
         params = self.choose(trial)
         trial.set_user_attr(record.PARAMS, params)
         run = self.tracker.start_trial(trial.number, params, self.config,
-                                       tags={record.TAG_DEVICE: self.device,
-                                             record.TAG_WORKER: f"{worker['host']}:{worker['pid']}"})
+                                       tags={record.TAG_DEVICE: self.device, record.TAG_BACKEND: backend.name(),
+                                             record.TAG_WORKER: f"{worker['host']}:{worker['pid']}"},
+                                       system_metrics=system_metrics(self.config, self.device))
         trial.set_user_attr(record.RUN_ID, run.run_id)
         started = time.perf_counter()
         try:
@@ -164,24 +164,29 @@ class ModelObjective(TrackedObjective):
         return int(params.get("epochs", 0)) if self.approach.TRAINS else 0
 
     def evaluate(self, trial, params: dict[str, Any], run) -> float:
-        import keras
-
         # A fresh graph per trial: without it layers and memory pile up across trials.
-        keras.backend.clear_session(free_memory=True)
-        gc.collect()
-        keras.utils.set_random_seed(self.seed + trial.number)
+        backend.free_memory()
+        backend.reset_peak_memory()
+        backend.seed(self.seed + trial.number)
         return self._run(trial, params, run)
 
     def _run(self, trial, params: dict[str, Any], run) -> float:
-        from tinyopt.training import set_precision
+        from tinyopt.training import eval_batch_size, set_precision
 
         train_cfg = self.config.get("train", {})
-        set_precision(train_cfg.get("mixed_precision", "auto"))
+        policy = set_precision(train_cfg.get("mixed_precision", "auto"))
         model = self.approach.build(params, model=self.config.get("model", {}), wnids=self.data.wnids)
+        jit_compile = train_cfg.get("jit_compile", "auto")
+        if jit_compile != "auto":
+            model.jit_compile = jit_compile  # for predict; compile() sets it again for training
+        batch = eval_batch_size(model, train_cfg.get("eval_batch_size", "auto"), self.device)
         history: dict[str, list[float]] = {}
         if self.approach.TRAINS:
-            history = self._fit(trial, model, params, run)
-        batch = int(train_cfg.get("eval_batch_size", 128))
+            history = self._fit(trial, model, params, run, batch)
+        # What ran, not what was asked: Keras turns XLA off for a model with a layer that cannot be
+        # compiled (RandomTranslation and RandomZoom, under JAX), with a warning only.
+        run.set_tags({record.TAG_PRECISION: policy, record.TAG_JIT_COMPILE: str(model.jit_compile),
+                      record.TAG_EVAL_BATCH: batch})
         results: dict[str, Any] = {}
         arrays: dict[str, np.ndarray] = {}
         for split in ("selection", "test"):
@@ -200,6 +205,9 @@ class ModelObjective(TrackedObjective):
             value = results["selection"]["top1"]
         final = {f"{split}_{name}": v for split, r in results.items() for name, v in r.items()}
         run.log_metrics(final, step=len(history.get("loss", [])))
+        peak = backend.peak_memory()
+        if peak is not None:
+            run.log_metrics({record.PEAK_GPU_MEMORY: peak / 2**20})
         run.log_predictions(arrays)
         run.log_text(_classes_tsv(self.data.classes), record.CLASSES_FILE)
         if history:
@@ -212,19 +220,19 @@ class ModelObjective(TrackedObjective):
         trial.set_user_attr(record.MODEL_KEPT, kept)
         return value
 
-    def _fit(self, trial, model, params: dict[str, Any], run) -> dict[str, list[float]]:
+    def _fit(self, trial, model, params: dict[str, Any], run, eval_batch: int) -> dict[str, list[float]]:
         import keras
 
-        from tinyopt import data
+        from tinyopt.batches import make_dataset
         from tinyopt.training import compile_model, lr_at_epoch
 
-        compile_model(model, params)
         train_cfg = self.config.get("train", {})
+        compile_model(model, params, train_cfg.get("jit_compile", "auto"))
         x, y = self.data.splits["train"]
         sx, sy = self.data.splits["selection"]
         batch = int(params["batch_size"])
-        train = data.make_dataset(x, y, batch_size=batch, shuffle=True, seed=self.seed + trial.number)
-        selection = data.make_dataset(sx, sy, batch_size=int(train_cfg.get("eval_batch_size", 128)))
+        train = make_dataset(x, y, batch_size=batch, shuffle=True, seed=self.seed + trial.number)
+        selection = make_dataset(sx, sy, batch_size=eval_batch)
         callbacks = [
             keras.callbacks.LearningRateScheduler(lr_at_epoch(params)),
             keras.callbacks.TerminateOnNaN(),
@@ -239,6 +247,12 @@ class ModelObjective(TrackedObjective):
             raise TrialError(f"loss became NaN/inf at epoch {len(history['loss'])} "
                              f"(learning_rate={params['learning_rate']:.3g}); the search will try others")
         return history
+
+
+def system_metrics(config: dict[str, Any], device: str) -> bool:
+    """Whether trial runs log MLflow's system metrics: ``train.system_metrics``, ``auto`` meaning with a GPU."""
+    setting = config.get("train", {}).get("system_metrics", "auto")
+    return device != "cpu" if setting == "auto" else bool(setting)
 
 
 def _trial_callback(trial, run, events: Events, train_images: int):
@@ -282,9 +296,9 @@ def _reason(err: BaseException) -> str:
 
 
 def _predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    from tinyopt import data
+    from tinyopt.batches import make_dataset
 
-    return np.asarray(model.predict(data.make_dataset(images, batch_size=batch_size), verbose=0))
+    return np.asarray(model.predict(make_dataset(images, batch_size=batch_size), verbose=0))
 
 
 def _beats_best(trial, value: float) -> bool:

@@ -29,8 +29,15 @@ TAG_STUDY = "study"
 TAG_TRIAL_NUMBER = "trial_number"
 TAG_TRIAL_STATE = "trial_state"
 TAG_DEVICE = "device"
+TAG_BACKEND = "keras_backend"
+TAG_PRECISION = "precision"  # the Keras dtype policy, e.g. mixed_bfloat16
+TAG_JIT_COMPILE = "jit_compile"
+TAG_EVAL_BATCH = "eval_batch_size"
 TAG_WORKER = "worker"
 TAG_PARENT = "tinyopt.parent"
+
+# MLflow metrics of a trial's run that are not scores.
+PEAK_GPU_MEMORY = "peak_gpu_memory_mb"
 
 # MLflow artifacts of a trial's run.
 PREDICTIONS = "predictions.npz"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tinyopt import record, signals
+from tinyopt import backend, record, signals
 from tinyopt import space as search_space
 from tinyopt import storage as storages
 from tinyopt.config import load_config
@@ -67,6 +67,9 @@ def prepare(approach: str, *, study_name: str | None = None, config_path: str | 
             or too few ensemble members.
     """
     config = load_config(approach, config_path, overrides)
+    if approach != "ensemble":
+        backend.check()
+        backend.set_gpu_memory(config["train"]["gpu_memory"])
     storages.check(storage)
     from tinyopt import tracking  # mlflow: after the config, whose mistakes are found in a blink
 
@@ -76,8 +79,6 @@ def prepare(approach: str, *, study_name: str | None = None, config_path: str | 
 
         return Prepared(config, prepare_search(study_name or approach, config, storage, tracking_uri), "cpu (numpy)")
     data = load_sweep_data(config, source, cache_dir, progress)
-    from tinyopt import backend
-
     device = backend.load()
     if "backbone" in config.get("model", {}):
         from tinyopt import backbones
@@ -172,7 +173,8 @@ def open_sweep(approach: str, name: str, config: dict[str, Any], *, storage: str
             study.enqueue_trial(search_space.searched(config["space"], defaults))
         study.set_user_attr(record.CONFIG, config)
         study.set_user_attr(record.EXPERIMENT_ID, tracker.experiment_id)
-        parent = tracker.start_sweep(config, tags={"storage": redact(storage)}, reopen=owner)
+        parent = tracker.start_sweep(config, tags={"storage": redact(storage), record.TAG_BACKEND: backend.name()},
+                                     reopen=owner)
         study.set_user_attr(record.PARENT_RUN_ID, parent)
         recovered = recovery.recover(study, opened, tracker)
     return Session(study, opened, url, tracker, recovered)
@@ -227,7 +229,8 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
         objective = None
         status, stopped, all_failed = "FAILED", None, False
         try:
-            events.sweep_started(prepared.device, session.recovered)
+            shown = prepared.device if approach == "ensemble" else f"{prepared.device} (Keras {backend.name()} backend)"
+            events.sweep_started(shown, session.recovered)
             if approach == "ensemble":
                 from tinyopt.ensemble import EnsembleObjective
 

@@ -22,7 +22,8 @@ RESIZE_METHODS = ("bilinear", "bicubic", "area", "zeropad")
 HEAD_INITS = ("pretrained", "random")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
-PRECISIONS = ("auto", "on", "off")
+PRECISIONS = ("auto", "bfloat16", "float16", "off")
+GPU_MEMORY = ("grow", "preallocate")
 ENSEMBLE_OBJECTIVES = ("top1", "log_loss")
 MIN_INPUT_SIZE = 32  # the smallest input keras.applications models accept
 
@@ -59,20 +60,42 @@ class Range:
         return f"in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
 
 
+@dataclass(frozen=True)
+class AutoOr:
+    """``"auto"`` (tinyopt decides from the device), or a value of type ``kind`` within ``rule``."""
+
+    kind: type
+    rule: Range | None = None
+
+    def allows(self, value: Any) -> bool:
+        if value == "auto":
+            return True
+        if not isinstance(value, self.kind) or (isinstance(value, bool) and self.kind is not bool):
+            return False
+        return self.rule is None or value in self.rule
+
+    def __str__(self) -> str:
+        kind = _noun(self.kind())
+        return f'"auto" or {kind}' + (f" {self.rule}" if self.rule else "")
+
+
 _FRACTION = Range(0, 1, open_high=True)
 _POSITIVE = Range(0, open_low=True)
 
 # The names or numbers each setting allows, by dotted key; a key of no rule takes any value of its type.
 # In [space] a rule applies to a fixed value and to every number or choice of a search distribution.
-RULES: dict[str, tuple[Any, ...] | Range] = {
+RULES: dict[str, tuple[Any, ...] | Range | AutoOr] = {
     "data.train_per_class": Range(0),
     "data.selection_per_class": Range(0),
     "data.test_per_class": Range(0),
     "model.backbone": BACKBONES,
     "model.alpha": _POSITIVE,
     "model.weights_resolution": Range(MIN_INPUT_SIZE),
-    "train.eval_batch_size": Range(1),
+    "train.eval_batch_size": AutoOr(int, Range(1)),
     "train.mixed_precision": PRECISIONS,
+    "train.jit_compile": AutoOr(bool),
+    "train.gpu_memory": GPU_MEMORY,
+    "train.system_metrics": AutoOr(bool),
     "train.early_stopping_patience": Range(0),
     "study.sampler": SAMPLERS,
     "study.n_startup_trials": Range(0),
@@ -129,6 +152,8 @@ def describe(key: str, like: Any) -> str:
     rule = RULES.get(key)
     if isinstance(rule, tuple):
         return f"one of {', '.join(map(str, rule))}"
+    if isinstance(rule, AutoOr):
+        return str(rule)
     noun = f"a non-empty list, each {_noun(like[0])}" if isinstance(like, list) else _noun(like)
     return f"{noun} {rule}" if rule else noun
 
@@ -147,10 +172,14 @@ def check(key: str, value: Any, like: Any, *, where: str = "", searchable: bool 
         ConfigError: ``<where>: got <value> [(its type)]; expected <what the setting allows>``.
     """
     expected = describe(key, like) + (", or a search distribution of them" if searchable else "")
+    rule = RULES.get(key)
+    if isinstance(rule, AutoOr):
+        if not rule.allows(value):
+            raise ConfigError(f"{where or key}: got {value!r}; expected {expected}")
+        return
     if not same_type(value, like):
         received = "" if _noun(value) == _noun(like) else f" ({_noun(value)})"  # an empty list is still a list
         raise ConfigError(f"{where or key}: got {value!r}{received}; expected {expected}")
-    rule = RULES.get(key)
     if rule is not None and value not in rule:
         raise ConfigError(f"{where or key}: got {value!r}; expected {expected}")
 

@@ -191,8 +191,13 @@ class Tracker:
             TrialRun(self.client, run_id).end("FAIL", reason)
 
     def start_trial(self, number: int, params: dict[str, Any], config: dict[str, Any],
-                    tags: dict[str, str]) -> TrialRun:
-        """Create the nested run of one trial with its params and resolved config."""
+                    tags: dict[str, str], *, system_metrics: bool = False) -> TrialRun:
+        """Create the nested run of one trial with its params and resolved config.
+
+        With ``system_metrics``, MLflow samples GPU utilisation and memory, CPU and RAM into the run
+        (``system/...`` metrics, every ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds, 10 by
+        default) until it ends.
+        """
         run = self.client.create_run(
             self.experiment_id, run_name=f"{self.study_name}#{number}",
             tags={"mlflow.parentRunId": self.parent_run_id or "", record.TAG_APPROACH: self.approach,
@@ -202,6 +207,12 @@ class Tracker:
         trial_run = TrialRun(self.client, run.info.run_id)
         trial_run.log_params({**params, **_flatten(config, "config.")})
         self.client.log_dict(run.info.run_id, config, record.CONFIG_FILE)
+        if system_metrics:
+            # Imported here: it needs psutil (and pynvml for GPUs), which a CPU sweep can do without.
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            trial_run.monitor = SystemMetricsMonitor(run.info.run_id, tracking_uri=self.tracking_uri)
+            trial_run.monitor.start()
         return trial_run
 
 
@@ -212,6 +223,7 @@ class TrialRun:
     def __init__(self, client: MlflowClient, run_id: str):
         self.client = client
         self.run_id = run_id
+        self.monitor: Any = None  # an MLflow SystemMetricsMonitor while it samples
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:_PARAM_LIMIT]) for k, v in params.items()]
@@ -245,6 +257,9 @@ class TrialRun:
 
     def end(self, state: str, reason: str | None = None) -> None:
         """Close the run with the status that matches the Optuna trial state."""
+        if self.monitor is not None:
+            self.monitor.finish()  # its last samples belong to the run, so before it closes
+            self.monitor = None
         tags = {record.TAG_TRIAL_STATE: state}
         if reason:
             tags[record.FAIL_REASON] = reason[:5000]

@@ -11,9 +11,16 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from tinyopt.backend import device_name
+import numpy as np
+
+from tinyopt import backend
 from tinyopt.errors import ConfigError
 from tinyopt.schema import DECAYS, OPTIMIZERS, PRECISIONS
+
+# train.eval_batch_size = "auto": a CPU gains nothing from larger batches, only memory use; a GPU
+# starts here and halves until a batch fits (ResNet50 at 224 px fits 1024 in 16 GB in bfloat16).
+AUTO_EVAL_BATCH_CPU = 256
+AUTO_EVAL_BATCH_GPU = 1024
 
 
 def lr_at_epoch(params: dict[str, Any]) -> Callable[[int], float]:
@@ -86,8 +93,12 @@ def make_loss(label_smoothing: float):
     return smoothed_sparse_crossentropy
 
 
-def compile_model(model, params: dict[str, Any]) -> None:
-    """Compile with the trial's optimizer and loss; metrics are top-1 ``accuracy`` and ``top5``."""
+def compile_model(model, params: dict[str, Any], jit_compile: str | bool = "auto") -> None:
+    """Compile with the trial's optimizer and loss; metrics are top-1 ``accuracy`` and ``top5``.
+
+    ``jit_compile`` is ``train.jit_compile``: ``auto`` lets Keras decide (XLA with a GPU, and always
+    on JAX, whose only alternative is op-by-op execution).
+    """
     import keras
 
     model.compile(
@@ -95,19 +106,67 @@ def compile_model(model, params: dict[str, Any]) -> None:
         loss=make_loss(float(params.get("label_smoothing", 0.0))),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
                  keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5")],
+        jit_compile=jit_compile,
     )
 
 
-def set_precision(setting: str) -> str:
-    """Apply ``train.mixed_precision`` (auto|on|off) globally and return the policy name in force.
+def precision_policy(setting: str, device: str, capability: float | None) -> str:
+    """The Keras dtype policy ``train.mixed_precision`` (auto|bfloat16|float16|off) means on a device.
 
-    ``auto`` turns mixed float16 on only where a GPU is present: on a CPU it is slower.
+    ``auto`` is off on a CPU (mixed precision is slower there), bfloat16 on GPUs that compute in it
+    (compute capability 8.0 and up: A100, H100) and float16 on older ones, whose loss Keras scales
+    (``compile`` wraps the optimizer in a ``LossScaleOptimizer`` under ``mixed_float16``).
     """
-    import keras
-
     if setting not in PRECISIONS:
         raise ConfigError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)}, got {setting!r}")
-    mixed = setting == "on" or (setting == "auto" and device_name() != "cpu")
-    policy = "mixed_float16" if mixed else "float32"
+    if setting == "bfloat16":
+        return "mixed_bfloat16"
+    if setting == "float16":
+        return "mixed_float16"
+    if setting == "off" or device == "cpu":
+        return "float32"
+    return "mixed_bfloat16" if (capability or 0.0) >= 8.0 else "mixed_float16"
+
+
+def set_precision(setting: str) -> str:
+    """Apply ``train.mixed_precision`` globally on this device; return the policy name in force."""
+    import keras
+
+    policy = precision_policy(setting, backend.device_name(), backend.compute_capability())
     keras.mixed_precision.set_global_policy(policy)
     return policy
+
+
+def largest_fitting(attempt: Callable[[int], Any], start: int) -> int:
+    """The first of ``start``, ``start // 2``, ... down to 1 for which ``attempt(size)`` does not run out of memory.
+
+    Raises:
+        Whatever ``attempt`` raises other than running out of device memory, or that at size 1.
+    """
+    size = start
+    while True:
+        try:
+            attempt(size)
+            return size
+        except Exception as err:  # noqa: BLE001 - only out-of-memory is retried; the rest is re-raised
+            if size == 1 or not backend.is_out_of_memory(err):
+                raise
+            size //= 2
+
+
+def eval_batch_size(model, setting: int | str, device: str) -> int:
+    """``train.eval_batch_size`` for this model: the number given, or for ``auto`` what fits the device.
+
+    On a GPU, ``auto`` predicts one batch of blank images at ``AUTO_EVAL_BATCH_GPU``, halving it until
+    it fits; that batch shape is then compiled already for the evaluations that follow.
+    """
+    if setting != "auto":
+        return int(setting)
+    if device == "cpu":
+        return AUTO_EVAL_BATCH_CPU
+    shape, dtype = tuple(model.inputs[0].shape[1:]), model.inputs[0].dtype
+
+    def attempt(size: int) -> None:
+        model.predict(np.zeros((size, *shape), dtype=dtype), batch_size=size, verbose=0)
+
+    return largest_fitting(attempt, AUTO_EVAL_BATCH_GPU)

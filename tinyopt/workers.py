@@ -25,6 +25,7 @@ from typing import Any
 
 from tinyopt import record, runner, signals
 from tinyopt import storage as storages
+from tinyopt.backend import SHARE_ENV
 from tinyopt.errors import TinyoptError
 
 
@@ -61,20 +62,23 @@ def shares(trials: int | None, workers: int) -> list[int | None]:
 
 
 def parse_gpus(text: str | None, workers: int | None) -> tuple[list[str], int]:
-    """The GPUs of ``--gpus 0,1`` and the worker count they allow (one worker per GPU).
+    """The GPU of each worker from ``--gpus 0,1`` and the worker count they allow (one worker per entry).
+
+    A GPU listed twice (``--gpus 0,0``) runs two workers that share it (see ``train.gpu_memory``).
 
     Raises:
-        TinyoptError: an empty or repeated GPU id, or more workers than GPUs.
+        TinyoptError: an empty GPU id, or more workers than entries.
     """
     if not text:
         return [], workers or 1
     gpus = [item.strip() for item in text.split(",")]
-    if any(not gpu for gpu in gpus) or len(set(gpus)) != len(gpus):
-        raise TinyoptError(f"--gpus {text!r} must list distinct GPU indices or UUIDs separated by commas, e.g. 0,1")
+    if any(not gpu for gpu in gpus):
+        raise TinyoptError(f"--gpus {text!r} must list GPU indices or UUIDs separated by commas, e.g. 0,1 "
+                           "(a GPU listed twice runs two workers on it)")
     workers = workers or len(gpus)
     if workers > len(gpus):
         raise TinyoptError(f"--workers {workers} needs {workers} GPUs but --gpus lists {len(gpus)} ({text}); "
-                           "list more GPUs or lower --workers (one worker per GPU)")
+                           "list more GPUs, list a GPU twice to run two workers on it, or lower --workers")
     return gpus[:workers], workers
 
 
@@ -118,7 +122,9 @@ class _Supervisor:
         per_process = self.args.trials_per_process
         env = dict(os.environ)
         if self.args.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = self.args.gpus[index]
+            gpu = self.args.gpus[index]
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+            env[SHARE_ENV] = str(self.args.gpus.count(gpu))
         remaining = trials
         while remaining is None or remaining > 0:
             left = deadline - time.monotonic() if deadline is not None else None

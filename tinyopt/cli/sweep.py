@@ -78,7 +78,8 @@ def _trial_line(number: int, state: str, value: float | None, reason: str | None
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes on this machine sharing the study (default 1, or one per --gpus).")
 @click.option("--gpus", default=None, metavar="IDS",
-              help="Pin one worker per GPU, e.g. --gpus 0,1 (sets CUDA_VISIBLE_DEVICES of each worker).")
+              help="Pin one worker per GPU listed, e.g. --gpus 0,1 (sets each worker's CUDA_VISIBLE_DEVICES); "
+                   "--gpus 0,0 runs two workers sharing GPU 0.")
 @click.option("--trials-per-process", type=click.IntRange(min=0), default=0, show_default=True,
               help="Run each worker's trials in fresh processes of at most N trials (0: all in one). "
                    "TensorFlow keeps memory per trained model, so this bounds a long sweep's memory.")

@@ -1,0 +1,201 @@
+"""Feeding Keras (``tinyopt.batches``): tf.data and ArrayBatches give the same batches.
+
+Under the TensorFlow backend make_dataset is tf.data and ArrayBatches is tested beside it; under any other
+backend both are ArrayBatches. CI runs this file under both backends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tinyopt import batches as feeding
+from tinyopt import data
+
+pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlow
+
+BUILDERS = ["make_dataset", "ArrayBatches"]
+NUMBERED = 203  # a prime: every batch size below leaves a partial last batch
+
+
+@pytest.fixture
+def numbered(tmp_path) -> tuple[np.ndarray, np.ndarray]:
+    """A memory map of distinct random uint8 images, each labelled with its own row number."""
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (NUMBERED, 8, 8, 3), dtype=np.uint8))
+    return np.load(tmp_path / "x.npy", mmap_mode="r"), np.arange(NUMBERED)
+
+
+def _batches(dataset, count: int | None = None) -> list:
+    """One pass (the first ``count`` batches) over a tf.data dataset or an ArrayBatches, as numpy batches."""
+    return list(itertools.islice(dataset.as_numpy_iterator(), count))
+
+
+def _joined(batches: list) -> tuple[np.ndarray, np.ndarray]:
+    """The images and the labels of ``(images, labels)`` batches, each concatenated."""
+    images, labels = zip(*batches, strict=True)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _epoch(dataset) -> tuple[np.ndarray, np.ndarray]:
+    return _joined(_batches(dataset))
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_batches_are_uint8_in_order_with_their_labels(builder, tiny_cache):
+    x, y = data.load_split("train", tiny_cache)
+    batches = _batches(getattr(feeding, builder)(x, y, batch_size=32))
+    assert [len(images) for images, _ in batches] == [32] * (len(x) // 32) + [len(x) % 32]
+    assert all(images.dtype == np.uint8 and labels.dtype == np.int64 for images, labels in batches)
+    images, labels = _joined(batches)
+    assert images.shape == x.shape
+    np.testing.assert_array_equal(images, x)
+    np.testing.assert_array_equal(labels, y)
+    only_images = _batches(getattr(feeding, builder)(x, batch_size=32))
+    assert all(isinstance(batch, np.ndarray) for batch in only_images)
+    np.testing.assert_array_equal(np.concatenate(only_images), x)
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_shuffle_reorders_every_epoch_by_seed_and_keeps_each_label_with_its_image(builder, numbered):
+    x, y = numbered
+    shuffled = getattr(feeding, builder)(x, y, batch_size=32, shuffle=True, seed=1)
+    epochs = [_epoch(shuffled) for _ in range(2)]
+    for images, labels in epochs:
+        np.testing.assert_array_equal(np.sort(labels), y)  # every image exactly once
+        np.testing.assert_array_equal(images, x[labels])  # each with its own label
+    assert not np.array_equal(epochs[0][1], y)
+    assert not np.array_equal(epochs[0][1], epochs[1][1])  # reshuffled every epoch
+    again = getattr(feeding, builder)(x, y, batch_size=32, shuffle=True, seed=1)
+    assert all(np.array_equal(_epoch(again)[1], labels) for _, labels in epochs)  # the same epochs, in turn
+    other = getattr(feeding, builder)(x, y, batch_size=32, shuffle=True, seed=2)
+    assert not np.array_equal(_epoch(other)[1], epochs[0][1])
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_repeat_is_endless_full_batches_running_across_epochs(builder, shuffle, numbered):
+    x, y = numbered
+    endless = getattr(feeding, builder)(x, y, batch_size=50, shuffle=shuffle, repeat=True)
+    batches = _batches(endless, 3 * NUMBERED // 50 + 1)
+    assert all(len(images) == len(labels) == 50 for images, labels in batches)
+    images, labels = _joined(batches)
+    np.testing.assert_array_equal(images, x[labels])
+    epochs = labels[:3 * NUMBERED].reshape(3, NUMBERED)
+    for epoch in epochs:
+        np.testing.assert_array_equal(np.sort(epoch), y)
+    assert np.array_equal(epochs[0], epochs[1]) != shuffle
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
+@pytest.mark.parametrize(("x", "y", "kwargs"), [
+    (np.zeros((3, 8, 8, 3), np.uint8), np.zeros(2), {"batch_size": 2}),
+    (np.zeros((3, 8, 8, 3), np.uint8), None, {"batch_size": 0}),
+    (np.zeros((0, 8, 8, 3), np.uint8), None, {"batch_size": 2, "repeat": True}),
+], ids=["labels-mismatch", "no-batch", "endless-nothing"])
+def test_bad_batching_is_refused(builder, x, y, kwargs):
+    with pytest.raises(ValueError):
+        getattr(feeding, builder)(x, y, **kwargs)
+
+
+def test_array_batches_sizes_and_random_access(numbered):
+    x, y = numbered
+    batches = feeding.ArrayBatches(x, y, batch_size=50, shuffle=True, seed=3)
+    assert len(batches) == batches.num_batches == 5
+    in_order = [batches[i] for i in range(5)]
+    for i in (3, 0, 4, 1, 2):  # out of order, as Keras reads batches when fit(shuffle=True)
+        np.testing.assert_array_equal(batches[i][1], in_order[i][1])
+    assert [len(labels) for _, labels in in_order] == [50, 50, 50, 50, 3]
+    looped = list(batches)  # the same epoch, which a finished loop ends
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(looped, in_order, strict=True))
+    assert not np.array_equal(batches[0][1], in_order[0][1])
+    with pytest.raises(IndexError):
+        batches[5]
+    endless = feeding.ArrayBatches(x, y, batch_size=50, repeat=True)
+    assert endless.num_batches is None
+    with pytest.raises(TypeError):
+        len(endless)
+
+
+def test_array_batches_never_serve_a_batch_read_ahead_for_an_abandoned_epoch(numbered):
+    # fit and predict read one batch to build the model, then end the epoch (Keras' on_epoch_end) and
+    # start again: the batches read ahead for the abandoned pass must not leak into the next one.
+    x, y = numbered
+    batches = feeding.ArrayBatches(x, y, batch_size=10, shuffle=True, seed=4, threads=2, prefetch=8)
+    batches[0]
+    batches.on_epoch_end()
+    epoch = [batches[i][1] for i in range(len(batches))]
+    np.testing.assert_array_equal(np.sort(np.concatenate(epoch)), y)
+    fresh = feeding.ArrayBatches(x, y, batch_size=10, shuffle=True, seed=4, prefetch=0)
+    fresh.on_epoch_end()
+    assert all(np.array_equal(fresh[i][1], labels) for i, labels in enumerate(epoch))
+
+
+_FIT_UNDER_JAX = """
+import sys
+import keras
+import numpy as np
+from tinyopt import batches as feeding
+from tinyopt import data
+
+x, y = data.load_split("train", sys.argv[1])
+sx, sy = data.load_split("selection", sys.argv[1])
+
+
+class Recorded(feeding.ArrayBatches):
+    # Records the labels Keras reads, epoch by epoch (from a model build's pass on).
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epochs = [[]]
+
+    def __getitem__(self, index):
+        batch = super().__getitem__(index)
+        self.epochs[-1].append(batch[1])
+        return batch
+
+    def on_epoch_end(self):
+        super().on_epoch_end()
+        self.epochs.append([])
+
+
+assert keras.backend.backend() == "jax"
+assert type(feeding.make_dataset(x, y, batch_size=16)) is feeding.ArrayBatches
+train = Recorded(x, y, batch_size=16, shuffle=True, seed=5)
+classes = int(y.max()) + 1
+model = keras.Sequential([keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
+                          keras.layers.Dense(classes, activation="softmax")])
+model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+history = model.fit(train, validation_data=feeding.make_dataset(sx, sy, batch_size=16), epochs=2, shuffle=False,
+                    verbose=0).history
+assert len(history["val_accuracy"]) == 2, history
+full = [np.concatenate(epoch) for epoch in train.epochs if len(epoch) == len(train)]
+assert len(full) == 2 and not np.array_equal(*full), train.epochs
+assert all(np.array_equal(np.sort(labels), np.sort(y)) for labels in full)  # each image once per epoch
+
+endless = Recorded(x, y, batch_size=16, shuffle=True, seed=5, repeat=True)
+steps = len(x) // 16 * 2 // 3  # epochs of two thirds of the images: the stream runs on across them
+history = model.fit(endless, steps_per_epoch=steps, epochs=3, shuffle=False, verbose=0).history
+assert len(history["loss"]) == 3, history
+stream = feeding.ArrayBatches(x, y, batch_size=16, shuffle=True, seed=5, repeat=True)
+read = [labels for epoch in endless.epochs for labels in epoch]
+assert all(np.array_equal(labels, stream[i][1]) for i, labels in enumerate(read)), read
+assert len(read) == 3 * steps
+
+unbuilt = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(3)])
+predicted = unbuilt.predict(feeding.make_dataset(x, batch_size=16), verbose=0)  # builds on a first batch
+assert predicted.shape == (len(x), 3), predicted.shape
+np.testing.assert_allclose(predicted, keras.ops.convert_to_numpy(unbuilt(x[:])), rtol=1e-5, atol=1e-5)
+assert "tensorflow" not in sys.modules
+"""
+
+
+def test_under_jax_fit_and_predict_take_array_batches_without_tensorflow(tiny_cache):
+    result = subprocess.run([sys.executable, "-c", _FIT_UNDER_JAX, str(tiny_cache)], capture_output=True, text=True,
+                            env={**os.environ, "KERAS_BACKEND": "jax"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
