@@ -3,11 +3,15 @@
 Both sides build the same scratch CNN from the same params, train it for the same epochs on the
 same arrays, and predict the selection and test splits. tinyopt adds the Optuna storage, the MLflow
 run (params, per-epoch metrics, predictions, learning curve, kept model), the tf.data pipeline and
-pruning. The two are run alternately, several times, and the medians are compared in one run.
+pruning. The two are run alternately, several times, and the medians are compared in one run; so
+is the median of each pair's ratio, which a load that changes between pairs moves less.
+
+The trial's MLflow logging runs in the background and is stored while the next trial trains; with
+one trial it is waited for when the sweep ends, so it counts in the whole command, not the trial.
 
     python benchmarks/bench_trial_overhead.py [--data ../shared/data/tiny-imagenet-200-dev.zip] [--repeats 3]
 
-Target: tinyopt trial time / bare fit time <= 1.05.
+Target: tinyopt trial time / bare fit time <= 1.02 (a 30 s trial).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ PARAMS = {"stages": 3, "width": 16, "blocks": 1, "residual": False, "batch_norm"
           "epochs": 3}
 DEV_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200-dev.zip"
 DATA = {"data.train_per_class": 15, "data.selection_per_class": 5, "data.test_per_class": 10}
+TARGET = 1.02
 
 
 def _bare(sweep_data) -> float:
@@ -89,7 +94,9 @@ def main() -> None:
             print(f"run {index}: bare fit {bare[-1]:.2f} s, tinyopt trial {in_trial:.2f} s, "
                   f"whole `sweep --trials 1` {whole:.2f} s")
         b, t, w = statistics.median(bare), statistics.median(trial), statistics.median(total)
-        print(f"median bare fit {b:.2f} s | tinyopt trial {t:.2f} s -> ratio {t / b:.3f} (target <= 1.05)")
+        paired = statistics.median(tried / fit for tried, fit in zip(trial, bare, strict=True))
+        print(f"median bare fit {b:.2f} s | tinyopt trial {t:.2f} s -> ratio {t / b:.3f}, "
+              f"median of paired ratios {paired:.3f} (target <= {TARGET})")
         print(f"whole sweep command incl. study/storage/MLflow setup and data load: ratio {w / b:.3f}")
 
 

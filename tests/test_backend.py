@@ -20,7 +20,9 @@ pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlo
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (Keras picks its backend once, at import) with ``env`` added."""
-    full = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", *env)}
+    # Not this process' XLA_PYTHON_CLIENT_* either: a sweep run earlier in it has set them.
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("KERAS_BACKEND", *env) and not k.startswith("XLA_PYTHON_CLIENT_")}
     full.update({k: v for k, v in env.items() if v is not None})
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
 

@@ -119,7 +119,23 @@ def test_restrict_200_false_is_the_columns_of_the_1000_way_softmax(shared):
     # A label scores under the 1000-way argmax only when its ImageNet output is the global argmax.
     labels = np.arange(4) % len(WNIDS)
     hits = full.argmax(1) == np.asarray(imagenet_indices(WNIDS))[labels]
-    assert pretrained.full_top1(params, model=shared, wnids=WNIDS, images=_images(), labels=labels) == hits.mean()
+    logits = pretrained.split(None, params, model=shared).prefix.predict(_images(), verbose=0)
+    assert pretrained.full_top1([logits], wnids=WNIDS, labels=labels) == hits.mean()
+
+
+@pytest.mark.parametrize("restrict_200", [True, False])
+@pytest.mark.parametrize("flip_tta", [False, True])
+def test_pretrained_outputs_from_logits_are_the_models_outputs(shared, restrict_200, flip_tta):
+    """What a sweep computes from each view's cached 1000 logits is what the saved model outputs."""
+    pretrained = get_approach("pretrained")
+    params = _params("pretrained", input_size=96, resize="bicubic", restrict_200=restrict_200, flip_tta=flip_tta)
+    cut = pretrained.split(None, params, model=shared)
+    assert cut.views == (2 if flip_tta else 1) and cut.suffix is None
+    images = _images(8)
+    views = [cut.prefix.predict(view, verbose=0) for view in (images, images[:, :, ::-1])[:cut.views]]
+    expected = pretrained.build(params, model=shared, wnids=WNIDS).predict(images, verbose=0)
+    # float32 rounding in another order (numpy's softmax here, XLA's under JAX): within 1e-5.
+    np.testing.assert_allclose(pretrained.outputs(params, views, wnids=WNIDS), expected, atol=2e-5)
 
 
 def test_flip_tta_averages_an_image_and_its_mirror(shared):

@@ -211,3 +211,36 @@ def test_a_worker_process_that_ran_no_trial_ends_its_slot(monkeypatch):
     monkeypatch.setattr(workers, "_trials_of", lambda study, pids: 0)
     supervisor.slot(0, None, time.monotonic() + 3600)
     assert len(started) == 1
+
+
+@pytest.mark.parametrize("approach, options, processes", [
+    ("scratch", ["--trials", workers.TRIALS_PER_PROCESS], None),  # no more than one process holds: no supervisor
+    ("scratch", ["--trials", 2 * workers.TRIALS_PER_PROCESS + 1],
+     [workers.TRIALS_PER_PROCESS, workers.TRIALS_PER_PROCESS, 1]),
+    ("scratch", ["--trials", 3, "--trials-per-process", 2], [2, 1]),
+    ("scratch", ["--trials", 50, "--trials-per-process", 0], None),
+    ("ensemble", ["--trials", 50], None),  # its trials build no model: nothing to free
+])
+def test_a_long_sweep_runs_in_fresh_processes_by_default(monkeypatch, approach, options, processes):
+    """Without --trials-per-process, a sweep of more trials than TRIALS_PER_PROCESS recycles its worker."""
+    from click.testing import CliRunner
+
+    from tinyopt.cli import cli
+    from tinyopt.runner import SweepResult
+
+    result = SweepResult(approach, approach, "sqlite:///studies.db", {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}, [], "")
+    started = []
+
+    def supervise(args, emit):
+        supervisor = workers._Supervisor(args, emit)
+        supervisor._run = lambda index, command, env: (started.append(int(command[command.index("--trials") + 1])),
+                                                       (1000 + len(started), 0))[1]
+        supervisor.slot(0, args.trials, None)
+        return result
+
+    monkeypatch.setattr(workers, "supervise", supervise)
+    monkeypatch.setattr(workers, "_trials_of", lambda study, pids: 1)
+    monkeypatch.setattr(sys.modules["tinyopt.cli.sweep"], "_run", lambda args, events, owner=True: result)
+    outcome = CliRunner().invoke(cli, ["sweep", approach, *map(str, options)])
+    assert outcome.exit_code == 0, outcome.output
+    assert started == (processes or [])

@@ -15,6 +15,7 @@ downloads into ``$KERAS_HOME/models/`` and reuses that file), a local weights fi
 from __future__ import annotations
 
 import bisect
+import hashlib
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -78,6 +79,9 @@ class Backbone:
         classifier: name of the 1000-way ImageNet layer (its input is the pooled feature vector).
         stage_of: layer name -> freeze stage, 1 (stem) to ``STAGES`` (last).
         resolutions: input sizes that ImageNet weights exist for; the first is the default.
+        stage_ends: the layer whose output ends each of stages 1 to ``STAGES - 1``: everything after
+            it depends on that output alone, so a frozen prefix can be cut there.
+        resolutions: input sizes that ImageNet weights exist for; the first is the default.
         alphas: width multipliers that ImageNet weights exist for; empty if the model has no ``alpha``.
     """
 
@@ -85,6 +89,7 @@ class Backbone:
     preprocess: Callable[[Any], Any]
     classifier: str
     stage_of: Callable[[str], int]
+    stage_ends: tuple[str, ...]
     resolutions: tuple[int, ...]
     alphas: tuple[float, ...] = ()
 
@@ -92,8 +97,10 @@ class Backbone:
 # The names of tinyopt.schema.BACKBONES; which ImageNet weights each has is stated there, without keras.
 _BACKBONES = {
     "resnet50": Backbone(keras.applications.ResNet50, _caffe_preprocess, "predictions", _resnet_stage,
+                         ("pool1_pool", "conv2_block3_out", "conv3_block4_out", "conv4_block6_out"),
                          **IMAGENET_WEIGHTS["resnet50"]),
     "mobilenet": Backbone(keras.applications.MobileNet, _tf_preprocess, "conv_preds", _mobilenet_stage,
+                          ("conv_pw_1_relu", "conv_pw_3_relu", "conv_pw_5_relu", "conv_pw_11_relu"),
                           **IMAGENET_WEIGHTS["mobilenet"]),
 }
 NAMES = tuple(_BACKBONES)
@@ -166,6 +173,17 @@ class Features:
                 layer.trainable = self.backbone.stage_of(layer.name) >= first
 
 
+def frozen_boundary(model: keras.Model, backbone: Backbone, trainable_stages: int) -> Any:
+    """The tensor of the feature ``model`` where its frozen stages end and the ``trainable_stages`` begin.
+
+    0 trainable stages give the model's output (the pooled features); ``STAGES`` give its input.
+    """
+    frozen = STAGES - trainable_stages
+    if frozen == STAGES:
+        return model.output
+    return model.input if frozen == 0 else model.get_layer(backbone.stage_ends[frozen - 1]).output
+
+
 def _interpolation_matrix(method: str, source: int, size: int) -> np.ndarray:
     """The (source, size) matrix that resizes one axis, taken from Keras' own resize of one-hot columns.
 
@@ -233,8 +251,14 @@ def _constructor_kwargs(spec: Backbone, alpha: float) -> dict[str, Any]:
     return {"alpha": alpha} if spec.alphas else {}
 
 
+@dataclass(frozen=True)
+class _Weights:
+    arrays: tuple[np.ndarray, ...]
+    digest: str  # of the arrays, so that imagenet and the same file under another name agree
+
+
 @lru_cache(maxsize=2)
-def _source_weights(name: str, alpha: float, size: int, source: str, stamp: object) -> tuple[np.ndarray, ...]:
+def _source_weights(name: str, alpha: float, size: int, source: str, stamp: object) -> _Weights:
     """The weights of the model Keras builds from ``source`` at its canonical size.
 
     Cached so that repeated trials do not rebuild and reload it; ``stamp`` (the file's mtime, or
@@ -243,7 +267,22 @@ def _source_weights(name: str, alpha: float, size: int, source: str, stamp: obje
     spec = _BACKBONES[name]
     net = spec.constructor(include_top=True, weights=source, input_shape=(size, size, 3),
                            **_constructor_kwargs(spec, alpha))
-    return tuple(net.get_weights())
+    arrays = tuple(net.get_weights())
+    digest = hashlib.blake2b(digest_size=16)
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).data)
+    return _Weights(arrays, digest.hexdigest())
+
+
+def weights_digest(model_cfg: dict[str, Any]) -> str | None:
+    """A digest of the pretrained weights a ``[model]`` table loads (None for ``weights = "none"``).
+
+    Taken from the loaded arrays: ``imagenet`` and the same file under another name agree, a file
+    replaced in place does not.
+    """
+    name = model_cfg.get("backbone", DEFAULT_BACKBONE)
+    weights = _pretrained_weights(name, get(name), float(model_cfg.get("alpha", 1.0)), model_cfg)
+    return None if weights is None else weights.digest
 
 
 def _first_line(err: Exception) -> str:
@@ -251,8 +290,7 @@ def _first_line(err: Exception) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def _pretrained_weights(name: str, spec: Backbone, alpha: float, model_cfg: dict[str, Any]
-                        ) -> tuple[np.ndarray, ...] | None:
+def _pretrained_weights(name: str, spec: Backbone, alpha: float, model_cfg: dict[str, Any]) -> _Weights | None:
     source = str(model_cfg.get("weights", "imagenet"))
     if source.lower() == "none":
         return None
@@ -320,7 +358,7 @@ def load(model_cfg: dict[str, Any], *, input_size: int) -> Features:
                            input_shape=(input_size, input_size, 3), classifier_activation=None,
                            **_constructor_kwargs(spec, alpha))
     if weights is not None:
-        net.set_weights(weights)
+        net.set_weights(weights.arrays)
     top = net.get_layer(spec.classifier)
     kernel, bias = top.get_weights()
     features = layers.Flatten()(top.input)

@@ -47,7 +47,9 @@ class ArrayBatches(keras.utils.PyDataset):
     never served.
 
     Args:
-        x: uint8 images (N, H, W, C), typically a memory map from ``load_split``.
+        x: uint8 images (N, H, W, C), typically a memory map from ``load_split``; or a list of views
+            of the same N examples (e.g. cached activations of each image and of its mirror image),
+            of which each epoch draws one per example at random, from ``seed`` and the epoch.
         y: labels (N,), or None for batches of images only.
         batch_size: images per batch.
         shuffle: reshuffle the order every epoch.
@@ -60,10 +62,17 @@ class ArrayBatches(keras.utils.PyDataset):
         ValueError: ``x`` and ``y`` differ in length, ``batch_size`` < 1, or ``repeat`` without images.
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray | None = None, *, batch_size: int, shuffle: bool = False,
-                 seed: int = 0, repeat: bool = False, threads: int | None = None, prefetch: int | None = None):
+    def __init__(self, x: np.ndarray | list[np.ndarray], y: np.ndarray | None = None, *, batch_size: int,
+                 shuffle: bool = False, seed: int = 0, repeat: bool = False, threads: int | None = None,
+                 prefetch: int | None = None):
         super().__init__(workers=1, use_multiprocessing=False)  # Keras' workers off; see the class docstring
+        self.views = list(x) if isinstance(x, list | tuple) else [x]
+        if any(view.shape != self.views[0].shape for view in self.views):
+            raise ValueError(f"views differ in shape: {[view.shape for view in self.views]}")
+        x = self.views[0]
         _check_batching(x, y, batch_size, repeat)
+        if repeat and len(self.views) > 1:
+            raise ValueError("an endless dataset draws no views: give one array")
         self.x, self.batch_size, self.shuffle, self.seed, self.repeat = x, batch_size, shuffle, seed, repeat
         self.y = None if y is None else np.asarray(y, dtype=np.int64)
         self._threads = threads or min(4, os.cpu_count() or 1)
@@ -71,6 +80,7 @@ class ArrayBatches(keras.utils.PyDataset):
         self._lock = threading.Lock()
         self._epoch = 0  # stays 0 when repeating: batch positions then count from the stream's start
         self._orders: dict[int, np.ndarray] = {}
+        self._draws: dict[int, np.ndarray] = {}
         self._ahead: dict[tuple[int, int], Future] = {}
         self._last = -1
         self._pool: ThreadPoolExecutor | None = None
@@ -126,8 +136,26 @@ class ArrayBatches(keras.utils.PyDataset):
 
     def _batch(self, epoch: int, index: int):
         rows = self._rows(epoch, index)
-        images = np.asarray(self.x[rows])
+        if len(self.views) == 1:
+            images = np.asarray(self.x[rows])
+        else:
+            chosen = self._chosen(epoch, rows)
+            images = np.empty((len(rows), *self.x.shape[1:]), self.x.dtype)
+            for number, view in enumerate(self.views):
+                picked = chosen == number
+                images[picked] = view[rows[picked]]
         return images if self.y is None else (images, self.y[rows])
+
+    def _chosen(self, epoch: int, rows: np.ndarray) -> np.ndarray:
+        """The view each of ``rows`` shows in ``epoch``."""
+        with self._lock:
+            draw = self._draws.get(epoch)
+            if draw is None:
+                draw = self._draws[epoch] = np.random.default_rng([self.seed, epoch, 1]).integers(
+                    len(self.views), size=len(self.x))
+                if len(self._draws) > 3:  # as for _orders
+                    del self._draws[min(self._draws)]
+        return draw[rows]
 
     def _rows(self, epoch: int, index: int) -> np.ndarray:
         count = len(self.x)

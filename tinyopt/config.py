@@ -131,6 +131,7 @@ def load_config(approach: str, path: str | Path | None = None, overrides: list[s
         set_key(config, key.strip(), _parse_value(text.strip()))
     _check_values(config, defaults)
     schema.check_model(approach, config.get("model", {}))
+    _check_sampler(config)
     config["approach"] = approach
     return config
 
@@ -146,6 +147,16 @@ def _check_values(config: dict[str, Any], defaults: dict[str, Any], prefix: str 
             _check_space(value, like)
         else:
             _check_values(value, like, f"{path}.")
+
+
+def _check_sampler(config: dict[str, Any]) -> None:
+    from tinyopt.space import combinations
+
+    if config.get("study", {}).get("sampler") == "bruteforce" and combinations(config.get("space", {})) is None:
+        floats = [name for name, entry in config["space"].items()
+                  if _is_distribution(entry) and entry["type"] == "float" and "step" not in entry]
+        raise ConfigError(f"study.sampler = bruteforce needs a finite [space], but {', '.join(floats)} "
+                          f"draw any float; give them a step, or use study.sampler = tpe")
 
 
 def _drawn(entry: Any) -> Any:

@@ -7,9 +7,11 @@ MLflow run, and leaves behind the selection and test probabilities the ensemble 
 
 from __future__ import annotations
 
+import functools
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -54,14 +56,28 @@ class QuietEvents:
 
 @dataclass
 class SweepData:
-    """The arrays a sweep trains and scores on; images uint8, labels integer class indices."""
+    """The arrays a sweep trains and scores on; images uint8, labels integer class indices.
+
+    ``cache_dir`` is the data cache they came from, where activations are cached beside them (None:
+    activations are kept in memory only).
+    """
 
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
     classes: list[Any]
+    cache_dir: Path | None = None
     wnids: list[str] = field(init=False)
+    _digests: dict[str, str] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.wnids = [c.wnid for c in self.classes]
+
+    def digest(self, split: str) -> str:
+        """A digest of a split's images and labels (computed once): what cached activations were made of."""
+        from tinyopt.activations import digest
+
+        if split not in self._digests:
+            self._digests[split] = digest(*self.splits[split])
+        return self._digests[split]
 
 
 class TrackedObjective:
@@ -156,6 +172,7 @@ class ModelObjective(TrackedObjective):
         self.approach = approach
         self.data = data
         self.seed = seed
+        self._store = None  # tinyopt.activations.Store, made by the first trial that caches
 
     def choose(self, trial) -> dict[str, Any]:
         return search_space.suggest(trial, self.config["space"])
@@ -171,6 +188,7 @@ class ModelObjective(TrackedObjective):
         return self._run(trial, params, run)
 
     def _run(self, trial, params: dict[str, Any], run) -> float:
+        from tinyopt.feeds import CachedFeed
         from tinyopt.training import eval_batch_size, set_precision
 
         train_cfg = self.config.get("train", {})
@@ -180,29 +198,29 @@ class ModelObjective(TrackedObjective):
         if jit_compile != "auto":
             model.jit_compile = jit_compile  # for predict; compile() sets it again for training
         batch = eval_batch_size(model, train_cfg.get("eval_batch_size", "auto"), self.device)
+        feed, cache_note = self._feed(model, params, policy)
         history: dict[str, list[float]] = {}
         if self.approach.TRAINS:
-            history = self._fit(trial, model, params, run, batch)
-        # What ran, not what was asked: Keras turns XLA off for a model with a layer that cannot be
-        # compiled (RandomTranslation and RandomZoom, under JAX), with a warning only.
-        run.set_tags({record.TAG_PRECISION: policy, record.TAG_JIT_COMPILE: str(model.jit_compile),
-                      record.TAG_EVAL_BATCH: batch})
+            history = self._fit(trial, feed, params, run, batch)
         results: dict[str, Any] = {}
         arrays: dict[str, np.ndarray] = {}
         for split in ("selection", "test"):
-            x, y = self.data.splits[split]
-            probs = _predict(model, x, batch)
+            y = self.data.splits[split][1]
+            probs = feed.predict(split, batch)
             results[split] = scores(probs, y)
-            arrays[f"{split}_probs"], arrays[f"{split}_labels"] = probs.astype(np.float32), np.asarray(y)
+            arrays[f"{split}_probs"], arrays[f"{split}_labels"] = probs, np.asarray(y)
+            if not params.get("restrict_200", True):
+                # The 1000-way baseline is scored as the report scored it: argmax over every ImageNet class.
+                results[split]["top1"] = self.approach.full_top1(feed.views(split, batch), wnids=self.data.wnids,
+                                                                 labels=y)
+        # What ran, not what was asked: Keras turns XLA off for a model with a layer that cannot be
+        # compiled (RandomTranslation and RandomZoom, under JAX), with a warning only.
+        tags = {record.TAG_PRECISION: policy, record.TAG_JIT_COMPILE: str((feed.trainee() or model).jit_compile),
+                record.TAG_EVAL_BATCH: batch}
+        if cache_note or isinstance(feed, CachedFeed):
+            tags[record.TAG_ACTIVATION_CACHE] = cache_note or feed.note()
+        run.set_tags(tags)
         value = results["selection"]["top1"]
-        full_top1 = getattr(self.approach, "full_top1", None)
-        if full_top1 is not None and not params.get("restrict_200", True):
-            # The 1000-way baseline is scored as the report scored it: argmax over every ImageNet class.
-            for split in ("selection", "test"):
-                x, y = self.data.splits[split]
-                results[split]["top1"] = full_top1(params, model=self.config.get("model", {}),
-                                                   wnids=self.data.wnids, images=x, labels=y, batch_size=batch)
-            value = results["selection"]["top1"]
         final = {f"{split}_{name}": v for split, r in results.items() for name, v in r.items()}
         run.log_metrics(final, step=len(history.get("loss", [])))
         peak = backend.peak_memory()
@@ -211,7 +229,7 @@ class ModelObjective(TrackedObjective):
         run.log_predictions(arrays)
         run.log_text(_classes_tsv(self.data.classes), record.CLASSES_FILE)
         if history:
-            run.log_figure(learning_curve(history), record.LEARNING_CURVE)
+            run.log_figure(lambda: learning_curve(history), record.LEARNING_CURVE)  # drawn in the background
         for key in record.SCORES:
             trial.set_user_attr(key, final[key])
         kept = _beats_best(trial, value)
@@ -220,25 +238,72 @@ class ModelObjective(TrackedObjective):
         trial.set_user_attr(record.MODEL_KEPT, kept)
         return value
 
-    def _fit(self, trial, model, params: dict[str, Any], run, eval_batch: int) -> dict[str, list[float]]:
+    def _feed(self, model, params: dict[str, Any], policy: str):
+        """How the trial's data reaches its model, and its ``activation_cache`` tag when it is not shared.
+
+        A model with frozen layers trains and predicts on their activations, shared with every other
+        trial of the same key, unless the approach or ``train.activation_cache`` says it cannot, or the
+        disk cannot hold them. A model that only reads them (pretrained) reads them once per trial then.
+        """
+        from tinyopt.activations import CacheUnavailable, Store, ram_budget
+        from tinyopt.approaches.blocks import IMAGE_SIZE
+        from tinyopt.backbones import weights_digest
+        from tinyopt.feeds import CachedFeed, ImageFeed
+
+        uncached = getattr(self.approach, "uncached", None)
+        if uncached is None:
+            return ImageFeed(model, self.data.splits), None
+        model_cfg, train_cfg = self.config.get("model", {}), self.config.get("train", {})
+        why = (uncached(params, model_cfg) if train_cfg.get("activation_cache", True)
+               else "train.activation_cache = false")
+        if why is not None and self.approach.TRAINS:
+            return ImageFeed(model, self.data.splits), f"off: {why}"
+        cut = self.approach.split(model, params, model=model_cfg)
+        views = cut.views if self.approach.TRAINS else 1
+        needs = {"train": views, "selection": 1, "test": 1} if self.approach.TRAINS else \
+            {"selection": cut.views, "test": cut.views}
+        finish = None if cut.suffix is not None else functools.partial(self.approach.outputs, params,
+                                                                       wnids=self.data.wnids)
+
+        def feed(store: Store, key: dict[str, Any]) -> CachedFeed:
+            return CachedFeed(model, self.data.splits, cut, store, key, needs, self.data.digest, finish)
+
+        if why is None:
+            if self._store is None:
+                folder = None if self.data.cache_dir is None else self.data.cache_dir / "activations"
+                self._store = Store(folder, ram_budget(train_cfg.get("activation_cache_gb", "auto")))
+            shared = feed(self._store, {
+                "backbone": model_cfg.get("backbone"), "alpha": model_cfg.get("alpha"),
+                "weights": weights_digest(model_cfg), "input_size": params["input_size"],
+                # Images already at the input size are not resized: every method gives the same pixels.
+                "resize": params["resize"] if params["input_size"] != IMAGE_SIZE else "none",
+                "precision": policy, "keras_backend": backend.name()})
+            try:
+                shared.check_room()
+                return shared, None
+            except CacheUnavailable as err:
+                why = str(err)
+        if finish is None:
+            return ImageFeed(model, self.data.splits), f"off: {why}"
+        # Each view's logits once, for this trial alone.
+        return feed(Store(None, ram_bytes=2**62), {}), f"off: {why}"
+
+    def _fit(self, trial, feed, params: dict[str, Any], run, eval_batch: int) -> dict[str, list[float]]:
         import keras
 
-        from tinyopt.batches import make_dataset
         from tinyopt.training import compile_model, lr_at_epoch
 
         train_cfg = self.config.get("train", {})
+        model = feed.trainee()
         compile_model(model, params, train_cfg.get("jit_compile", "auto"))
-        x, y = self.data.splits["train"]
-        sx, sy = self.data.splits["selection"]
-        batch = int(params["batch_size"])
-        train = make_dataset(x, y, batch_size=batch, shuffle=True, seed=self.seed + trial.number)
-        selection = make_dataset(sx, sy, batch_size=eval_batch)
+        train = feed.batches("train", int(params["batch_size"]), train=True, seed=self.seed + trial.number)
+        selection = feed.batches("selection", eval_batch)
         callbacks = [
             keras.callbacks.LearningRateScheduler(lr_at_epoch(params)),
             keras.callbacks.TerminateOnNaN(),
             keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", restore_best_weights=True,
                                           patience=int(train_cfg.get("early_stopping_patience", 3))),
-            _trial_callback(trial, run, self.events, len(x)),
+            _trial_callback(trial, run, self.events, len(self.data.splits["train"][1])),
         ]
         fitted = model.fit(train, validation_data=selection, epochs=int(params["epochs"]), verbose=0, shuffle=False,
                            callbacks=callbacks)
@@ -282,7 +347,8 @@ def _trial_callback(trial, run, events: Events, train_images: int):
             run.log_metrics(metrics, step=epoch)
             events.epoch_ended(trial.number, epoch, metrics)
             if "selection_accuracy" in metrics:
-                trial.report(metrics["selection_accuracy"], epoch)
+                # Step = epochs trained, the resource Hyperband and successive halving count.
+                trial.report(metrics["selection_accuracy"], epoch + 1)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} "
                                              f"(selection top-1 {metrics['selection_accuracy']:.3f})")
@@ -293,12 +359,6 @@ def _trial_callback(trial, run, events: Events, train_images: int):
 def _reason(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
-
-
-def _predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    from tinyopt.batches import make_dataset
-
-    return np.asarray(model.predict(make_dataset(images, batch_size=batch_size), verbose=0))
 
 
 def _beats_best(trial, value: float) -> bool:

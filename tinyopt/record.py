@@ -33,6 +33,8 @@ TAG_BACKEND = "keras_backend"
 TAG_PRECISION = "precision"  # the Keras dtype policy, e.g. mixed_bfloat16
 TAG_JIT_COMPILE = "jit_compile"
 TAG_EVAL_BATCH = "eval_batch_size"
+# built | reused (the frozen layers' activations, see tinyopt.activations) | off: <why>
+TAG_ACTIVATION_CACHE = "activation_cache"
 TAG_WORKER = "worker"
 TAG_PARENT = "tinyopt.parent"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -55,16 +56,27 @@ class TrialSeededSampler(BaseSampler):
 
 
 def make_sampler(study_cfg: dict[str, Any], seed: int) -> BaseSampler:
-    """The configured sampler (``tpe`` or ``random``), seeded per trial.
+    """The configured sampler (``tpe``, ``random`` or ``bruteforce``), seeded per trial.
 
     TPE runs with ``constant_liar``: a trial still running elsewhere counts as a poor result, so
-    parallel workers spread out instead of crowding the same promising region.
+    parallel workers spread out instead of crowding the same promising region. ``bruteforce`` draws
+    combinations in random order and never one the study already has, and stops the study when
+    none is left: for small discrete spaces such as pretrained's, where TPE would repeat trials.
     """
-    if study_cfg.get("sampler", "tpe") == "random":
+    name = study_cfg.get("sampler", "tpe")
+    if name == "random":
         return TrialSeededSampler(lambda s: optuna.samplers.RandomSampler(seed=s), seed)
+    if name == "bruteforce":
+        return TrialSeededSampler(_bruteforce, seed)
     startup = int(study_cfg.get("n_startup_trials", 10))
     return TrialSeededSampler(
         lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=startup, constant_liar=True), seed)
+
+
+def _bruteforce(seed: int) -> BaseSampler:
+    with warnings.catch_warnings():  # "experimental" since Optuna 3.1; a line on every trial otherwise
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.BruteForceSampler(seed=seed)
 
 
 def max_epochs(space: dict[str, Any]) -> int:
@@ -76,12 +88,21 @@ def max_epochs(space: dict[str, Any]) -> int:
 
 
 def make_pruner(study_cfg: dict[str, Any], epochs: int) -> optuna.pruners.BasePruner:
-    """The configured pruner (``median``, ``hyperband`` or ``none``), fed each epoch's selection top-1."""
+    """The configured pruner, fed the selection top-1 after each epoch (step = epochs trained).
+
+    ``median`` stops a trial below the median of earlier trials at the same epoch; ``halving``
+    (successive halving) lets only the best third of the trials that reached an epoch go on to
+    three times as many; ``hyperband`` runs several halving brackets; ``none`` never prunes. The
+    first ``pruner_warmup_epochs`` epochs of a trial are never judged, nor, by ``median``, the first
+    ``n_startup_trials`` trials.
+    """
     name = study_cfg.get("pruner", "median")
-    warmup = int(study_cfg.get("pruner_warmup_epochs", 1))
+    first = int(study_cfg.get("pruner_warmup_epochs", 1)) + 1  # the first epoch judged
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=int(study_cfg.get("n_startup_trials", 5)),
-                                           n_warmup_steps=warmup)
+                                           n_warmup_steps=first)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(warmup, 1), max_resource=max(epochs, 1))
+        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=max(epochs, first))
     return optuna.pruners.NopPruner()

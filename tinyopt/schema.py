@@ -20,8 +20,8 @@ INITIALIZERS = ("he_normal", "he_uniform", "glorot_normal", "glorot_uniform", "l
 AUGMENTATIONS = ("none", "flip", "flip_translate", "flip_crop")
 RESIZE_METHODS = ("bilinear", "bicubic", "area", "zeropad")
 HEAD_INITS = ("pretrained", "random")
-SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "hyperband", "none")
+SAMPLERS = ("tpe", "random", "bruteforce")
+PRUNERS = ("median", "halving", "hyperband", "none")
 PRECISIONS = ("auto", "bfloat16", "float16", "off")
 GPU_MEMORY = ("grow", "preallocate")
 ENSEMBLE_OBJECTIVES = ("top1", "log_loss")
@@ -70,7 +70,8 @@ class AutoOr:
     def allows(self, value: Any) -> bool:
         if value == "auto":
             return True
-        if not isinstance(value, self.kind) or (isinstance(value, bool) and self.kind is not bool):
+        kinds = (int, float) if self.kind is float else self.kind  # 4 is a number of GB as much as 4.0
+        if not isinstance(value, kinds) or (isinstance(value, bool) and self.kind is not bool):
             return False
         return self.rule is None or value in self.rule
 
@@ -96,6 +97,7 @@ RULES: dict[str, tuple[Any, ...] | Range | AutoOr] = {
     "train.jit_compile": AutoOr(bool),
     "train.gpu_memory": GPU_MEMORY,
     "train.system_metrics": AutoOr(bool),
+    "train.activation_cache_gb": AutoOr(float, Range(0)),
     "train.early_stopping_patience": Range(0),
     "study.sampler": SAMPLERS,
     "study.n_startup_trials": Range(0),

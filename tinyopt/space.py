@@ -84,6 +84,27 @@ def validate_space(space: dict[str, Any]) -> None:
         earlier.add(name)
 
 
+def combinations(space: dict[str, Any]) -> int | None:
+    """How many distinct trials a ``[space]`` holds (None: infinitely many, a float without a step).
+
+    Counted as if every conditional entry applied, so a bound when some have ``when``.
+    """
+    count = 1
+    for entry in space.values():
+        if not is_distribution(entry):
+            continue
+        if entry["type"] == "categorical":
+            count *= len(entry["choices"])
+        elif entry["type"] == "int" or "step" in entry:
+            if entry.get("log"):
+                count *= entry["high"] - entry["low"] + 1
+            else:
+                count *= int(round((entry["high"] - entry["low"]) / entry.get("step", 1))) + 1
+        else:
+            return None
+    return count
+
+
 def _applies(entry: Any, params: dict[str, Any]) -> bool:
     if not is_distribution(entry):
         return True

@@ -4,19 +4,24 @@ One MLflow experiment per study, one parent run per study (reopened by each swee
 nested run per trial whose status follows the trial: COMPLETE -> FINISHED, PRUNED -> KILLED,
 FAIL -> FAILED with the reason. Logging goes through ``MlflowClient`` with explicit run ids, so
 nothing depends on MLflow's global "active run".
+
+A trial run logs in the background, on one thread per tracker, in the order it was asked to: of
+its logging, the trial itself only creates its run and saves its model file, and its run is closed
+once everything logged before the close is stored. A sweep runs at most one trial ahead of its logging.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +151,9 @@ class Tracker:
             raise StudyError(f"cannot use MLflow tracking store {redact(tracking_uri)} ({first_line(err)}); "
                              "check --tracking-uri") from err
         self.parent_run_id: str | None = None
+        # One thread, so that each run's calls reach MLflow in order, and its close comes last.
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="tinyopt-mlflow")
+        self._runs: list[TrialRun] = []  # trial runs whose background logging may not be done
 
     def _experiment(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
@@ -181,9 +189,33 @@ class Tracker:
         return self.parent_run_id
 
     def end_sweep(self, status: str = "FINISHED") -> None:
-        """Close the parent run (``FINISHED``, or ``KILLED`` on Ctrl-C / ``FAILED`` on a fatal error)."""
-        if self.parent_run_id:
-            self.client.set_terminated(self.parent_run_id, status=status)
+        """Close the parent run once every trial run is stored and closed.
+
+        ``status`` is ``FINISHED``, or ``KILLED`` on Ctrl-C / ``FAILED`` on a fatal error; the parent
+        is ``FAILED`` too when MLflow could not store what a trial logged.
+
+        Raises:
+            StudyError: MLflow could not store something a trial logged (its run is FAILED, with the reason).
+        """
+        try:
+            self._settle(keep=0)
+        except StudyError:
+            status = "FAILED"
+            raise
+        finally:
+            if self.parent_run_id:
+                self.client.set_terminated(self.parent_run_id, status=status)
+
+    def _settle(self, keep: int) -> None:
+        """Wait for the background logging of every trial run but the last ``keep``; raise the first failure."""
+        failure: StudyError | None = None
+        while len(self._runs) > keep:
+            try:
+                self._runs.pop(0).wait()
+            except StudyError as err:
+                failure = failure or err
+        if failure is not None:
+            raise failure
 
     def close_if_running(self, run_id: str, reason: str) -> None:
         """Mark a run FAILED if it is still RUNNING (its process died before it could close it)."""
@@ -197,16 +229,23 @@ class Tracker:
         With ``system_metrics``, MLflow samples GPU utilisation and memory, CPU and RAM into the run
         (``system/...`` metrics, every ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds, 10 by
         default) until it ends.
+
+        Raises:
+            StudyError: MLflow could not store something an earlier trial logged.
         """
+        # Bounds the logging backlog (and the predictions it holds) to one trial, and stops the
+        # sweep on a tracking store that fails rather than running trials it cannot record.
+        self._settle(keep=1)
         run = self.client.create_run(
             self.experiment_id, run_name=f"{self.study_name}#{number}",
             tags={"mlflow.parentRunId": self.parent_run_id or "", record.TAG_APPROACH: self.approach,
                   record.TAG_STUDY: self.study_name, record.TAG_TRIAL_NUMBER: str(number),
                   record.TAG_TRIAL_STATE: "RUNNING", **tags},
         )
-        trial_run = TrialRun(self.client, run.info.run_id)
+        trial_run = TrialRun(self.client, run.info.run_id, self._background)
+        self._runs.append(trial_run)
         trial_run.log_params({**params, **_flatten(config, "config.")})
-        self.client.log_dict(run.info.run_id, config, record.CONFIG_FILE)
+        trial_run.log_dict(config, record.CONFIG_FILE)
         if system_metrics:
             # Imported here: it needs psutil (and pynvml for GPUs), which a CPU sweep can do without.
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -218,60 +257,124 @@ class Tracker:
 
 
 class TrialRun:
-    """The MLflow run of one trial."""
+    """The MLflow run of one trial.
 
-    def __init__(self, client: MlflowClient, run_id: str):
+    Args:
+        client: the tracking store's client.
+        run_id: the run.
+        background: where to make the MLflow calls, in order; None makes them at once, raising
+            their errors to the caller. In the background an error is kept: the run is closed
+            FAILED with it, and ``wait`` raises it.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, background: ThreadPoolExecutor | None = None):
         self.client = client
         self.run_id = run_id
         self.monitor: Any = None  # an MLflow SystemMetricsMonitor while it samples
+        self._background = background
+        self._last: Future | None = None  # the latest background call: the run's calls run in order
+        self._failure: str | None = None  # what the first failed background call could not store, and why
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:_PARAM_LIMIT]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            self.client.log_batch(self.run_id, params=items[start:start + 100])
+            self._call("params", self.client.log_batch, self.run_id, params=items[start:start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self._call("metrics", self.client.log_batch, self.run_id,
+                   metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._call("tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        self._call(name, self.client.log_dict, self.run_id, data, name)
 
     def log_figure(self, figure: Any, name: str) -> None:
-        self.client.log_figure(self.run_id, figure, name)
+        """Store a matplotlib figure, or the one a function draws (drawn in the background too)."""
+        self._call(name, self._store_figure, figure, name)
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self._call(name, self.client.log_text, self.run_id, text, name)
 
     def log_predictions(self, arrays: dict[str, np.ndarray]) -> None:
         """Store the class-probability arrays the ensemble study reads back."""
-        self._log_bytes(_npz_bytes(arrays), record.PREDICTIONS)
+        self._call(record.PREDICTIONS, self._store_predictions, arrays)
 
     def log_model(self, model: Any) -> None:
         """Store a Keras model as ``record.MODEL`` (reloadable without tinyopt)."""
         folder, name = record.MODEL.rsplit("/", 1)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            model.save(path)
-            self.client.log_artifact(self.run_id, str(path), folder)
+        # Saved now, uploaded later: the next trial's clear_session would free the model.
+        self._call(record.MODEL, self._store_file, _scratch_file(name, model.save), folder)
 
     def end(self, state: str, reason: str | None = None) -> None:
-        """Close the run with the status that matches the Optuna trial state."""
+        """Close the run, after everything logged before, with the status that matches the Optuna trial state."""
         if self.monitor is not None:
             self.monitor.finish()  # its last samples belong to the run, so before it closes
             self.monitor = None
+        self._call("status", self._close, state, reason)
+
+    def wait(self) -> None:
+        """Wait until the background calls made so far are done.
+
+        Raises:
+            StudyError: one of them failed.
+        """
+        if self._last is not None:
+            self._last.result()
+        if self._failure is not None:
+            raise StudyError(f"MLflow could not store {self._failure}; "
+                             "check --tracking-uri and the room left where it keeps artifacts")
+
+    def _call(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if self._background is None:
+            call(*args, **kwargs)
+            return
+
+        def guarded() -> None:
+            try:
+                call(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - kept for the run's close and for wait(), whatever it is
+                self._failure = self._failure or f"the {what} of run {self.run_id} ({first_line(err)})"
+
+        self._last = self._background.submit(guarded)
+
+    def _close(self, state: str, reason: str | None) -> None:
+        status = _STATUS[state]
+        if self._failure is not None:
+            # The trial's state stands (Optuna has it); its run says what it misses.
+            status = _STATUS["FAIL"]
+            reason = f"could not store {self._failure}" + (f"; {reason}" if reason else "")
         tags = {record.TAG_TRIAL_STATE: state}
         if reason:
             tags[record.FAIL_REASON] = reason[:5000]
-        self.set_tags(tags)
-        self.client.set_terminated(self.run_id, status=_STATUS[state])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.set_terminated(self.run_id, status=status)
 
-    def _log_bytes(self, payload: bytes, name: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(name).name
-            path.write_bytes(payload)
-            parent = str(Path(name).parent)
-            self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+    def _store_figure(self, figure: Any, name: str) -> None:
+        self.client.log_figure(self.run_id, figure() if callable(figure) else figure, name)
+
+    def _store_predictions(self, arrays: dict[str, np.ndarray]) -> None:
+        self._store_file(_scratch_file(record.PREDICTIONS, lambda path: np.savez_compressed(path, **arrays)), None)
+
+    def _store_file(self, path: Path, folder: str | None) -> None:
+        """Upload a file of ``_scratch_file``, then remove its folder."""
+        try:
+            self.client.log_artifact(self.run_id, str(path), folder)
+        finally:
+            shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def _scratch_file(name: str, write: Callable[[Path], Any]) -> Path:
+    """The file ``name`` that ``write`` makes in a new temporary folder (removed again if it fails)."""
+    path = Path(tempfile.mkdtemp(prefix="tinyopt-artifact-")) / name
+    try:
+        write(path)
+    except BaseException:
+        shutil.rmtree(path.parent)
+        raise
+    return path
 
 
 _STATUS = {
@@ -280,12 +383,6 @@ _STATUS = {
     "FAIL": RunStatus.to_string(RunStatus.FAILED),
     "KILLED": RunStatus.to_string(RunStatus.KILLED),
 }
-
-
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    return buffer.getvalue()
 
 
 def _flatten(config: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -4,8 +4,9 @@ The supervisor, the command the user started, checks and prepares everything onc
 stores, data, weights), opens the study and its MLflow parent run, and then starts K worker
 processes. Each worker is a ``tinyopt sweep --worker`` of its share of the trials, in a process
 group of its own (a Ctrl-C reaches it once, through the supervisor) and, with ``--gpus``, on its
-own GPU. With ``--trials-per-process N`` a worker's share runs in consecutive fresh processes of at
-most N trials each, which bounds the memory TensorFlow keeps per trained model.
+own GPU. With ``--trials-per-process N`` (by default ``TRIALS_PER_PROCESS``) a worker's share runs
+in consecutive fresh processes of at most N trials each, which bounds the memory TensorFlow keeps
+per trained model.
 
 The supervisor forwards SIGINT and SIGTERM to every worker, prefixes each worker's lines with its
 number, closes the parent run with the status of the whole, and reports one summary.
@@ -27,6 +28,11 @@ from tinyopt import record, runner, signals
 from tinyopt import storage as storages
 from tinyopt.backend import SHARE_ENV
 from tinyopt.errors import TinyoptError
+
+# TensorFlow keeps about 17 MiB per trained model (keras-team/keras#17458): 10 trials grow a worker
+# by about 175 MiB, under 10% of its 2 GB, and its fresh process costs 9 to 11 s, about 1 s per
+# trial (benchmarks/bench_trial_memory.py, BENCHMARKS.md).
+TRIALS_PER_PROCESS = 10
 
 
 @dataclass
@@ -52,6 +58,11 @@ class SweepArgs:
     @property
     def name(self) -> str:
         return self.study_name or self.approach
+
+
+def default_trials_per_process(approach: str) -> int:
+    """``--trials-per-process`` unless given: ensemble trials build no model, so a fresh process would only cost."""
+    return 0 if approach == "ensemble" else TRIALS_PER_PROCESS
 
 
 def shares(trials: int | None, workers: int) -> list[int | None]:
@@ -189,6 +200,8 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
         status = "FAILED"
         try:
             where = "on GPUs " + ",".join(args.gpus) if args.gpus else f"on {prepared.device}"
+            if args.trials_per_process:
+                where += f", in a fresh process every {args.trials_per_process} trials (--trials-per-process)"
             emit(f"{args.workers} worker processes {where}" if args.workers > 1 else f"trials run {where}")
             if storages.needs_journal(args.storage, args.workers):
                 emit(f"SQLite serves one process, so the {args.workers} workers share the study in Optuna's "

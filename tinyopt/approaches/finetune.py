@@ -16,11 +16,15 @@ import keras
 from keras import layers
 
 from tinyopt import backbones
+from tinyopt.activations import Split
 from tinyopt.approaches import blocks
 from tinyopt.errors import ConfigError, TrialError
 from tinyopt.schema import HEAD_INITS
 
 TRAINS = True
+# Augmentations a cache of frozen activations can keep: a flip is one of two cached views per image.
+CACHED_AUGMENTATIONS = ("none", "flip")
+_TOP = "top"  # the layers after the backbone, as one sub-model the cached suffix reuses
 
 
 def build(params: dict[str, Any], *, model: dict[str, Any], wnids: list[str]) -> keras.Model:
@@ -49,11 +53,46 @@ def build(params: dict[str, Any], *, model: dict[str, Any], wnids: list[str]) ->
                          "classifier itself, with no hidden layer; use head_width=0")
     features = backbones.load(model, input_size=params["input_size"])
     features.set_trainable_stages(params["trainable_stages"])
-    image = blocks.image_input()
-    x = blocks.float_images(image, params["augment"])
-    x = features.model(backbones.resize(x, params["resize"], params["input_size"]))
+    pooled = keras.Input(features.model.output.shape[1:], name="features")
+    x = pooled
     if width:
         x = layers.Dense(width, activation="relu", name="hidden")(x)
     x = layers.Dropout(params["dropout"])(x)
     head = features.classifier(wnids) if head_init == "pretrained" else layers.Dense(len(wnids), name="head")
-    return keras.Model(image, blocks.probabilities(head(x)), name="finetune")
+    top = keras.Model(pooled, blocks.probabilities(head(x)), name=_TOP)
+    image = blocks.image_input()
+    x = blocks.float_images(image, params["augment"])
+    x = features.model(backbones.resize(x, params["resize"], params["input_size"]))
+    return keras.Model(image, top(x), name="finetune")
+
+
+def uncached(params: dict[str, Any], model: dict[str, Any]) -> str | None:
+    """Why this trial cannot train on cached activations of its frozen stages (None: it can)."""
+    if params["trainable_stages"] >= backbones.STAGES:
+        return "nothing is frozen (trainable_stages = 5)"
+    if params["augment"] not in CACHED_AUGMENTATIONS:
+        return f"augment = {params['augment']} changes every image in every epoch"
+    if str(model.get("weights", "imagenet")).lower() == "none":
+        return "weights = none: each trial's backbone is random"
+    return None
+
+
+def split(finetune: keras.Model, params: dict[str, Any], *, model: dict[str, Any]) -> Split:
+    """The model ``build`` made, cut where its frozen stages end (see ``uncached`` for when it can be).
+
+    The prefix runs the frozen stages on un-augmented images (a horizontal flip is applied to the
+    uint8 images before it: ``views``); the suffix is the rest, sharing the model's layers, so that
+    training the suffix trains the model.
+    """
+    bone = finetune.get_layer("backbone")
+    boundary = backbones.frozen_boundary(bone, backbones.get(model.get("backbone", backbones.DEFAULT_BACKBONE)),
+                                         params["trainable_stages"])
+    image = blocks.image_input()
+    pixels = backbones.resize(blocks.float_images(image), params["resize"], params["input_size"])
+    prefix = keras.Model(image, keras.Model(bone.input, boundary, name="frozen")(pixels), name="finetune_frozen")
+    cut = keras.Input(boundary.shape[1:], name="activations")
+    x = cut if boundary is bone.output else keras.Model(boundary, bone.output, name="trainable")(cut)
+    suffix = keras.Model(cut, finetune.get_layer(_TOP)(x), name="finetune_trainable")
+    views = 2 if params["augment"] == "flip" else 1
+    frozen = backbones.STAGES - params["trainable_stages"]
+    return Split(prefix, suffix, boundary=f"stage {frozen} output", views=views)

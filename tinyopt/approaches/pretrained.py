@@ -7,8 +7,12 @@ probabilities of each image and its mirror image), ``restrict_200``:
 - false: the baseline of the report this project grew from, the full 1000-way softmax. ``build``
   outputs its ``len(wnids)`` columns, not renormalised, so that they are comparable class
   probabilities for the ensemble. The report's top-1 counts a hit only when the argmax over all
-  1000 classes is the label, which those columns cannot tell: ``full_top1`` scores it, through the
-  1000-way model of ``full_outputs``.
+  1000 classes is the label, which those columns cannot tell: ``full_top1`` scores it.
+
+A sweep never runs ``build``'s model on the data: ``split`` gives the 1000 ImageNet logits of each
+view, computed once per (weights, resize, input size, view) and shared by every trial that needs
+them (``tinyopt.activations``), and ``outputs`` and ``full_top1`` finish both ``restrict_200``
+choices from them in numpy. ``build``'s model is what a kept trial saves.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from typing import Any
 import keras
 import numpy as np
 from keras import layers
+from scipy.special import softmax
 
 from tinyopt import backbones
+from tinyopt.activations import Split
 from tinyopt.approaches import blocks
 from tinyopt.imagenet import imagenet_indices
 
@@ -71,20 +77,48 @@ def full_outputs(params: dict[str, Any], *, model: dict[str, Any]) -> keras.Mode
     return keras.Model(image, probs, name="pretrained_1000")
 
 
-def full_top1(params: dict[str, Any], *, model: dict[str, Any], wnids: list[str], images: np.ndarray,
-              labels: np.ndarray, batch_size: int = 128) -> float:
+def uncached(params: dict[str, Any], model: dict[str, Any]) -> str | None:
+    """Why this trial's logits cannot be reused by other trials (None: they can)."""
+    if str(model.get("weights", "imagenet")).lower() == "none":
+        return "weights = none: each trial's backbone is random"
+    return None
+
+
+def split(pretrained: keras.Model, params: dict[str, Any], *, model: dict[str, Any]) -> Split:
+    """The 1000 ImageNet logits of each view, from which every ``restrict_200`` and ``flip_tta`` is computed.
+
+    ``pretrained`` (``build``'s model) is not needed: nothing trains, ``outputs`` finishes in numpy.
+    """
+    features = backbones.load(model, input_size=params["input_size"])
+    image = blocks.image_input()
+    x = backbones.resize(blocks.float_images(image), params["resize"], params["input_size"])
+    logits = layers.Activation("linear", dtype="float32")(features.classifier(None)(features.model(x)))
+    return Split(keras.Model(image, logits, name="imagenet_logits"), None, boundary="imagenet logits",
+                 views=2 if params["flip_tta"] else 1, dtype="float32")
+
+
+def outputs(params: dict[str, Any], views: list[np.ndarray], *, wnids: list[str]) -> np.ndarray:
+    """``build``'s output from the logits of each view (``split``): (N, len(wnids)) probabilities."""
+    columns = imagenet_indices(wnids)
+    if params["restrict_200"]:
+        return np.mean([softmax(view[:, columns], axis=1) for view in views], axis=0)
+    return _full(views)[:, columns]
+
+
+def full_top1(views: list[np.ndarray], *, wnids: list[str], labels: np.ndarray) -> float:
     """Top-1 accuracy of the argmax over all 1000 ImageNet classes (the ``restrict_200=false`` score).
 
     Args:
-        params, model: as for ``build``.
+        views: the 1000 logits of each view (``split``).
         wnids: class wnids in class-index order.
-        images: uint8 (N, 64, 64, 3).
         labels: integer class indices (N,).
-        batch_size: images per forward pass.
 
     Returns:
         The fraction of images whose 1000-way argmax is the ImageNet output of their label.
     """
-    probs = full_outputs(params, model=model).predict(images, batch_size=batch_size, verbose=0)
     targets = np.asarray(imagenet_indices(wnids))[np.asarray(labels)]
-    return float(np.mean(np.argmax(probs, axis=1) == targets))
+    return float(np.mean(np.argmax(_full(views), axis=1) == targets))
+
+
+def _full(views: list[np.ndarray]) -> np.ndarray:
+    return np.mean([softmax(view, axis=1) for view in views], axis=0)

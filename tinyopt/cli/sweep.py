@@ -9,6 +9,9 @@ import click
 from tinyopt.cli.options import cache_option, data_option, storage_options
 from tinyopt.config import APPROACHES
 
+# workers.py imports nothing heavy at module level, so --help stays fast.
+from tinyopt.workers import TRIALS_PER_PROCESS
+
 
 class _RichEvents:
     """Trial and epoch progress bars for a sweep."""
@@ -80,9 +83,10 @@ def _trial_line(number: int, state: str, value: float | None, reason: str | None
 @click.option("--gpus", default=None, metavar="IDS",
               help="Pin one worker per GPU listed, e.g. --gpus 0,1 (sets each worker's CUDA_VISIBLE_DEVICES); "
                    "--gpus 0,0 runs two workers sharing GPU 0.")
-@click.option("--trials-per-process", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Run each worker's trials in fresh processes of at most N trials (0: all in one). "
-                   "TensorFlow keeps memory per trained model, so this bounds a long sweep's memory.")
+@click.option("--trials-per-process", type=click.IntRange(min=0), default=None, metavar="N",
+              help=f"Run each worker's trials in consecutive fresh processes of at most N trials; 0 runs them all "
+                   f"in one process (default: {TRIALS_PER_PROCESS}, 0 for ensemble). TensorFlow keeps about 17 MiB "
+                   f"per trained model, so one process grows with every trial; a fresh one costs about 10 s.")
 @click.option("--worker", "is_worker", is_flag=True, hidden=True,
               help="Run as a worker of a supervising `tinyopt sweep` (plain lines; it owns the parent run).")
 def sweep(approach, trials, timeout, max_trials, source, cache_dir, config_path, overrides, study_name, storage,
@@ -94,10 +98,12 @@ def sweep(approach, trials, timeout, max_trials, source, cache_dir, config_path,
     """
     from rich.console import Console
 
-    from tinyopt.workers import SweepArgs, parse_gpus
+    from tinyopt.workers import SweepArgs, default_trials_per_process, parse_gpus
 
     if trials is None and timeout is None:
         trials = 10
+    if trials_per_process is None:
+        trials_per_process = default_trials_per_process(approach)
     gpu_ids, workers = parse_gpus(gpus, workers)
     args = SweepArgs(approach, trials, timeout, max_trials, source, cache_dir, config_path, tuple(overrides),
                      study_name, storage, tracking_uri, seed, trials_per_process, workers, gpu_ids)
