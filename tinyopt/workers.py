@@ -29,8 +29,8 @@ from tinyopt import storage as storages
 from tinyopt.backend import SHARE_ENV
 from tinyopt.errors import TinyoptError
 
-# TensorFlow keeps about 17 MiB per trained model (keras-team/keras#17458): 10 trials grow a worker
-# by about 175 MiB, under 10% of its 2 GB, and its fresh process costs 9 to 11 s, about 1 s per
+# TensorFlow keeps 17 to 20 MiB per trained model (keras-team/keras#17458): 10 trials grow a worker
+# by 175 to 205 MiB, about 10% of its 2 GB, and its fresh process costs 9 to 11 s, about 1 s per
 # trial (benchmarks/bench_trial_memory.py, BENCHMARKS.md).
 TRIALS_PER_PROCESS = 10
 

@@ -85,7 +85,7 @@ def _trial_line(number: int, state: str, value: float | None, reason: str | None
                    "--gpus 0,0 runs two workers sharing GPU 0.")
 @click.option("--trials-per-process", type=click.IntRange(min=0), default=None, metavar="N",
               help=f"Run each worker's trials in consecutive fresh processes of at most N trials; 0 runs them all "
-                   f"in one process (default: {TRIALS_PER_PROCESS}, 0 for ensemble). TensorFlow keeps about 17 MiB "
+                   f"in one process (default: {TRIALS_PER_PROCESS}, 0 for ensemble). TensorFlow keeps about 20 MiB "
                    f"per trained model, so one process grows with every trial; a fresh one costs about 10 s.")
 @click.option("--worker", "is_worker", is_flag=True, hidden=True,
               help="Run as a worker of a supervising `tinyopt sweep` (plain lines; it owns the parent run).")
