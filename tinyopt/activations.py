@@ -35,7 +35,7 @@ FORMAT = 1
 # train.activation_cache_gb = "auto": this share of the memory available when the sweep starts.
 AUTO_RAM_SHARE = 0.25
 _DISK_MARGIN = 1 << 30  # left free on the disk after a build
-_CHUNK = 4096  # images per write to the file: bounds the memory a build needs beside the file
+_CHUNK = 4096  # rows hashed at a time: a digest of a memory-mapped split never copies it whole
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class CacheUnavailable(Exception):
 
 
 def digest(*arrays: np.ndarray) -> str:
-    """A digest of arrays' contents (e.g. a split's images and labels), read in chunks."""
+    """A digest of arrays' contents (a split's images and labels, a model's weights), read in chunks."""
     hasher = hashlib.blake2b(digest_size=16)
     for array in arrays:
         hasher.update(str((array.shape, array.dtype.str)).encode())

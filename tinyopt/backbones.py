@@ -15,7 +15,6 @@ downloads into ``$KERAS_HOME/models/`` and reuses that file), a local weights fi
 from __future__ import annotations
 
 import bisect
-import hashlib
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -28,6 +27,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from tinyopt.activations import digest
 from tinyopt.errors import ConfigError, TrialError, WeightsError
 from tinyopt.imagenet import imagenet_indices
 from tinyopt.schema import IMAGENET_WEIGHTS, MIN_INPUT_SIZE, RESIZE_METHODS
@@ -78,7 +78,6 @@ class Backbone:
         preprocess: adds the model's own ``preprocess_input`` to a float tensor of 0..255 pixels.
         classifier: name of the 1000-way ImageNet layer (its input is the pooled feature vector).
         stage_of: layer name -> freeze stage, 1 (stem) to ``STAGES`` (last).
-        resolutions: input sizes that ImageNet weights exist for; the first is the default.
         stage_ends: the layer whose output ends each of stages 1 to ``STAGES - 1``: everything after
             it depends on that output alone, so a frozen prefix can be cut there.
         resolutions: input sizes that ImageNet weights exist for; the first is the default.
@@ -268,10 +267,7 @@ def _source_weights(name: str, alpha: float, size: int, source: str, stamp: obje
     net = spec.constructor(include_top=True, weights=source, input_shape=(size, size, 3),
                            **_constructor_kwargs(spec, alpha))
     arrays = tuple(net.get_weights())
-    digest = hashlib.blake2b(digest_size=16)
-    for array in arrays:
-        digest.update(np.ascontiguousarray(array).data)
-    return _Weights(arrays, digest.hexdigest())
+    return _Weights(arrays, digest(*arrays))
 
 
 def weights_digest(model_cfg: dict[str, Any]) -> str | None:

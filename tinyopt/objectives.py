@@ -259,8 +259,8 @@ class ModelObjective(TrackedObjective):
         if why is not None and self.approach.TRAINS:
             return ImageFeed(model, self.data.splits), f"off: {why}"
         cut = self.approach.split(model, params, model=model_cfg)
-        views = cut.views if self.approach.TRAINS else 1
-        needs = {"train": views, "selection": 1, "test": 1} if self.approach.TRAINS else \
+        # Training draws from every view; a trained model is scored on the images themselves.
+        needs = {"train": cut.views, "selection": 1, "test": 1} if self.approach.TRAINS else \
             {"selection": cut.views, "test": cut.views}
         finish = None if cut.suffix is not None else functools.partial(self.approach.outputs, params,
                                                                        wnids=self.data.wnids)
