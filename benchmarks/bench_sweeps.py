@@ -6,8 +6,8 @@ at its start. Printed per variant: wall time, best selection top-1 (and that tri
 epochs trained in all (every epoch a trial reported), trials pruned. Ratios are against the first
 variant of each group.
 
-    python benchmarks/bench_sweeps.py pruning [--approaches finetune scratch] [--trials 20]
-    python benchmarks/bench_sweeps.py cache [--approaches finetune pretrained] [--trials 20]
+    python benchmarks/bench_sweeps.py pruning [--approaches finetune scratch] [--variants none median halving halving4]
+    python benchmarks/bench_sweeps.py cache [--approaches finetune pretrained] [--variants off on] [--trials 20]
 
 Targets: pruning reaches a best selection top-1 within 1 point of no pruning with at most half the
 epochs; the cache makes the same sweep faster with the same best top-1 within noise.
@@ -26,15 +26,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-VARIANTS = {
+VARIANTS = {  # group -> variant -> (what it is, its overrides)
     "pruning": {
-        "no pruning": ("study.pruner=none",),
-        "median, judged from epoch 1": ("study.pruner=median", "study.pruner_warmup_epochs=0"),
-        "halving, judged from epoch 1": ("study.pruner=halving", "study.pruner_warmup_epochs=0"),
+        "none": ("no pruning", ("study.pruner=none",)),
+        "median": ("median, judged from epoch 1", ("study.pruner=median", "study.pruner_warmup_epochs=0")),
+        "halving": ("halving, judged from epoch 1", ("study.pruner=halving", "study.pruner_warmup_epochs=0",
+                                                     "study.pruner_reduction_factor=3")),
+        "halving4": ("halving 1 in 4, from epoch 1", ("study.pruner=halving", "study.pruner_warmup_epochs=0",
+                                                      "study.pruner_reduction_factor=4")),
     },
     "cache": {
-        "without the activation cache": ("train.activation_cache=false",),
-        "with the activation cache": ("train.activation_cache=true",),
+        "off": ("without the activation cache", ("train.activation_cache=false",)),
+        "on": ("with the activation cache", ("train.activation_cache=true",)),
     },
 }
 
@@ -70,6 +73,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default=str(SHARED / "tiny-imagenet-200-dev.zip"))
     parser.add_argument("--weights", default=str(SHARED / "mobilenet_2_5_128_tf.h5"))
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="run only these variants of the group (default: all, in order)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="an override for every variant")
     args = parser.parse_args()
     approaches = args.approaches or (["finetune", "scratch"] if args.group == "pruning" else ["finetune", "pretrained"])
@@ -82,7 +87,9 @@ def main() -> None:
         for approach in approaches:
             print(f"{approach}: {args.trials} trials of sweeps/cpu/{approach}.toml, seed {args.seed}", flush=True)
             first = None
-            for index, (name, overrides) in enumerate(VARIANTS[args.group].items()):
+            chosen = args.variants or list(VARIANTS[args.group])
+            for index, variant in enumerate(chosen):
+                name, overrides = VARIANTS[args.group][variant]
                 workdir = Path(tmp) / f"{approach}-{index}"
                 workdir.mkdir()
                 result = _sweep(approach, args.trials, args.seed, (*overrides, *args.extra), data_cache, workdir,

@@ -15,7 +15,6 @@ from mlflow import MlflowClient
 from tinyopt import backbones, config, data, runner, space
 from tinyopt.activations import CacheUnavailable, Split, Store, digest
 from tinyopt.approaches import get_approach
-from tinyopt.batches import ArrayBatches
 
 WNIDS = sorted(FIXTURE_WNIDS)
 SMALL = {"backbone": "mobilenet", "alpha": 0.25, "weights_resolution": 128, "weights": "none"}
@@ -128,25 +127,6 @@ def test_digest_follows_content():
     changed[3, 5, 5, 0] ^= 1
     assert digest(changed, labels) != digest(images, labels)
     assert digest(images, labels[::-1].copy()) != digest(images, labels)
-
-
-def test_views_draw_one_view_per_image_per_epoch():
-    n = 200
-    views = [np.zeros((n, 1), np.float16), np.ones((n, 1), np.float16)]
-    labels = np.arange(n)
-    batches = ArrayBatches(views, labels, batch_size=32, shuffle=True, seed=3)
-    epochs = []
-    for _ in range(3):
-        seen = {int(label): float(value[0]) for x, y in batches for value, label in zip(x, y, strict=True)}
-        assert sorted(seen) == list(range(n))  # every image once
-        epochs.append(np.array([seen[i] for i in range(n)]))
-    assert all(0.35 < epoch.mean() < 0.65 for epoch in epochs)  # about half mirrored
-    assert not np.array_equal(epochs[0], epochs[1])  # a new draw each epoch
-    again = ArrayBatches(views, labels, batch_size=32, shuffle=True, seed=3)
-    first = {int(label): float(value[0]) for x, y in again for value, label in zip(x, y, strict=True)}
-    np.testing.assert_array_equal([first[i] for i in range(n)], epochs[0])  # the seed decides
-    with pytest.raises(ValueError, match="views differ in shape"):
-        ArrayBatches([views[0], np.ones((n, 2))], labels, batch_size=8)
 
 
 @pytest.fixture(scope="module")

@@ -92,6 +92,33 @@ def test_repeat_is_endless_full_batches_running_across_epochs(builder, shuffle, 
 
 
 @pytest.mark.parametrize("builder", BUILDERS)
+def test_views_show_one_view_per_image_per_epoch_drawn_from_the_seed(builder):
+    # Two views of 200 examples (cached activations of each image and of its mirror image): 0s and 1s.
+    n = 200
+    views = [np.zeros((n, 1), np.float16), np.ones((n, 1), np.float16)]
+    labels = np.arange(n)
+
+    def shown(dataset) -> np.ndarray:
+        """Which view each example showed in one epoch, in example order; each example exactly once."""
+        images, order = _epoch(dataset)
+        np.testing.assert_array_equal(np.sort(order), labels)
+        assert images.dtype == np.float16
+        return images[np.argsort(order), 0]
+
+    batches = getattr(feeding, builder)(views, labels, batch_size=32, shuffle=True, seed=3)
+    epochs = [shown(batches) for _ in range(3)]
+    assert all(0.35 < epoch.mean() < 0.65 for epoch in epochs)  # about half mirrored
+    assert not np.array_equal(epochs[0], epochs[1])  # a new draw each epoch
+    again = getattr(feeding, builder)(views, labels, batch_size=32, shuffle=True, seed=3)
+    np.testing.assert_array_equal(shown(again), epochs[0])  # the seed decides
+    assert not np.array_equal(shown(getattr(feeding, builder)(views, labels, batch_size=32, seed=4)), epochs[0])
+    with pytest.raises(ValueError, match="views differ"):
+        getattr(feeding, builder)([views[0], np.ones((n, 2), np.float16)], labels, batch_size=8)
+    with pytest.raises(ValueError, match="draws no views"):
+        getattr(feeding, builder)(views, labels, batch_size=8, repeat=True)
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
 @pytest.mark.parametrize(("x", "y", "kwargs"), [
     (np.zeros((3, 8, 8, 3), np.uint8), np.zeros(2), {"batch_size": 2}),
     (np.zeros((3, 8, 8, 3), np.uint8), None, {"batch_size": 0}),

@@ -7,6 +7,7 @@ import pytest
 
 from tinyopt.config import APPROACHES, load_config, sweeps_dir
 from tinyopt.errors import ConfigError
+from tinyopt.sampling import make_pruner
 from tinyopt.space import defaults, searched, suggest, validate_space
 from tinyopt.urls import redact
 
@@ -107,6 +108,7 @@ _MOBILENET = ("model.backbone=mobilenet",)
     ("finetune", ["train.early_stopping_patience=-1"], "train.early_stopping_patience", "-1"),
     ("finetune", [*_MOBILENET, "model.weights=none", "model.alpha=0"], "model.alpha", "0"),
     ("finetune", ["study.heartbeat_interval=0"], "study.heartbeat_interval", "0"),
+    ("scratch", ["study.pruner_reduction_factor=1"], "study.pruner_reduction_factor", "1"),
     ("ensemble", ["ensemble.top_k=0"], "ensemble.top_k", "0"),
     # files and rules across settings
     ("finetune", ["model.weights=missing/weights.h5"], "model.weights", "'missing/weights.h5'"),
@@ -210,3 +212,32 @@ def test_redact_hides_secrets():
     text = redact("postgresql+psycopg://bob:s3cr@t@db:5432/x and http://u:pw@h:5000/?token=abc&x=1")
     assert "s3cr" not in text and "pw@" not in text and "abc" not in text
     assert "bob:***@db:5432/x" in text and "token=***&x=1" in text
+
+
+def _pruned_at_epoch_one(study_cfg: dict, values: list[float]) -> list[bool]:
+    """Which of trials reporting ``values`` (in turn) after their first epoch the configured pruner stops."""
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(study_cfg, epochs=3))
+    pruned = []
+    for value in values:
+        trial = study.ask()
+        trial.report(value, 1)  # step = epochs trained
+        pruned.append(trial.should_prune())
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED) if pruned[-1] else study.tell(trial, value)
+    return pruned
+
+
+def test_pruners_judge_from_the_first_epoch_after_the_warmup_and_halving_keeps_one_in_reduction_factor():
+    values = [0.30, 0.10, 0.50, 0.20, 0.40, 0.05, 0.60, 0.15, 0.35, 0.25, 0.45, 0.55]
+    for pruner in ("median", "halving"):
+        assert not any(_pruned_at_epoch_one({"pruner": pruner, "pruner_warmup_epochs": 1}, values))
+    median = _pruned_at_epoch_one({"pruner": "median", "pruner_warmup_epochs": 0, "n_startup_trials": 3}, values)
+    assert not any(median[:3])  # start-up trials
+    assert median[5] and not median[6]  # 0.05 is below the median so far, 0.60 above it
+
+    def kept(factor: int) -> list[float]:
+        pruned = _pruned_at_epoch_one({"pruner": "halving", "pruner_warmup_epochs": 0,
+                                       "pruner_reduction_factor": factor}, values)
+        return [value for value, stopped in zip(values, pruned, strict=True) if not stopped]
+
+    assert len(kept(4)) < len(kept(2)) < len(values)
+    assert 0.60 in kept(4) and 0.05 not in kept(2)  # the best goes on, the worst does not

@@ -1,9 +1,10 @@
 """Feeding Keras: batches of uint8 images (and labels) from an array, on any backend.
 
-``make_dataset`` gives ``fit`` and ``predict`` the prepared cache's memory maps (``tinyopt.data``)
-as tf.data under TensorFlow and as ``ArrayBatches``, a ``keras.utils.PyDataset``, under any other
-backend. It is the one backend-specific piece besides ``tinyopt.backend``; import this module only
-where Keras is wanted (after ``tinyopt.backend.load``).
+``make_dataset`` gives ``fit`` and ``predict`` the prepared cache's memory maps (``tinyopt.data``),
+or the views of cached activations (``tinyopt.feeds``), as tf.data under TensorFlow and as
+``ArrayBatches``, a ``keras.utils.PyDataset``, under any other backend. It is the one
+backend-specific piece besides ``tinyopt.backend``; import this module only where Keras is wanted
+(after ``tinyopt.backend.load``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,28 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import keras
 import numpy as np
+
+
+def _views(x: np.ndarray | list[np.ndarray], y: np.ndarray | None, batch_size: int, repeat: bool) -> list[np.ndarray]:
+    """``x`` as a list of views, checked for batching."""
+    views = list(x) if isinstance(x, list | tuple) else [x]
+    if any(view.shape != views[0].shape or view.dtype != views[0].dtype for view in views):
+        raise ValueError(f"views differ in shape or dtype: {[(view.shape, str(view.dtype)) for view in views]}")
+    if repeat and len(views) > 1:
+        raise ValueError("an endless dataset draws no views: give one array")
+    _check_batching(views[0], y, batch_size, repeat)
+    return views
+
+
+def _gather(views: list[np.ndarray], rows: np.ndarray, chosen: np.ndarray | None = None) -> np.ndarray:
+    """Rows of the views, row ``i`` from view ``chosen[i]`` (None: the one view)."""
+    if chosen is None:
+        return np.asarray(views[0][rows])
+    batch = np.empty((len(rows), *views[0].shape[1:]), views[0].dtype)
+    for number, view in enumerate(views):
+        picked = chosen == number
+        batch[picked] = view[rows[picked]]
+    return batch
 
 
 def _check_batching(x: np.ndarray, y: np.ndarray | None, batch_size: int, repeat: bool) -> None:
@@ -66,13 +89,8 @@ class ArrayBatches(keras.utils.PyDataset):
                  shuffle: bool = False, seed: int = 0, repeat: bool = False, threads: int | None = None,
                  prefetch: int | None = None):
         super().__init__(workers=1, use_multiprocessing=False)  # Keras' workers off; see the class docstring
-        self.views = list(x) if isinstance(x, list | tuple) else [x]
-        if any(view.shape != self.views[0].shape for view in self.views):
-            raise ValueError(f"views differ in shape: {[view.shape for view in self.views]}")
+        self.views = _views(x, y, batch_size, repeat)
         x = self.views[0]
-        _check_batching(x, y, batch_size, repeat)
-        if repeat and len(self.views) > 1:
-            raise ValueError("an endless dataset draws no views: give one array")
         self.x, self.batch_size, self.shuffle, self.seed, self.repeat = x, batch_size, shuffle, seed, repeat
         self.y = None if y is None else np.asarray(y, dtype=np.int64)
         self._threads = threads or min(4, os.cpu_count() or 1)
@@ -136,14 +154,7 @@ class ArrayBatches(keras.utils.PyDataset):
 
     def _batch(self, epoch: int, index: int):
         rows = self._rows(epoch, index)
-        if len(self.views) == 1:
-            images = np.asarray(self.x[rows])
-        else:
-            chosen = self._chosen(epoch, rows)
-            images = np.empty((len(rows), *self.x.shape[1:]), self.x.dtype)
-            for number, view in enumerate(self.views):
-                picked = chosen == number
-                images[picked] = view[rows[picked]]
+        images = _gather(self.views, rows, self._chosen(epoch, rows) if len(self.views) > 1 else None)
         return images if self.y is None else (images, self.y[rows])
 
     def _chosen(self, epoch: int, rows: np.ndarray) -> np.ndarray:
@@ -182,9 +193,9 @@ class ArrayBatches(keras.utils.PyDataset):
             return order
 
 
-def make_dataset(x: np.ndarray, y: np.ndarray | None = None, *, batch_size: int, shuffle: bool = False,
-                 seed: int = 0, repeat: bool = False):
-    """uint8 image batches (with int64 labels when ``y`` is given) for ``fit`` and ``predict`` on any backend.
+def make_dataset(x: np.ndarray | list[np.ndarray], y: np.ndarray | None = None, *, batch_size: int,
+                 shuffle: bool = False, seed: int = 0, repeat: bool = False):
+    """Batches of an array (with int64 labels when ``y`` is given) for ``fit`` and ``predict`` on any backend.
 
     Under the TensorFlow backend a ``tf.data`` pipeline, its fastest input: only indices flow through
     tf.data; each batch is gathered from ``x`` (typically a memory map) in numpy, so the dataset is never
@@ -192,34 +203,42 @@ def make_dataset(x: np.ndarray, y: np.ndarray | None = None, *, batch_size: int,
     ``ArrayBatches`` with the same batches, which imports no TensorFlow.
 
     Args:
-        x: uint8 images (N, H, W, C), e.g. from ``load_split``.
+        x: uint8 images (N, H, W, C), e.g. from ``load_split``; or a list of views of the same N
+            examples (cached activations of each image and of its mirror image), of which each epoch
+            shows one per example at random, drawn from ``seed`` anew every epoch.
         y: labels (N,), or None for images only.
         batch_size: images per batch; the last batch of an epoch may be smaller.
         shuffle: reshuffle the order every epoch.
-        seed: seed of the shuffle.
-        repeat: repeat forever (for ``steps_per_epoch``).
+        seed: seed of the shuffle and of the views' draw.
+        repeat: repeat forever (for ``steps_per_epoch``); one view only.
 
     Returns:
         A prefetching ``tf.data.Dataset`` or ``ArrayBatches`` of ``images`` or ``(images, labels)`` batches.
 
     Raises:
-        ValueError: ``x`` and ``y`` differ in length, ``batch_size`` < 1, or ``repeat`` without images.
+        ValueError: ``x`` and ``y`` differ in length, views differ in shape or dtype, ``batch_size`` < 1, or
+            ``repeat`` without images or with views.
     """
     if keras.backend.backend() != "tensorflow":
         return ArrayBatches(x, y, batch_size=batch_size, shuffle=shuffle, seed=seed, repeat=repeat)
-    _check_batching(x, y, batch_size, repeat)
+    views = _views(x, y, batch_size, repeat)
     import tensorflow as tf
 
+    count, shape, dtype = len(views[0]), views[0].shape[1:], tf.as_dtype(views[0].dtype)
     labels = None if y is None else tf.constant(np.asarray(y, dtype=np.int64))
-    indices = tf.data.Dataset.range(len(x))
+    indices = tf.data.Dataset.range(count)
     if shuffle:
-        indices = indices.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         indices = indices.repeat()
+    if len(views) > 1:
+        # A view per example per epoch: a random stream that starts anew, differently, every epoch.
+        indices = tf.data.Dataset.zip(indices, tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True))
 
-    def gather(batch):
-        images = tf.numpy_function(lambda rows: x[rows], [batch], tf.uint8, stateful=False)
-        images.set_shape((None, *x.shape[1:]))
-        return images if labels is None else (images, tf.gather(labels, batch))
+    def gather(rows, *draws):  # draws: random int64s of the batch's rows, when there are views to draw from
+        images = tf.numpy_function(lambda r, *d: _gather(views, r, *(draw % len(views) for draw in d)),
+                                   [rows, *draws], dtype, stateful=False)
+        images.set_shape((None, *shape))
+        return images if labels is None else (images, tf.gather(labels, rows))
 
     return indices.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -87,18 +87,18 @@ class CachedFeed(ImageFeed):
         return self.cut.suffix
 
     def batches(self, split: str, batch_size: int, *, train: bool = False, seed: int = 0):
-        from tinyopt.batches import ArrayBatches
+        from tinyopt.batches import make_dataset
 
-        return ArrayBatches(self.views(split, batch_size), self.splits[split][1],
-                            batch_size=batch_size, shuffle=train, seed=seed)
+        return make_dataset(self.views(split, batch_size), self.splits[split][1], batch_size=batch_size,
+                            shuffle=train, seed=seed)
 
     def predict(self, split: str, batch_size: int) -> np.ndarray:
-        from tinyopt.batches import ArrayBatches
+        from tinyopt.batches import make_dataset
 
         if self.cut.suffix is None:
             return np.asarray(self.finish(self.views(split, batch_size)), dtype=np.float32)
         views = self.views(split, batch_size)
-        return np.asarray(self.cut.suffix.predict(ArrayBatches(views, batch_size=batch_size), verbose=0),
+        return np.asarray(self.cut.suffix.predict(make_dataset(views, batch_size=batch_size), verbose=0),
                           dtype=np.float32)
 
     def note(self) -> str:

@@ -91,18 +91,20 @@ def make_pruner(study_cfg: dict[str, Any], epochs: int) -> optuna.pruners.BasePr
     """The configured pruner, fed the selection top-1 after each epoch (step = epochs trained).
 
     ``median`` stops a trial below the median of earlier trials at the same epoch; ``halving``
-    (successive halving) lets only the best third of the trials that reached an epoch go on to
-    three times as many; ``hyperband`` runs several halving brackets; ``none`` never prunes. The
-    first ``pruner_warmup_epochs`` epochs of a trial are never judged, nor, by ``median``, the first
-    ``n_startup_trials`` trials.
+    (successive halving) lets only the best 1/η of the trials that reached an epoch go on to η
+    times as many epochs, η being ``pruner_reduction_factor``; ``hyperband`` runs several halving
+    brackets; ``none`` never prunes. The first ``pruner_warmup_epochs`` epochs of a trial are never
+    judged, nor, by ``median``, the first ``n_startup_trials`` trials.
     """
     name = study_cfg.get("pruner", "median")
     first = int(study_cfg.get("pruner_warmup_epochs", 1)) + 1  # the first epoch judged
+    reduction = int(study_cfg.get("pruner_reduction_factor", 3))
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=int(study_cfg.get("n_startup_trials", 5)),
                                            n_warmup_steps=first)
     if name == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=reduction)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=max(epochs, first))
+        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=max(epochs, first),
+                                              reduction_factor=reduction)
     return optuna.pruners.NopPruner()

@@ -103,6 +103,7 @@ RULES: dict[str, tuple[Any, ...] | Range | AutoOr] = {
     "study.n_startup_trials": Range(0),
     "study.pruner": PRUNERS,
     "study.pruner_warmup_epochs": Range(0),
+    "study.pruner_reduction_factor": Range(2),
     "study.max_consecutive_failures": Range(0),
     "study.heartbeat_interval": Range(1),
     "ensemble.objective": ENSEMBLE_OBJECTIVES,
