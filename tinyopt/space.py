@@ -95,11 +95,8 @@ def combinations(space: dict[str, Any]) -> int | None:
             continue
         if entry["type"] == "categorical":
             count *= len(entry["choices"])
-        elif entry["type"] == "int" or "step" in entry:
-            if entry.get("log"):
-                count *= entry["high"] - entry["low"] + 1
-            else:
-                count *= int(round((entry["high"] - entry["low"]) / entry.get("step", 1))) + 1
+        elif entry["type"] == "int" or "step" in entry:  # a log scale takes no step: every int counts
+            count *= int(round((entry["high"] - entry["low"]) / entry.get("step", 1))) + 1
         else:
             return None
     return count
