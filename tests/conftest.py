@@ -75,6 +75,13 @@ def mobilenet_weights() -> Path:
 
 
 @pytest.fixture(scope="session")
+def mobilenet_weights_or_none() -> str:
+    """The MobileNet weights file as ``model.weights`` when ../shared/data has it, else ``none`` (random weights)."""
+    path = shared_data_dir() / MOBILENET_FILE
+    return str(path) if path.is_file() else "none"
+
+
+@pytest.fixture(scope="session")
 def _keras_home_dir(mobilenet_weights, tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("keras_home")
     (home / "models").mkdir()
@@ -97,6 +104,12 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    """A function returning a TCP port of 127.0.0.1 that nothing listens on, for a server a test starts."""
+    return _free_port
 
 
 @pytest.fixture

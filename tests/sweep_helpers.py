@@ -94,3 +94,23 @@ def artifacts(client, run_id, path=""):
     for item in client.list_artifacts(run_id, path):
         names |= artifacts(client, run_id, item.path) if item.is_dir else {item.path}
     return names
+
+
+def failing_build(monkeypatch, fail_when):
+    """Make the scratch model's build raise (a simulated out-of-memory) on the calls ``fail_when(index)`` picks.
+
+    The scratch approach builds one model per trial, so a study's first sweep fails trial number ``index``.
+    """
+    from tinyopt.approaches import get_approach
+
+    module = get_approach("scratch")
+    original = module.build
+    calls = []
+
+    def build(params, **kwargs):
+        calls.append(params)
+        if fail_when(len(calls) - 1):
+            raise RuntimeError("out of memory (simulated)")
+        return original(params, **kwargs)
+
+    monkeypatch.setattr(module, "build", build)

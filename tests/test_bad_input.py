@@ -34,6 +34,7 @@ CASES = [
      "rotate"),
     ("sampler typo", ["--set", "study.sampler=cmaes"], "cmaes"),
     ("pruner typo", ["--set", "study.pruner=asha"], "asha"),
+    ("run name of a param not searched", ["--set", 'study.run_name=["stages", "lr"]'], "study.run_name: 'lr'"),
     ("precision typo", ["--set", "train.mixed_precision=maybe"], "maybe"),
     ("markup in a value is printed literally", ["--set", "space.optimizer=[red]"], "[red]"),
     ("zero epochs", ["--set", "space.epochs=0"], "space.epochs"),

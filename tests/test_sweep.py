@@ -6,9 +6,10 @@ import keras
 import numpy as np
 import optuna
 import pytest
-from sweep_helpers import SMALL, artifacts, runs_of
+from mlflow.entities import LoggedModelStatus
+from sweep_helpers import SMALL, artifacts, failing_build, runs_of
 
-from tinyopt import runner, sampling, tracking
+from tinyopt import record, runner, sampling, tracking
 from tinyopt.errors import StudyError
 from tinyopt.objectives import QuietEvents
 
@@ -54,22 +55,64 @@ def test_sweep_records_every_trial_in_mlflow(approach, stores, tiny_folder, cach
         assert run.data.tags["precision"] == "float32"  # auto: no mixed precision on a CPU
         assert run.data.tags["jit_compile"] in ("True", "False") and run.data.tags["eval_batch_size"] == "32"
         assert not any(key.startswith("system/") for key in run.data.metrics)  # auto: only with a GPU
-        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert trial.user_attrs[record.RUN_ID] == run.info.run_id
+        assert trial.user_attrs[record.RUN_URL].endswith(f"#/experiments/{run.info.experiment_id}/runs/"
+                                                         f"{run.info.run_id}")
+        # The searched params and a few identifying ones, not the resolved config (an artifact and a hash).
+        identifying = {"approach", "backbone", "weights", "data", record.CONFIG_HASH} & set(run.data.params)
+        assert set(run.data.params) == set(trial.params) | identifying
+        assert {"approach", "data", record.CONFIG_HASH} <= identifying and len(run.data.params) <= 20
         for name, value in trial.params.items():
             assert run.data.params[name] == str(value)
-        assert "config.space" in run.data.params
-        assert run.data.metrics["selection_top1"] == pytest.approx(trial.value)
-        assert run.data.metrics["test_top1"] == pytest.approx(trial.user_attrs["test_top1"])
+        assert run.data.params[record.CONFIG_HASH] == tracking.config_hash(study.user_attrs["config"])
+        # Named after the trial and the params study.run_name lists; every value in the description.
+        assert run.info.run_name.startswith(f"t{trial.number}")
+        description = run.data.tags[record.TAG_DESCRIPTION]
+        assert all(f"| {key} |" in description for key in trial.user_attrs[record.PARAMS])
+        # Final scores once, under names no per-epoch series has; 4 significant digits.
+        final = {key: value for key, value in run.data.metrics.items() if key.startswith(record.FINAL_PREFIX)}
+        assert {record.final(key) for key in record.SCORES} <= set(final)
+        assert final[record.final("selection_top1")] == pytest.approx(trial.value, abs=5e-5)
+        for key in final:
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0], key
+        assert all(len(repr(value)) <= 12 for value in run.data.metrics.values()), run.data.metrics
         names = artifacts(client, run.info.run_id)
         assert {"predictions.npz", "config.json", "classes.tsv"} <= names
         if approach != "pretrained":
             assert "learning_curve.png" in names
-            history = client.get_metric_history(run.info.run_id, "selection_accuracy")
-            assert [m.step for m in history] == [0, 1]
-            for key in ("loss", "accuracy", "selection_loss", "learning_rate", "epoch_seconds", "images_per_second"):
-                assert len(client.get_metric_history(run.info.run_id, key)) == 2, key
-        assert ("model/model.keras" in names) == trial.user_attrs["model_kept"]
-    assert study.trials[0].user_attrs["model_kept"]  # the first complete trial is always the best so far
+            for key in record.EPOCH_METRICS:
+                steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+                assert steps == [1, 2], key  # one point per epoch, counted from 1
+            assert not {"loss", "accuracy", "selection_accuracy", "learning_rate"} & set(run.data.metrics)
+        else:
+            assert not set(record.EPOCH_METRICS) & set(run.data.metrics)
+        # A kept model is an MLflow logged model of this run, and its run says so.
+        kept = trial.user_attrs[record.MODEL_KEPT]
+        assert run.data.tags[record.TAG_MODEL_KEPT] == str(kept).lower()
+        assert len(run.outputs.model_outputs if run.outputs else []) == int(kept)
+        if kept:
+            model = client.get_logged_model(run.outputs.model_outputs[0].model_id)
+            assert model.source_run_id == run.info.run_id and model.status == LoggedModelStatus.READY
+            assert run.data.tags[record.TAG_MODEL_URI] == f"models:/{model.model_id}"
+    assert study.trials[0].user_attrs[record.MODEL_KEPT]  # the first complete trial is always the best so far
+    # The best tag: exactly the best trial's run.
+    tagged = [number for number, run in children.items() if run.data.tags.get(record.TAG_BEST) == "true"]
+    assert tagged == [study.best_trial.number]
+    # The parent run is the sweep's summary.
+    parent = client.get_run(parents[0].info.run_id)
+    history = client.get_metric_history(parent.info.run_id, record.BEST_SO_FAR)
+    assert [m.step for m in history] == [0, 1]
+    assert history[-1].value == pytest.approx(study.best_value, abs=5e-5)
+    assert history[0].value == pytest.approx(study.trials[0].value, abs=5e-5)
+    assert parent.data.metrics[f"{record.COUNT_PREFIX}complete"] == 2
+    assert parent.data.metrics[f"{record.COUNT_PREFIX}failed"] == 0
+    assert parent.data.metrics[record.COMPUTE_SECONDS] > 0
+    assert parent.data.tags[record.TAG_BEST_TRIAL] == str(study.best_trial.number)
+    assert parent.data.tags[record.TAG_BEST_RUN] == children[study.best_trial.number].info.run_id
+    assert f"Best: trial {study.best_trial.number}" in parent.data.tags[record.TAG_DESCRIPTION]
+    assert {record.HISTORY, record.CONFIG_FILE} <= artifacts(client, parent.info.run_id)
+    assert parent.data.params["approach"] == approach
+    assert study.metric_names == [record.OBJECTIVE_NAME]
 
 
 def test_gpu_settings_can_be_forced_on_a_cpu(stores, tiny_folder, cache_root, monkeypatch):
@@ -83,7 +126,7 @@ def test_gpu_settings_can_be_forced_on_a_cpu(stores, tiny_folder, cache_root, mo
     assert run.data.tags["precision"] == "mixed_bfloat16" and run.data.tags["jit_compile"] == "False"
     assert run.data.tags["eval_batch_size"] == "256"  # auto on a CPU
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
-    assert np.isfinite(run.data.metrics["selection_top1"])
+    assert np.isfinite(run.data.metrics[record.final("selection_top1")])
 
 
 @pytest.mark.backend
@@ -103,7 +146,7 @@ def test_predictions_and_kept_model_reproduce_the_trial(stores, tiny_folder, cac
     np.testing.assert_array_equal(saved["selection_labels"], y_sel)
     np.testing.assert_array_equal(saved["test_labels"], y_test)
     assert np.mean(saved["selection_probs"].argmax(1) == y_sel) == pytest.approx(trial.value)
-    model = keras.models.load_model(tracking.download_artifact(run_id, "model/model.keras", stores["tracking_uri"]))
+    model = keras.models.load_model(tracking.download_model(run_id, stores["tracking_uri"], cache_root / run_id))
     predicted = model.predict(np.asarray(x_sel), verbose=0)
     assert isinstance(predicted, np.ndarray) and predicted.shape == saved["selection_probs"].shape
     np.testing.assert_allclose(predicted, saved["selection_probs"], atol=1e-5)
@@ -142,27 +185,11 @@ def test_pruned_trial_run_is_killed(stores, tiny_folder, cache_root, monkeypatch
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
     client, _, children = runs_of(stores, "scratch")
     assert children[1].info.status == "KILLED" and children[1].data.tags["trial_state"] == "PRUNED"
-    assert len(client.get_metric_history(children[1].info.run_id, "selection_accuracy")) == 1
-
-
-def _failing_build(monkeypatch, fail_when):
-    from tinyopt.approaches import get_approach
-
-    module = get_approach("scratch")
-    original = module.build
-    calls = []
-
-    def build(params, **kwargs):
-        calls.append(params)
-        if fail_when(len(calls) - 1):
-            raise RuntimeError("out of memory (simulated)")
-        return original(params, **kwargs)
-
-    monkeypatch.setattr(module, "build", build)
+    assert len(client.get_metric_history(children[1].info.run_id, record.SELECTION_TOP1)) == 1
 
 
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(stores, tiny_folder, cache_root, monkeypatch):
-    _failing_build(monkeypatch, lambda number: number == 1)
+    failing_build(monkeypatch, lambda number: number == 1)
     result = sweep("scratch", stores, tiny_folder, cache_root, 3)
     states = [t.state.name for t in load_study(stores, "scratch").trials]
     assert states == ["COMPLETE", "FAIL", "COMPLETE"] and result.counts["FAIL"] == 1
@@ -174,7 +201,7 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(stores, tiny_folder, cac
 
 
 def test_a_run_whose_every_trial_failed_is_an_error(stores, tiny_folder, cache_root, monkeypatch):
-    _failing_build(monkeypatch, lambda number: True)
+    failing_build(monkeypatch, lambda number: True)
     with pytest.raises(StudyError, match="all 2 trials of this run failed.*out of memory"):
         sweep("scratch", stores, tiny_folder, cache_root, 2)  # fewer than max_consecutive_failures (5)
     _, parents, _ = runs_of(stores, "scratch")
@@ -182,7 +209,7 @@ def test_a_run_whose_every_trial_failed_is_an_error(stores, tiny_folder, cache_r
 
 
 def test_consecutive_failures_stop_the_sweep(stores, tiny_folder, cache_root, monkeypatch):
-    _failing_build(monkeypatch, lambda number: True)
+    failing_build(monkeypatch, lambda number: True)
     with pytest.raises(StudyError, match="2 consecutive failed trials.*out of memory"):
         sweep("scratch", stores, tiny_folder, cache_root, 10, "study.max_consecutive_failures=2")
     assert len(load_study(stores, "scratch").trials) == 2

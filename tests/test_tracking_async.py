@@ -98,13 +98,12 @@ def test_the_model_is_saved_before_the_trial_goes_on(tmp_path):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     x = np.eye(3, dtype=np.float32)
     expected = model.predict(x, verbose=0)
-    run.log_model(model)
+    run.log_model(model, tracker.experiment_id)
     model.set_weights([np.zeros_like(w) for w in model.get_weights()])  # what the next trial's clear_session may do
     release.set()
     run.end("COMPLETE")
     tracker.end_sweep()
-    assert _artifacts(tracker, run.run_id, "model") == {record.MODEL}
-    reloaded = keras.saving.load_model(tracking.download_artifact(run.run_id, record.MODEL, tracker.tracking_uri))
+    reloaded = keras.saving.load_model(tracking.download_model(run.run_id, tracker.tracking_uri, tmp_path / "dl"))
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), expected, rtol=1e-6)
 
 
@@ -145,3 +144,25 @@ def test_a_run_without_a_background_thread_raises_at_once(tmp_path, monkeypatch)
     run = tracking.TrialRun(tracker.client, tracker.parent_run_id)  # as report and recovery use it
     with pytest.raises(OSError, match="No space left"):
         run.log_predictions(ARRAYS)
+
+
+@pytest.mark.parametrize(("headline", "name"), [
+    ({"stages": 2, "optimizer": "adamw", "learning_rate": 3e-4, "resize": "bicubic", "input_size": 160},
+     "t12 stages=2 adamw lr=3e-4 bicubic px=160"),
+    ({"dropout": 0.25, "batch_norm": True, "weight_decay": 1.5e-5}, "t12 dropout=0.25 batch_norm=True wd=1.5e-5"),
+    ({"learning_rate": 0.0123456, "momentum": 0.9}, "t12 lr=0.0123 momentum=0.9"),
+    ({"optimizer": "sgd", "augment": "none"}, "t12 sgd augment=none"),
+    ({}, "t12"),
+])
+def test_a_trial_run_is_named_after_its_telling_params(headline, name):
+    assert tracking.run_name(12, headline) == name
+
+
+def test_metrics_keep_four_significant_digits(tmp_path):
+    tracker = _tracker(tmp_path)
+    run = _trial(tracker, 0)
+    run.log_metrics({"final_selection_top1": 0.46399998664855957, "lr": 0.000312345678, "epoch_seconds": 123.456})
+    run.end("COMPLETE")
+    tracker.end_sweep()
+    assert tracker.client.get_run(run.run_id).data.metrics == {"final_selection_top1": 0.464, "lr": 0.0003123,
+                                                              "epoch_seconds": 123.5}

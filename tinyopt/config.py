@@ -132,6 +132,7 @@ def load_config(approach: str, path: str | Path | None = None, overrides: list[s
     _check_values(config, defaults)
     schema.check_model(approach, config.get("model", {}))
     _check_sampler(config)
+    _check_run_name(config)
     config["approach"] = approach
     return config
 
@@ -157,6 +158,13 @@ def _check_sampler(config: dict[str, Any]) -> None:
                   if _is_distribution(entry) and entry["type"] == "float" and "step" not in entry]
         raise ConfigError(f"study.sampler = bruteforce needs a finite [space], but {', '.join(floats)} "
                           f"draw any float; give them a step, or use study.sampler = tpe")
+
+
+def _check_run_name(config: dict[str, Any]) -> None:
+    unknown = [name for name in config.get("study", {}).get("run_name", []) if name not in config.get("space", {})]
+    if unknown:
+        raise ConfigError(f"study.run_name: {', '.join(map(repr, unknown))} is not in [space]; name params of "
+                          f"[space] ({', '.join(config.get('space', {}))})")
 
 
 def _drawn(entry: Any) -> Any:

@@ -15,14 +15,15 @@ An ensemble trial records what ``best --export`` and ``report`` need in its user
 
 plus, from ``EnsembleObjective``, the user attrs every approach trial has: ``params`` (the raw
 weights), ``mlflow_run_id``, ``seconds`` and ``model_kept`` (always False: the members keep the
-models). Weights in ``members`` are normalised to sum 1. Only numpy loads with this module; sklearn
-(through ``tinyopt.metrics``), optuna, matplotlib and mlflow load in the functions that use them.
+models). The raw weights are the sampler's coordinates; what a person reads (``members``, the
+trial's MLflow params and run name, ``best``, ``report``) is each member's share of the vote, the
+weights normalised to sum 1. Only numpy loads with this module; sklearn (through
+``tinyopt.metrics``), optuna, matplotlib and mlflow load in the functions that use them.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -37,13 +38,6 @@ from tinyopt.schema import ENSEMBLE_OBJECTIVES as OBJECTIVES
 
 WEIGHT_PREFIX = "weight_"
 _SPLITS = ("selection", "test")
-# MLflow accepts only these characters in param names, and the weight params end up there.
-_UNSAFE = re.compile(r"[^\w.\-]")
-
-
-def safe_name(text: str) -> str:
-    """``text`` with every character MLflow rejects in param and metric names replaced by ``_``."""
-    return _UNSAFE.sub("_", text)
 
 
 def normalise_weights(weights: Sequence[float]) -> np.ndarray:
@@ -110,6 +104,8 @@ class Member:
     @property
     def label(self) -> str:
         """``<study>-<trial number>``, safe as an Optuna and an MLflow param name."""
+        from tinyopt.tracking import safe_name  # the weight params end up in MLflow, whose rules tracking knows
+
         return safe_name(f"{self.study}-{self.trial_number}")
 
     @property
@@ -298,14 +294,27 @@ class EnsembleObjective(TrackedObjective):
         weights = self.search.suggest(trial)
         return {m.param: w for m, w in zip(self.search.members, weights, strict=True)}
 
+    def _shares(self, params: dict[str, Any]) -> dict[str, float]:
+        try:
+            shares = normalise_weights([params[m.param] for m in self.search.members])
+        except TrialError:  # every weight 0: the trial fails in evaluate, with the reason
+            shares = np.zeros(len(self.search.members))
+        return {m.param: round(float(s), 3) for m, s in zip(self.search.members, shares, strict=True)}
+
+    def logged_params(self, trial: Any, params: dict[str, Any]) -> dict[str, Any]:
+        return self._shares(params)
+
+    def headline(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {key.removeprefix(WEIGHT_PREFIX): share for key, share in self._shares(params).items()}
+
     def evaluate(self, trial: Any, params: dict[str, Any], run: Any) -> float:
-        from tinyopt.report import comparison_chart
+        from tinyopt.plots import comparison_chart
 
         trial.set_user_attr(record.MODEL_KEPT, False)
         weights = [params[m.param] for m in self.search.members]
         flat = self.search.record(trial, weights)
         uniform = {f"uniform_{key}": v for key, v in self.search.uniform_scores.items()}
-        run.log_metrics({**flat, **uniform})
+        run.log_metrics({record.final(key): value for key, value in {**flat, **uniform}.items()})
         rows = self.search.comparison(weights)
         run.log_text(json.dumps(rows, indent=2), "ensemble_members.json")
         run.log_figure(comparison_chart(rows, f"ensemble trial {trial.number}"), "ensemble_comparison.png")

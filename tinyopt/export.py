@@ -25,20 +25,11 @@ if TYPE_CHECKING:
     from tinyopt.report import StudySummary
 
 MODEL_FILE = "model.keras"
-CLASSES_FILE = "classes.tsv"
+CLASSES_FILE = record.CLASSES_FILE
 PARAMS_FILE = "params.json"
 METRICS_FILE = "metrics.json"
 README_FILE = "MODEL.md"
 PROVENANCE_FILE = "provenance.json"
-_CLASSES_HEADER = ["index", "wnid", "name"]
-
-
-def write_classes(path: Path, classes: Sequence[Sequence[Any]]) -> None:
-    """Write ``(index, wnid, name)`` rows as a tab-separated file with a header line."""
-    with path.open("w", newline="") as out:
-        writer = csv.writer(out, delimiter="\t", lineterminator="\n")
-        writer.writerow(_CLASSES_HEADER)
-        writer.writerows((int(index), wnid, name) for index, wnid, name in classes)
 
 
 def read_classes(path: Path) -> list[tuple[int, str, str]]:
@@ -52,7 +43,7 @@ def read_classes(path: Path) -> list[tuple[int, str, str]]:
         raise TinyoptError(f"{path} does not exist; a bundle needs its classes.tsv")
     with path.open(newline="") as source:
         rows = [row for row in csv.reader(source, delimiter="\t") if row]
-    if rows and rows[0] == _CLASSES_HEADER:
+    if rows and tuple(rows[0]) == record.CLASSES_COLUMNS:
         rows = rows[1:]
     try:
         classes = [(int(index), wnid, name) for index, wnid, name in rows]
@@ -142,7 +133,7 @@ def write_bundle(dst: str | Path, *, model: Any, classes: Sequence[Sequence[Any]
     try:
         model.save(staging / MODEL_FILE)
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-        write_classes(staging / CLASSES_FILE, classes)
+        (staging / CLASSES_FILE).write_text(record.classes_tsv(classes))
         (staging / PARAMS_FILE).write_text(json.dumps(dict(params), indent=2, sort_keys=True) + "\n")
         (staging / METRICS_FILE).write_text(json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")
         (staging / README_FILE).write_text(_model_md(model, classes, params, metrics, description))
@@ -295,8 +286,7 @@ def _run_model(run_id: str, tracking_uri: str, tmp: Path) -> Any:
 
     from tinyopt import tracking
 
-    path = tracking.download_artifact(run_id, record.MODEL, tracking_uri, tmp / run_id)
-    return keras.models.load_model(path, compile=False)
+    return keras.models.load_model(tracking.download_model(run_id, tracking_uri, tmp / run_id), compile=False)
 
 
 def _run_classes(run_ids: Sequence[str], tracking_uri: str, tmp: Path) -> list[tuple[int, str, str]]:

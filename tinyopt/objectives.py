@@ -107,6 +107,14 @@ class TrackedObjective:
         """Epochs the trial will train, for progress display (0: no training)."""
         return 0
 
+    def logged_params(self, trial, params: dict[str, Any]) -> dict[str, Any]:
+        """The params its MLflow run lists: the searched ones (the others are in its config and description)."""
+        return dict(trial.params)
+
+    def headline(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The params its run name shows: ``study.run_name`` of the config."""
+        return {key: params[key] for key in self.config.get("study", {}).get("run_name", []) if key in params}
+
     def __call__(self, trial) -> float:
         import optuna
 
@@ -115,11 +123,14 @@ class TrackedObjective:
         trial.set_user_attr(record.WORKER, worker)
         params = self.choose(trial)
         trial.set_user_attr(record.PARAMS, params)
-        run = self.tracker.start_trial(trial.number, params, self.config,
+        logged = self.logged_params(trial, params)
+        run = self.tracker.start_trial(trial.number, {**params, **logged}, self.config,
                                        tags={record.TAG_DEVICE: self.device, record.TAG_BACKEND: backend.name(),
                                              record.TAG_WORKER: f"{worker['host']}:{worker['pid']}"},
+                                       searched=logged, headline=self.headline(params),
                                        system_metrics=system_metrics(self.config, self.device))
         trial.set_user_attr(record.RUN_ID, run.run_id)
+        trial.set_user_attr(record.RUN_URL, self.tracker.run_url(run.run_id))
         started = time.perf_counter()
         try:
             with signals.interruptible():
@@ -147,7 +158,7 @@ class TrackedObjective:
             raise TrialFailed(reason) from err
         seconds = time.perf_counter() - started
         trial.set_user_attr(record.SECONDS, seconds)
-        run.log_metrics({"trial_seconds": seconds})
+        run.log_metrics({record.TRIAL_SECONDS: seconds})
         run.end("COMPLETE")
         self.events.trial_ended(trial.number, "COMPLETE", value, None)
         return value
@@ -222,19 +233,21 @@ class ModelObjective(TrackedObjective):
         run.set_tags(tags)
         value = results["selection"]["top1"]
         final = {f"{split}_{name}": v for split, r in results.items() for name, v in r.items()}
-        run.log_metrics(final, step=len(history.get("loss", [])))
+        run.log_metrics({record.final(key): v for key, v in final.items()})
         peak = backend.peak_memory()
         if peak is not None:
             run.log_metrics({record.PEAK_GPU_MEMORY: peak / 2**20})
         run.log_predictions(arrays)
-        run.log_text(_classes_tsv(self.data.classes), record.CLASSES_FILE)
+        run.log_text(record.classes_tsv((c.index, c.wnid, c.name) for c in self.data.classes), record.CLASSES_FILE)
         if history:
+            from tinyopt.plots import learning_curve
+
             run.log_figure(lambda: learning_curve(history), record.LEARNING_CURVE)  # drawn in the background
         for key in record.SCORES:
             trial.set_user_attr(key, final[key])
         kept = _beats_best(trial, value)
         if kept:
-            run.log_model(_inference_model(model))
+            run.log_model(_inference_model(model), self.tracker.experiment_id)
         trial.set_user_attr(record.MODEL_KEPT, kept)
         return value
 
@@ -337,21 +350,22 @@ def _trial_callback(trial, run, events: Events, train_images: int):
             now = time.perf_counter()
             train_seconds = max(self.trained - self.started, 1e-9)
             metrics = {
-                "loss": logs.get("loss"), "accuracy": logs.get("accuracy"), "top5": logs.get("top5"),
-                "selection_loss": logs.get("val_loss"), "selection_accuracy": logs.get("val_accuracy"),
-                "selection_top5": logs.get("val_top5"),
-                "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
-                "epoch_seconds": now - self.started, "images_per_second": train_images / train_seconds,
+                record.TRAIN_LOSS: logs.get("loss"), record.TRAIN_TOP1: logs.get("accuracy"),
+                record.TRAIN_TOP5: logs.get("top5"), record.SELECTION_LOSS: logs.get("val_loss"),
+                record.SELECTION_TOP1: logs.get("val_accuracy"), record.SELECTION_TOP5: logs.get("val_top5"),
+                record.LR: float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+                record.EPOCH_SECONDS: now - self.started, record.IMAGES_PER_SECOND: train_images / train_seconds,
             }
             metrics = {k: float(v) for k, v in metrics.items() if v is not None}
-            run.log_metrics(metrics, step=epoch)
+            # Step = epochs trained (from 1): the resource Hyperband and successive halving count, and
+            # what the MLflow charts' step axis shows.
+            run.log_metrics(metrics, step=epoch + 1)
             events.epoch_ended(trial.number, epoch, metrics)
-            if "selection_accuracy" in metrics:
-                # Step = epochs trained, the resource Hyperband and successive halving count.
-                trial.report(metrics["selection_accuracy"], epoch + 1)
+            if record.SELECTION_TOP1 in metrics:
+                trial.report(metrics[record.SELECTION_TOP1], epoch + 1)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} "
-                                             f"(selection top-1 {metrics['selection_accuracy']:.3f})")
+                                             f"(selection top-1 {metrics[record.SELECTION_TOP1]:.3f})")
 
     return TrialCallback()
 
@@ -375,28 +389,3 @@ def _inference_model(model):
 
     # input/output, not inputs/outputs: a list output would make the reloaded model return a list.
     return keras.Model(model.input, model.output, name=model.name)
-
-
-def _classes_tsv(classes: list[Any]) -> str:
-    return "".join(f"{c.index}\t{c.wnid}\t{c.name}\n" for c in classes)
-
-
-def learning_curve(history: dict[str, list[float]]):
-    """Train vs selection accuracy and loss by epoch, as a matplotlib figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(9, 3.5))
-    epochs = np.arange(1, len(history["loss"]) + 1)
-    for axis, metric, title in zip(figure.subplots(1, 2), ("accuracy", "loss"), ("top-1 accuracy", "loss"),
-                                   strict=True):
-        axis.plot(epochs, history[metric], marker="o", label="train")
-        if f"val_{metric}" in history:
-            axis.plot(epochs, history[f"val_{metric}"], marker="o", label="selection")
-        axis.set_xlabel("epoch")
-        axis.set_title(title)
-        axis.legend()
-    figure.tight_layout()
-    return figure

@@ -1,12 +1,16 @@
 """The approaches side by side: best trials, trial counts, compute time, plots.
 
 ``summarize_studies`` reads every study of an Optuna storage (``tinyopt best`` prints it);
-``write_report`` adds the plots and files of ``tinyopt report`` and logs them to MLflow.
-Optuna and matplotlib are imported inside the functions that use them.
+``write_report`` adds the plots (``tinyopt.plots``) and files of ``tinyopt report`` and logs them to
+MLflow, where ``report.html`` shows them inline. Optuna and matplotlib are imported inside the
+functions that use them.
 """
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -18,12 +22,11 @@ from tinyopt import record
 from tinyopt import storage as storages
 from tinyopt.config import APPROACHES
 from tinyopt.errors import StudyError
+from tinyopt.plots import SCORE_LABELS as _SCORE_LABELS
 from tinyopt.record import SCORES
 from tinyopt.urls import redact
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
-_SCORE_LABELS = {"selection_top1": "selection top-1", "selection_top5": "selection top-5",
-                 "test_top1": "test top-1", "test_top5": "test top-5"}
 
 
 @dataclass
@@ -116,70 +119,6 @@ def _summarize(study: Any) -> StudySummary:
                         best=best)
 
 
-def comparison_chart(rows: Sequence[Mapping[str, Any]], title: str) -> Any:
-    """A grouped bar chart of selection/test top-1/top-5, one group per row (``name`` + scores)."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(max(6.0, 1.4 * len(rows) + 2), 4))
-    axis = figure.subplots()
-    width = 0.8 / len(SCORES)
-    for i, key in enumerate(SCORES):
-        positions = [j + (i - (len(SCORES) - 1) / 2) * width for j in range(len(rows))]
-        bars = axis.bar(positions, [row.get(key) or 0.0 for row in rows], width, label=_SCORE_LABELS[key])
-        axis.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
-    axis.set_xticks(range(len(rows)), [row["name"] for row in rows], rotation=15, ha="right")
-    axis.set_ylim(0, 1.25)  # headroom for the legend above the bars
-    axis.set_ylabel("accuracy")
-    axis.set_title(title)
-    axis.legend(fontsize=7, ncols=4, loc="upper left")
-    figure.tight_layout()
-    return figure
-
-
-def history_chart(study: Any) -> Any:
-    """Objective value of each complete trial, and the best so far, by trial number."""
-    from matplotlib.figure import Figure
-
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    figure = Figure(figsize=(6, 3.5))
-    axis = figure.subplots()
-    numbers = [t.number for t in complete]
-    values = [t.value for t in complete]
-    axis.scatter(numbers, values, s=12, label="trial")
-    axis.step(numbers, [max(values[: i + 1]) for i in range(len(values))], where="post", color="C1",
-              label="best so far")
-    axis.set_xlabel("trial")
-    axis.set_ylabel("objective (selection)")
-    axis.set_title(f"optimisation history: {study.study_name}")
-    axis.legend()
-    figure.tight_layout()
-    return figure
-
-
-def importance_chart(study: Any) -> tuple[Any, dict[str, float]]:
-    """fANOVA importance of each param (``optuna.importance``), as a bar chart and as numbers.
-
-    Raises:
-        ValueError, RuntimeError: from optuna, when the complete trials cannot rank the params
-            (fewer than two, or no param that varies).
-    """
-    import optuna
-    from matplotlib.figure import Figure
-
-    importances = optuna.importance.get_param_importances(
-        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-    if not importances:
-        raise ValueError("no searched param is shared by the complete trials")
-    figure = Figure(figsize=(6, 0.4 * len(importances) + 1.5))
-    axis = figure.subplots()
-    names = list(importances)[::-1]
-    axis.barh(names, [importances[n] for n in names])
-    axis.set_xlabel("importance (fANOVA, normalised)")
-    axis.set_title(f"parameter importance: {study.study_name}")
-    figure.tight_layout()
-    return figure, importances
-
-
 @dataclass
 class Report:
     """What ``write_report`` produced."""
@@ -193,13 +132,16 @@ class Report:
 def write_report(storage_url: str, tracking_uri: str, out_dir: str | Path, *, log_to_mlflow: bool = True) -> Report:
     """Compare every study of a storage and write the comparison to ``out_dir``.
 
-    Writes ``report.md`` and ``report.json`` (the numbers), ``comparison.png`` (best trial of each
-    study), and per study ``history_<study>.png`` and ``importance_<study>.png``; then logs them
-    all to one MLflow run of the experiment ``tinyopt/report``.
+    Writes ``report.md``, ``report.html`` (the same, its plots inline) and ``report.json`` (the
+    numbers), ``comparison.png`` (best trial of each study), and per study ``history_<study>.png``
+    and ``importance_<study>.png`` (PED-ANOVA, as optuna-dashboard ranks params); then logs them
+    to one MLflow run of the experiment ``tinyopt/report``, with ``report.html`` for reading there.
 
     Raises:
         StudyError: no storage or no studies.
     """
+    from tinyopt import plots
+
     studies = _load_studies(storage_url, ())
     summaries = [_summarize(study) for study in studies]
     figures: dict[str, Any] = {}
@@ -209,34 +151,44 @@ def write_report(storage_url: str, tracking_uri: str, out_dir: str | Path, *, lo
         if summary.best is None:
             notes.append(f"study {summary.name!r} has no complete trial")
             continue
-        figures[f"history_{summary.name}.png"] = history_chart(study)
-        try:
-            figures[f"importance_{summary.name}.png"], importances[summary.name] = importance_chart(study)
-        except (ValueError, RuntimeError) as err:
-            notes.append(f"no parameter importance for {summary.name!r} ({err})")
+        complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+        figures[f"history_{summary.name}.png"] = plots.history_chart(summary.name, complete)
+        found, why = plots.importances(study)
+        if found:
+            importances[summary.name] = found
+            figures[f"importance_{summary.name}.png"] = plots.importance_chart(summary.name, found)
+        else:
+            notes.append(f"no parameter importance for {summary.name!r} ({why})")
     rows = [{"name": s.name, **s.best.scores} for s in summaries if s.best]
     if rows:
-        figures["comparison.png"] = comparison_chart(rows, "best trial of each study")
+        figures["comparison.png"] = plots.comparison_chart(rows, "best trial of each study")
     numbers = {"storage": redact(storage_url), "studies": [asdict(s) for s in summaries],
                "gains": {s.name: s.best.gains() for s in summaries if s.best and s.best.members},
                "importances": importances, "notes": notes}
+    images = {name: _png(figure) for name, figure in figures.items()}
     texts = {"report.json": json.dumps(numbers, indent=2, default=str) + "\n",
-             "report.md": _markdown(summaries, notes, figures)}
+             "report.md": _markdown(summaries, notes, figures),
+             "report.html": _html(summaries, notes, images)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / name for name in [*texts, *figures]]
+    files = [out / name for name in [*texts, *images]]
     for name, text in texts.items():
         (out / name).write_text(text)
-    for name, figure in figures.items():
-        figure.savefig(out / name, dpi=120)
+    for name, data in images.items():
+        (out / name).write_bytes(data)
     run_id = _log(tracking_uri, summaries, texts, figures) if log_to_mlflow else None
     return Report(summaries, files, notes, run_id)
 
 
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
 def _log(tracking_uri: str, summaries: Sequence[StudySummary], texts: Mapping[str, str],
          figures: Mapping[str, Any]) -> str:
-    from tinyopt.ensemble import safe_name
-    from tinyopt.tracking import Tracker, TrialRun
+    from tinyopt.tracking import Tracker, TrialRun, safe_name
 
     # The study-level run of a pseudo study "report": each report updates the one latest report run.
     tracker = Tracker(tracking_uri, "report", "report")
@@ -244,8 +196,10 @@ def _log(tracking_uri: str, summaries: Sequence[StudySummary], texts: Mapping[st
     run = TrialRun(tracker.client, run_id)
     run.log_metrics({f"{safe_name(s.name)}.{key}": value for s in summaries if s.best
                      for key, value in {**s.best.scores, **s.best.gains()}.items()})
+    # MLflow shows markdown as text, its image links unresolved: report.html carries the images inline.
     for name, text in texts.items():
-        run.log_text(text, name)
+        if name != "report.md":
+            run.log_text(text, name)
     for name, figure in figures.items():
         run.log_figure(figure, name)
     tracker.end_sweep()
@@ -270,27 +224,59 @@ def _score(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _markdown(summaries: Sequence[StudySummary], notes: Sequence[str], figures: Mapping[str, Any]) -> str:
-    lines = ["# tinyopt report", "",
-             "Selection scores chose every model; test scores (the official validation set) are only reported.",
-             "", "| study | approach | best trial | " + " | ".join(_SCORE_LABELS.values())
-             + " | complete | pruned | failed | compute |",
-             "|" + " --- |" * 11]
+_INTRO = "Selection scores chose every model; test scores (the official validation set) are only reported."
+_WEIGHTS = "Weights are the share of each member in the vote (they sum to 1), as in `tinyopt best` and MLflow."
+
+
+def _tables(summaries: Sequence[StudySummary]) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
+    """The report's tables, as (title, header, rows, lines after), for both the markdown and the HTML."""
+    header = ["study", "approach", "best trial", *_SCORE_LABELS.values(), "complete", "pruned", "failed", "compute"]
+    rows = []
     for s in summaries:
         best = s.best
         cells = [s.name, s.approach, "-" if best is None else str(best.number)]
         cells += [_score(best.scores.get(k) if best else None) for k in SCORES]
         cells += [str(s.counts[state]) for state in ("COMPLETE", "PRUNED", "FAIL")]
         cells.append(format_seconds(s.compute_seconds))
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    tables = [("Studies", header, rows, [])]
     for s in summaries:
         if s.best and s.best.members:
-            lines += ["", f"## Ensemble study {s.name}", "", "| member | weight | selection top-1 | test top-1 |",
-                      "| --- | --- | --- | --- |"]
-            lines += [f"| {m['label']} | {m['weight']:.3f} | {_score(m['selection_top1'])} | "
-                      f"{_score(m['test_top1'])} |" for m in s.best.members]
-            lines += ["", *[f"- {gain_label(key)}: {value:+.4f}" for key, value in s.best.gains().items()]]
+            members = [[m["label"], f"{m['weight']:.3f}", _score(m["selection_top1"]), _score(m["test_top1"])]
+                       for m in s.best.members]
+            gains = [f"{gain_label(key)}: {value:+.4f}" for key, value in s.best.gains().items()]
+            tables.append((f"Ensemble study {s.name}", ["member", "weight", "selection top-1", "test top-1"],
+                           members, [_WEIGHTS, *gains]))
+    return tables
+
+
+def _markdown(summaries: Sequence[StudySummary], notes: Sequence[str], figures: Mapping[str, Any]) -> str:
+    lines = ["# tinyopt report", "", _INTRO]
+    for title, header, rows, after in _tables(summaries):
+        lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines += ["", *[f"- {line}" for line in after]] if after else []
     lines += ["", "## Plots", "", *[f"![{name}]({name})" for name in figures]]
     if notes:
         lines += ["", "## Notes", "", *[f"- {note}" for note in notes]]
     return "\n".join(lines) + "\n"
+
+
+def _html(summaries: Sequence[StudySummary], notes: Sequence[str], images: Mapping[str, bytes]) -> str:
+    """The report as one HTML page, its plots inline: MLflow's artifact view shows it as a person reads it."""
+    def cells(tag: str, row: Sequence[str]) -> str:
+        return "<tr>" + "".join(f"<{tag}>{html.escape(cell)}</{tag}>" for cell in row) + "</tr>"
+
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>tinyopt report</title><style>"
+             "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}"
+             "</style></head><body>", "<h1>tinyopt report</h1>", f"<p>{html.escape(_INTRO)}</p>"]
+    for title, header, rows, after in _tables(summaries):
+        parts += [f"<h2>{html.escape(title)}</h2><table>", cells("th", header), *[cells("td", r) for r in rows],
+                  "</table>", *[f"<p>{html.escape(line.replace('`', ''))}</p>" for line in after]]
+    parts.append("<h2>Plots</h2>")
+    parts += [f"<h3>{html.escape(name)}</h3><img alt='{html.escape(name)}' "
+              f"src='data:image/png;base64,{base64.b64encode(data).decode()}'>" for name, data in images.items()]
+    if notes:
+        parts += ["<h2>Notes</h2><ul>", *[f"<li>{html.escape(note)}</li>" for note in notes], "</ul>"]
+    return "\n".join([*parts, "</body></html>"]) + "\n"

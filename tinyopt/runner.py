@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import shlex
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +171,8 @@ def open_sweep(approach: str, name: str, config: dict[str, Any], *, storage: str
                              "pass --study with another name")
         if owner_approach is None:
             study.set_user_attr(record.APPROACH, approach)
+        with storages.optuna_experimental():
+            study.set_metric_names([_objective_name(config)])  # optuna-dashboard's name for the value
         if not study.get_trials(deepcopy=False) and config.get("space"):
             # The first trial runs the defaults of the space: a known-sane baseline for TPE to beat.
             defaults = search_space.defaults(config["space"])
@@ -254,9 +258,14 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
             # kept out of the collector's scans, the full collection each trial's clear_session runs
             # takes milliseconds instead of about a second.
             gc.freeze()
+            command = _command()
+
+            def summarize_in_mlflow(study, trial) -> None:
+                tracker.update_summary(study, trial.number, command)
+
             if cap.acquire():
                 study.optimize(counted, n_trials=trials, timeout=timeout, catch=(TrialFailed,),
-                               callbacks=[policy, cap, _stop_on_signal])
+                               callbacks=[policy, cap, summarize_in_mlflow, _stop_on_signal])
             stopped, all_failed = signals.pending(), _all_failed(study, ran)
             status = "KILLED" if stopped else "FAILED" if policy.stopped or all_failed else "FINISHED"
         except signals.Interrupted as err:
@@ -281,6 +290,19 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
         raise StudyError(f"all {len(ran)} trials of this run failed (last: {_reason(study, ran[-1])}); "
                          "see the FAILED runs in MLflow, fix the cause, and rerun to continue the study")
     return result
+
+
+def _objective_name(config: dict[str, Any]) -> str:
+    """What the study's value is: selection top-1, or minus the selection log loss for such an ensemble."""
+    if config.get("ensemble", {}).get("objective") == "log_loss":
+        return "minus_selection_log_loss"
+    return record.OBJECTIVE_NAME
+
+
+def _command() -> str:
+    """The command line that runs this sweep, as the parent run's description shows it (secrets hidden)."""
+    program = "tinyopt" if sys.argv and sys.argv[0].endswith(("tinyopt", "tinyopt/__main__.py")) else sys.argv[0]
+    return redact(shlex.join([program, *sys.argv[1:]]))
 
 
 def _all_failed(study, numbers: list[int]) -> bool:
@@ -384,6 +406,16 @@ class _FailurePolicy:
             study.stop()
 
 
+def _shown_params(trial) -> dict[str, Any]:
+    """The searched params as a person reads them: an ensemble's weights as shares of the vote (sum 1)."""
+    from tinyopt.ensemble import WEIGHT_PREFIX
+
+    members = trial.user_attrs.get(record.MEMBERS)
+    if members:
+        return {f"{WEIGHT_PREFIX}{m['label']}": round(m["weight"], 3) for m in members}
+    return trial.params
+
+
 def summarize(study, storage: str, tracking_uri: str, new_trials: int = 0, top: int = 5) -> SweepResult:
     """Counts by state and the ``top`` best complete trials of a study."""
     import optuna
@@ -399,7 +431,7 @@ def summarize(study, storage: str, tracking_uri: str, new_trials: int = 0, top: 
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = sorted(complete, key=lambda t: t.value, reverse=True)[:top]
     rows = [{"number": t.number, "value": t.value, "test_top1": t.user_attrs.get("test_top1"),
-             "params": t.params, "run_id": t.user_attrs.get(record.RUN_ID)} for t in best]
+             "params": _shown_params(t), "run_id": t.user_attrs.get(record.RUN_ID)} for t in best]
     return SweepResult(study_name=study.study_name, approach=study.user_attrs.get(record.APPROACH, ""),
                        storage=redact(storage), counts=counts, top=rows, ui_command=ui_command(tracking_uri),
                        new_trials=new_trials)

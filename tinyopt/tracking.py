@@ -5,6 +5,13 @@ nested run per trial whose status follows the trial: COMPLETE -> FINISHED, PRUNE
 FAIL -> FAILED with the reason. Logging goes through ``MlflowClient`` with explicit run ids, so
 nothing depends on MLflow's global "active run".
 
+What a reviewer reads in the MLflow UI is made here too: the parent run is the sweep's summary
+(best selection top-1 so far by trial number, counts, compute time, the best trial's link, the
+history and importance plots, a description), a trial's run is named after the params that tell
+trials apart (``t12 stages=2 adamw lr=3e-4``), carries only the searched and a few identifying
+params, a description with every value, and the tags ``best`` and ``model_kept``; a kept model is
+an MLflow logged model of the Keras flavour.
+
 A trial run logs in the background, on one thread per tracker, in the order it was asked to: of
 its logging, the trial itself only creates its run and saves its model file, and its run is closed
 once everything logged before the close is stored. A sweep runs at most one trial ahead of its logging.
@@ -13,6 +20,7 @@ once everything logged before the close is stored. A sweep runs at most one tria
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -20,6 +28,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -41,9 +50,78 @@ logging.getLogger("mlflow").setLevel(logging.WARNING)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 _PARAM_LIMIT = 6000  # MLflow rejects longer param values
+_TAG_LIMIT = 8000  # ... and longer tag values
+_KERAS_FILE = "data/model.keras"  # where the mlflow.keras flavour keeps the model in a logged model's folder
 _CHECK_TIMEOUT = 5  # seconds: an unreachable server fails the sweep before it starts, not after 4 minutes of retries
 _FIX = "check --tracking-uri (sqlite:///FILE.db, the http(s) URL of an mlflow server, or a database URL)"
 _OPENED: set[Path] = set()  # SQLite stores this process has opened (and MLflow created or migrated)
+# Where `tinyopt ui` serves an embedded store: the links an Optuna trial carries to its run.
+DEFAULT_UI = "http://127.0.0.1:5000"
+# MLflow metrics keep 4 significant digits: a top-1 over 5,000 images moves by 2e-4, and 0.46399998664855957
+# (float32 through float64) is noise to a reader.
+_DIGITS = 4
+_UNSAFE = re.compile(r"[^\w.\-]")  # MLflow accepts only these characters in param and metric names
+_SHORT_KEYS = {"learning_rate": "lr", "weight_decay": "wd", "batch_size": "bs", "label_smoothing": "ls",
+               "trainable_stages": "train_stages", "input_size": "px"}
+_STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
+
+
+def safe_name(text: str) -> str:
+    """``text`` with every character MLflow rejects in param and metric names replaced by ``_``."""
+    return _UNSAFE.sub("_", text)
+
+
+def short_value(value: Any) -> str:
+    """A value as a run name shows it: ``3e-4``, ``0.25``, ``160``, ``adamw``, ``True``."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
+            mantissa, exponent = f"{value:.1e}".split("e")
+            return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def run_name(number: int, headline: dict[str, Any]) -> str:
+    """``t12 stages=2 adamw lr=3e-4``: the trial number, then its telling params (a word alone is its own label)."""
+    parts = [f"t{number}"]
+    for key, value in headline.items():
+        shown = short_value(value)
+        # A word names itself (adamw, bicubic); "none" would not say of what.
+        alone = isinstance(value, str) and value != "none"
+        parts.append(shown if alone else f"{_SHORT_KEYS.get(key, key)}={shown}")
+    return " ".join(parts)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A short digest of the resolved config: equal hashes, equal configs (the config itself is ``config.json``)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The few params that say what a run is, beside the searched ones: approach, backbone, weights, data slice."""
+    model, data = config.get("model", {}), config.get("data", {})
+    found: dict[str, Any] = {"approach": config.get("approach", "")}
+    if "backbone" in model:
+        found["backbone"] = f"{model['backbone']}" + (f" alpha={model['alpha']}" if model["backbone"] == "mobilenet"
+                                                      else "")
+    if "weights" in model:
+        found["weights"] = Path(str(model["weights"])).name  # a path says where, its name says which
+    if data:
+        caps = [f"{split}={data.get(f'{split}_per_class', 0) or 'all'}" for split in ("train", "selection", "test")]
+        found["data"] = "per class " + " ".join(caps)
+    if "ensemble" in config:
+        found["members_of"] = ",".join(config["ensemble"].get("studies", []))
+    found[record.CONFIG_HASH] = config_hash(config)
+    return found
+
+
+def _markdown_table(params: dict[str, Any]) -> list[str]:
+    rows = [f"| {key} | {short_value(value)} |" for key, value in params.items()]
+    return ["| param | value |", "| --- | --- |", *rows]
+
+
+def _round(value: float) -> float:
+    return float(f"{float(value):.{_DIGITS}g}")
 
 
 def _client(tracking_uri: str) -> MlflowClient:
@@ -154,19 +232,25 @@ class Tracker:
         # One thread, so that each run's calls reach MLflow in order, and its close comes last.
         self._background = ThreadPoolExecutor(1, thread_name_prefix="tinyopt-mlflow")
         self._runs: list[TrialRun] = []  # trial runs whose background logging may not be done
+        self._summary: TrialRun | None = None  # the parent run's logging, made by update_summary
 
     def _experiment(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        try:
-            return self.client.create_experiment(name, artifact_location=_artifact_location(self.tracking_uri, name))
-        except mlflow.exceptions.MlflowException:
-            # Another worker created it between our lookup and our create.
+        if experiment is None:
+            try:
+                self.client.create_experiment(name, artifact_location=_artifact_location(self.tracking_uri, name))
+            except mlflow.exceptions.MlflowException:
+                pass  # another worker created it between our lookup and our create
             experiment = self.client.get_experiment_by_name(name)
             if experiment is None:
-                raise
-            return experiment.experiment_id
+                raise StudyError(f"MLflow could not create the experiment {name!r}")
+        return experiment.experiment_id
+
+    def run_url(self, run_id: str, base: str | None = None) -> str:
+        """The run's page in the MLflow UI at ``base``: the tracking server, or ``tinyopt ui``'s default address."""
+        if base is None:
+            base = redact(self.tracking_uri) if self.tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI
+        return f"{base.rstrip('/')}/{_run_path(self.experiment_id, run_id)}"
 
     def start_sweep(self, config: dict[str, Any], tags: dict[str, str], *, reopen: bool = True) -> str:
         """Find (or create) the study's parent run and return its id; mark it RUNNING if ``reopen``.
@@ -183,6 +267,7 @@ class Tracker:
                                          tags={record.TAG_APPROACH: self.approach, record.TAG_STUDY: self.study_name,
                                                record.TAG_PARENT: "true", **tags})
             self.client.log_dict(run.info.run_id, config, record.CONFIG_FILE)
+            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in identity(config).items()])
             self.parent_run_id = run.info.run_id
         if reopen:
             self.client.update_run(self.parent_run_id, status="RUNNING")
@@ -199,6 +284,8 @@ class Tracker:
         """
         try:
             self._settle(keep=0)
+            if self._summary is not None:
+                self._summary.wait()
         except StudyError:
             status = "FAILED"
             raise
@@ -222,9 +309,89 @@ class Tracker:
         if self.client.get_run(run_id).info.status == "RUNNING":
             TrialRun(self.client, run_id).end("FAIL", reason)
 
+    def update_summary(self, study: Any, number: int, command: str) -> None:
+        """Bring the parent run up to date after trial ``number`` ended: the sweep's summary.
+
+        Logs the best selection top-1 so far at step ``number`` (the experiment's chart view is the
+        optimisation history), the trial counts and compute time, tags and links the best trial (and
+        moves the ``best`` tag to its run), redraws the history and importance plots and rewrites the
+        description. Read from the study here; stored in the background, like a trial's logging.
+        """
+        from tinyopt import plots
+
+        trials = study.get_trials(deepcopy=False)
+        counts = Counter(t.state.name for t in trials)
+        metrics = {f"{record.COUNT_PREFIX}{name}": counts.get(state, 0) for state, name in _STATE_NAMES.items()}
+        metrics[record.COMPUTE_SECONDS] = sum(t.duration.total_seconds() for t in trials if t.duration)
+        complete = [t for t in trials if t.state.name == "COMPLETE"]
+        best = max(complete, key=lambda t: t.value) if complete else None
+        tags: dict[str, Any] = {}
+        if best is not None:
+            metrics[record.BEST_SO_FAR] = best.value
+            best_run = best.user_attrs.get(record.RUN_ID)
+            tags = {record.TAG_BEST_TRIAL: best.number, record.TAG_BEST_RUN: best_run or "-",
+                    record.TAG_BEST_RUN_URL: self.run_url(best_run) if best_run else "-"}
+        importances, why = plots.importances(study)
+        tags[record.TAG_DESCRIPTION] = self._summary_text(study, command, counts, metrics, best, importances,
+                                                          why)[:_TAG_LIMIT]
+        if self._summary is None:
+            self._summary = TrialRun(self.client, self.parent_run_id or "", self._background)
+        parent = self._summary
+        parent.log_metrics(metrics, step=number)
+        parent.set_tags(tags)
+        parent.log_figure(lambda: plots.history_chart(study.study_name, complete), record.HISTORY)
+        if importances:
+            parent.log_figure(lambda: plots.importance_chart(study.study_name, importances), record.IMPORTANCE)
+        if best is not None and best.user_attrs.get(record.RUN_ID):
+            parent.call(record.TAG_BEST, self._move_best_tag, best.user_attrs[record.RUN_ID])
+
+    def _move_best_tag(self, run_id: str) -> None:
+        """Tag ``best`` on ``run_id`` only: the tag leaves the run of the former best trial."""
+        tagged = self.client.search_runs([self.experiment_id], f"tags.`{record.TAG_BEST}` = 'true'")
+        for run in tagged:
+            if run.info.run_id != run_id:
+                self.client.delete_tag(run.info.run_id, record.TAG_BEST)
+        self.client.set_tag(run_id, record.TAG_BEST, "true")
+
+    def _summary_text(self, study: Any, command: str, counts: Counter, metrics: dict[str, float], best: Any,
+                      importances: dict[str, float], why: str | None) -> str:
+        """The parent run's description, in markdown: the command, what is searched, the best trial."""
+        from tinyopt import space as search_space
+
+        config = study.user_attrs.get(record.CONFIG, {})
+        space = config.get("space", {})
+        searched = [name for name, entry in space.items() if search_space.is_distribution(entry)]
+        lines = [f"**Sweep of study `{study.study_name}`** ({config.get('approach', self.approach)}), "
+                 f"command: `{redact(command)}`", "",
+                 f"Searched: {', '.join(searched) or 'the ensemble weights'}. "
+                 "The objective is selection top-1; test scores are only reported.", "",
+                 "Trials: " + ", ".join(f"{counts.get(state, 0)} {name}" for state, name in _STATE_NAMES.items())
+                 + f"; compute {metrics[record.COMPUTE_SECONDS] / 60:.1f} min.", ""]
+        if best is None:
+            return "\n".join([*lines, "No complete trial yet."])
+        run_id = best.user_attrs.get(record.RUN_ID)
+        link = f"[run {run_id[:8]}]({_run_path(self.experiment_id, run_id)})" if run_id else "no run"
+        scores = {key: best.user_attrs[key] for key in record.SCORES if key in best.user_attrs}
+        lines += [f"**Best: trial {best.number}** ({link}), selection top-1 {best.value:.4f}"
+                  + "".join(f", {key.replace('_', ' ')} {value:.4f}" for key, value in scores.items()
+                            if key != "selection_top1"), "",
+                  *_markdown_table(best.user_attrs.get(record.PARAMS, best.params))]
+        if importances:
+            lines += ["", "Importance (PED-ANOVA, as in optuna-dashboard): "
+                      + ", ".join(f"{key} {value:.2f}" for key, value in importances.items())]
+        elif why:
+            lines += ["", f"No importance yet: {why}."]
+        return "\n".join(lines)
+
     def start_trial(self, number: int, params: dict[str, Any], config: dict[str, Any],
-                    tags: dict[str, str], *, system_metrics: bool = False) -> TrialRun:
-        """Create the nested run of one trial with its params and resolved config.
+                    tags: dict[str, str], *, searched: dict[str, Any] | None = None,
+                    headline: dict[str, Any] | None = None, system_metrics: bool = False) -> TrialRun:
+        """Create the nested run of one trial: its name, searched and identifying params, description, config.
+
+        Args:
+            params: every value the trial runs with (its description lists them).
+            searched: the values Optuna drew, logged as params (default: ``params``).
+            headline: the values its run name shows (default: none).
 
         With ``system_metrics``, MLflow samples GPU utilisation and memory, CPU and RAM into the run
         (``system/...`` metrics, every ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds, 10 by
@@ -236,15 +403,18 @@ class Tracker:
         # Bounds the logging backlog (and the predictions it holds) to one trial, and stops the
         # sweep on a tracking store that fails rather than running trials it cannot record.
         self._settle(keep=1)
+        description = "\n".join([f"Trial {number} of study `{self.study_name}`.", "",
+                                  *_markdown_table(params)])[:_TAG_LIMIT]
         run = self.client.create_run(
-            self.experiment_id, run_name=f"{self.study_name}#{number}",
+            self.experiment_id, run_name=run_name(number, headline or {}),
             tags={"mlflow.parentRunId": self.parent_run_id or "", record.TAG_APPROACH: self.approach,
                   record.TAG_STUDY: self.study_name, record.TAG_TRIAL_NUMBER: str(number),
-                  record.TAG_TRIAL_STATE: "RUNNING", **tags},
+                  record.TAG_TRIAL_STATE: "RUNNING", record.TAG_MODEL_KEPT: "false",
+                  record.TAG_DESCRIPTION: description, **tags},
         )
         trial_run = TrialRun(self.client, run.info.run_id, self._background)
         self._runs.append(trial_run)
-        trial_run.log_params({**params, **_flatten(config, "config.")})
+        trial_run.log_params({**(params if searched is None else searched), **identity(config)})
         trial_run.log_dict(config, record.CONFIG_FILE)
         if system_metrics:
             # Imported here: it needs psutil (and pynvml for GPUs), which a CPU sweep can do without.
@@ -278,42 +448,47 @@ class TrialRun:
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:_PARAM_LIMIT]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            self._call("params", self.client.log_batch, self.run_id, params=items[start:start + 100])
+            self.call("params", self.client.log_batch, self.run_id, params=items[start:start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Log metrics at ``step``, rounded to 4 significant digits."""
         now = int(time.time() * 1000)
-        self._call("metrics", self.client.log_batch, self.run_id,
-                   metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.call("metrics", self.client.log_batch, self.run_id,
+                  metrics=[Metric(k, _round(v), now, step) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self._call("tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.call("tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_dict(self, data: dict[str, Any], name: str) -> None:
-        self._call(name, self.client.log_dict, self.run_id, data, name)
+        self.call(name, self.client.log_dict, self.run_id, data, name)
 
     def log_figure(self, figure: Any, name: str) -> None:
         """Store a matplotlib figure, or the one a function draws (drawn in the background too)."""
-        self._call(name, self._store_figure, figure, name)
+        self.call(name, self._store_figure, figure, name)
 
     def log_text(self, text: str, name: str) -> None:
-        self._call(name, self.client.log_text, self.run_id, text, name)
+        self.call(name, self.client.log_text, self.run_id, text, name)
 
     def log_predictions(self, arrays: dict[str, np.ndarray]) -> None:
         """Store the class-probability arrays the ensemble study reads back."""
-        self._call(record.PREDICTIONS, self._store_predictions, arrays)
+        self.call(record.PREDICTIONS, self._store_predictions, arrays)
 
-    def log_model(self, model: Any) -> None:
-        """Store a Keras model as ``record.MODEL`` (reloadable without tinyopt)."""
-        folder, name = record.MODEL.rsplit("/", 1)
+    def log_model(self, model: Any, experiment_id: str) -> None:
+        """Store a Keras model as an MLflow logged model of this run (``mlflow.keras``, reloadable without tinyopt).
+
+        The run gets the tags ``model_kept`` and ``model_uri`` (``models:/<id>``); the model's
+        ``data/model.keras`` loads with plain Keras too.
+        """
         # Saved now, uploaded later: the next trial's clear_session would free the model.
-        self._call(record.MODEL, self._store_file, _scratch_file(name, model.save), folder)
+        folder = _scratch_file("model", lambda path: _save_keras(model, path))
+        self.call(record.LOGGED_MODEL, self._store_model, folder, experiment_id)
 
     def end(self, state: str, reason: str | None = None) -> None:
         """Close the run, after everything logged before, with the status that matches the Optuna trial state."""
         if self.monitor is not None:
             self.monitor.finish()  # its last samples belong to the run, so before it closes
             self.monitor = None
-        self._call("status", self._close, state, reason)
+        self.call("status", self._close, state, reason)
 
     def wait(self) -> None:
         """Wait until the background calls made so far are done.
@@ -327,7 +502,8 @@ class TrialRun:
             raise StudyError(f"MLflow could not store {self._failure}; "
                              "check --tracking-uri and the room left where it keeps artifacts")
 
-    def _call(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    def call(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Make an MLflow call for this run, after every call asked before (``what`` names it in an error)."""
         if self._background is None:
             call(*args, **kwargs)
             return
@@ -352,6 +528,20 @@ class TrialRun:
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(self.run_id, status=status)
 
+    def _store_model(self, folder: Path, experiment_id: str) -> None:
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        try:
+            logged = self.client.create_logged_model(experiment_id, name=record.LOGGED_MODEL, source_run_id=self.run_id,
+                                                     model_type="keras")
+            self.client.log_model_artifacts(logged.model_id, str(folder))
+            self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step=0)])
+            self.client.log_batch(self.run_id, tags=[RunTag(record.TAG_MODEL_KEPT, "true"),
+                                                     RunTag(record.TAG_MODEL_URI, f"models:/{logged.model_id}")])
+        finally:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+
     def _store_figure(self, figure: Any, name: str) -> None:
         self.client.log_figure(self.run_id, figure() if callable(figure) else figure, name)
 
@@ -364,6 +554,28 @@ class TrialRun:
             self.client.log_artifact(self.run_id, str(path), folder)
         finally:
             shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def _save_keras(model: Any, path: Path) -> None:
+    """An MLflow Keras-flavour model folder: ``MLmodel``, ``data/model.keras``, the signature, pinned requirements."""
+    import keras
+    import mlflow.keras
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    def spec(shape: Any, dtype: str) -> Schema:
+        return Schema([TensorSpec(np.dtype(dtype), (-1, *tuple(shape)[1:]))])
+
+    signature = ModelSignature(inputs=spec(model.input_shape, model.inputs[0].dtype),
+                               outputs=spec(model.output_shape, "float32"))
+    # Pinned here: MLflow would otherwise load the model in a subprocess to guess them (seconds per kept model).
+    requirements = [f"keras=={keras.__version__}", f"mlflow=={mlflow.__version__}"]
+    mlflow.keras.save_model(model, str(path), signature=signature, pip_requirements=requirements)
+
+
+def _run_path(experiment_id: str, run_id: str) -> str:
+    """A run's page within the MLflow UI, relative to its address (a description's links work on any host)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def _scratch_file(name: str, write: Callable[[Path], Any]) -> Path:
@@ -385,18 +597,6 @@ _STATUS = {
 }
 
 
-def _flatten(config: dict[str, Any], prefix: str) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if key == "space":
-            flat[f"{prefix}space"] = json.dumps(value, sort_keys=True)
-        elif isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def download_artifact(run_id: str, path: str, tracking_uri: str, dst: str | Path | None = None) -> Path:
     """Download one artifact of a run and return its local path.
 
@@ -410,6 +610,26 @@ def download_artifact(run_id: str, path: str, tracking_uri: str, dst: str | Path
         return Path(client.download_artifacts(run_id, path, str(dst)))
     except (mlflow.exceptions.MlflowException, OSError) as err:
         raise StudyError(f"artifact {path!r} of MLflow run {run_id} is not in {redact(tracking_uri)} "
+                         f"({first_line(err)}); check --tracking-uri") from err
+
+
+def download_model(run_id: str, tracking_uri: str, dst: str | Path) -> Path:
+    """Download the Keras file of the logged model a trial's run kept (``TrialRun.log_model``).
+
+    Raises:
+        StudyError: the run kept no model, or the store does not hold it.
+    """
+    client = _client(tracking_uri)
+    try:
+        uri = client.get_run(run_id).data.tags.get(record.TAG_MODEL_URI)
+        if uri is None:
+            raise StudyError(f"MLflow run {run_id} kept no model (it has no {record.TAG_MODEL_URI} tag)")
+        location = client.get_logged_model(uri.removeprefix("models:/")).artifact_location
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{_KERAS_FILE}",
+                                                        dst_path=str(dst), tracking_uri=tracking_uri))
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        raise StudyError(f"the model of MLflow run {run_id} is not in {redact(tracking_uri)} "
                          f"({first_line(err)}); check --tracking-uri") from err
 
 
@@ -456,4 +676,42 @@ def ui_command(tracking_uri: str) -> str:
     """The shell command that opens the MLflow UI on this store (credentials hidden)."""
     if _sqlite_path(tracking_uri) is None:
         return f"open {redact(tracking_uri)} in a browser"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+    return f"tinyopt ui --tracking-uri {tracking_uri}"
+
+
+# tinyopt's view of an experiment's runs table, kept in an experiment tag as the MLflow UI keeps a
+# view saved from its Views menu: without it the table shows no metric and folds the trials under
+# their parent. Sorted by the best-so-far metric, which only the parent has, the runs come flat:
+# the parent first, then every trial, newest first. An MLflow that reads no such view ignores the
+# link's viewStateShareKey and opens its plain runs table.
+RUNS_VIEW = "tinyopt"
+_RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW}"
+
+
+def experiment_urls(tracking_uri: str, base_url: str) -> list[tuple[str, str]]:
+    """Each tinyopt experiment and the URL of its runs table in the MLflow UI at ``base_url``.
+
+    Saves tinyopt's view of the runs table in each experiment that lacks it. MLflow 3 opens an
+    experiment without ``workflowType=machine_learning`` on its GenAI overview, not on its runs.
+    """
+    client = _client(tracking_uri)
+    experiments = client.search_experiments(filter_string=f"name LIKE '{experiment_name('')}%'",
+                                            order_by=["name ASC"])
+    urls = []
+    for experiment in experiments:
+        view = _runs_view(experiment.creation_time or 0)
+        if experiment.tags.get(_RUNS_VIEW_TAG) != view:
+            client.set_experiment_tag(experiment.experiment_id, _RUNS_VIEW_TAG, view)
+        urls.append((experiment.name, f"{base_url}/#/experiments/{experiment.experiment_id}/runs"
+                                      f"?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW}"))
+    return urls
+
+
+def _runs_view(created_ms: int) -> str:
+    """The saved view, as MLflow 3.17's UI writes one (its state holds only what differs from the defaults)."""
+    metrics = (record.BEST_SO_FAR, record.final(record.OBJECTIVE_NAME))
+    tags = (record.TAG_TRIAL_STATE, record.TAG_BEST)
+    columns = ["attributes.`Models`", *(f"metrics.`{key}`" for key in metrics), *(f"tags.`{key}`" for key in tags)]
+    state = {"orderByKey": f"metrics.`{record.BEST_SO_FAR}`", "orderByAsc": False, "selectedColumns": columns}
+    return json.dumps({"name": RUNS_VIEW, "createdAt": created_ms, "updatedAt": created_ms,
+                       "state": json.dumps(state)})

@@ -85,8 +85,9 @@ def sweep(study_name: str, trials: str, storage: str, tracking_uri: str) -> str:
             fail(f"trial {trial.number} is {trial.state.name} but its MLflow run {run_id} is {status}")
     best = study.best_trial
     run = client.get_run(best.user_attrs[record.RUN_ID])
-    if "selection_top1" not in run.data.metrics:
-        fail(f"the best trial's MLflow run {run.info.run_id} has no selection_top1 metric")
+    final = record.final("selection_top1")
+    if final not in run.data.metrics:
+        fail(f"the best trial's MLflow run {run.info.run_id} has no {final} metric")
     tags = run.data.tags
     where = ", ".join(tags[key] for key in (record.TAG_DEVICE, record.TAG_PRECISION) if key in tags)
     return (f"{len(study.trials)} trials ({summary}), best selection top-1 {best.value:.3f} (trial {best.number}), "

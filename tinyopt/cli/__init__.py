@@ -2,7 +2,8 @@
 
 Commands parse options, call one library function and render its result with rich. Library
 errors (``TinyoptError``) become one line on stderr, printed literally, and exit code 1; SIGINT and
-SIGTERM end a command with one line and exit code 130 / 143, never a traceback. Heavy modules
+SIGTERM end a command with one line and exit code 130 / 143, never a traceback (``ui``, which runs
+until it is stopped, exits 0). Heavy modules
 (tensorflow, mlflow, optuna) are imported inside commands so ``--help`` stays fast.
 """
 

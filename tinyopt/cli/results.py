@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import click
 
-from tinyopt.cli.options import storage_options, tracking_option
+from tinyopt.cli.options import storage_options
 from tinyopt.errors import TinyoptError
 
 
@@ -147,13 +145,21 @@ def report(out_dir, storage, tracking_uri) -> None:
 
 
 @click.command()
-@tracking_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address the UI listens on.")
-@click.option("--port", type=int, default=5000, show_default=True, help="Port the UI listens on.")
-def ui(tracking_uri, host, port) -> None:
-    """Open the MLflow UI on the tracking store: every study, trial, metric and artifact."""
+@storage_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the servers listen on.")
+@click.option("--port", type=int, default=5000, show_default=True, help="Port of the MLflow UI.")
+@click.option("--dashboard", is_flag=True, help="Also start optuna-dashboard on the --storage studies.")
+@click.option("--dashboard-port", type=int, default=8080, show_default=True, help="Port of optuna-dashboard.")
+def ui(storage, tracking_uri, host, port, dashboard, dashboard_port) -> None:
+    """Start the MLflow UI on the tracking store and print the link to each study's runs table.
+
+    The table lists the parent run, with the best selection top-1 so far, then every trial; a
+    run's page has its metric charts and plots. With --dashboard, optuna-dashboard runs beside it
+    on the Optuna studies. Ctrl-C (or SIGTERM) stops both and exits 0: it is how a UI session ends.
+    """
     from pathlib import Path
 
+    from tinyopt import servers
     from tinyopt.urls import redact
 
     if not tracking_uri.startswith("sqlite:///"):
@@ -161,12 +167,30 @@ def ui(tracking_uri, host, port) -> None:
     if not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
         raise TinyoptError(f"no MLflow store at {tracking_uri.removeprefix('sqlite:///')}; "
                            "run `tinyopt sweep APPROACH` first or pass --tracking-uri")
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", host,
-               "--port", str(port)]
-    click.echo(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")
-    returncode = subprocess.call(command)
-    if returncode:
-        sys.exit(returncode)
+    if dashboard and dashboard_port == port:
+        raise click.UsageError(f"--dashboard-port and --port are both {port}: give each server its own")
+    servers.check_free(host, port, "--port")
+    if dashboard:
+        from tinyopt.storage import open_existing
+
+        servers.check_free(host, dashboard_port, "--dashboard-port")
+        open_existing(storage)  # a missing or unreachable storage is an error now, not a dashboard that dies
+    from tinyopt import tracking
+
+    # Before the server starts: a store that cannot be read fails at once, not once the server is up.
+    studies = tracking.experiment_urls(tracking_uri, f"http://{host}:{port}")
+    try:
+        with servers.running() as running:
+            lines = [f"MLflow UI on {running.mlflow(tracking_uri, host, port)}; the runs of each study:"]
+            width = max((len(name) for name, _ in studies), default=0)
+            lines += [f"  {name:<{width}}  {url}" for name, url in studies] or ["  none yet: run `tinyopt sweep`"]
+            if dashboard:
+                lines.append(f"optuna-dashboard on {running.dashboard(storage, host, dashboard_port)}")
+            lines.append("Ctrl-C stops " + ("them" if dashboard else "it"))
+            click.echo(redact("\n".join(lines)))
+            running.wait()
+    except KeyboardInterrupt:
+        click.echo("stopped")
 
 
 COMMANDS = [best, predict, report, ui]

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from tinyopt import record
 from tinyopt.cli.options import cache_option, data_option, storage_options
 from tinyopt.config import APPROACHES
 
@@ -30,7 +31,7 @@ class _RichEvents:
         self.progress.reset(self.epochs, total=epochs or None, visible=bool(epochs), description="epochs")
 
     def epoch_ended(self, number: int, epoch: int, logs: dict[str, float]) -> None:
-        score = logs.get("selection_accuracy")
+        score = logs.get(record.SELECTION_TOP1)
         label = f"epoch {epoch + 1}" + (f" sel top-1 {score:.3f}" if score is not None else "")
         self.progress.update(self.epochs, advance=1, description=label)
 

@@ -1,0 +1,293 @@
+"""`tinyopt ui` on a store made by real sweeps: what a person sees in the MLflow UI, and optuna-dashboard.
+
+The browser test drives Debian's Chromium (/usr/bin/chromium, never a downloaded browser) through
+Playwright, and saves a screenshot of every page it checks in ``$TINYOPT_TEST_ARTIFACTS/ui``
+(default: ``test-artifacts/ui`` in the repository).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+from click.testing import CliRunner
+from sweep_helpers import SMALL, failing_build, runs_of
+
+from tinyopt import record, runner, servers
+from tinyopt.cli import cli
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPOSITORY = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("TINYOPT_TEST_ARTIFACTS") or REPOSITORY / "test-artifacts") / "ui"
+TRIALS = {"pretrained": 2, "scratch": 4}
+FAILED, PRUNED = 1, 2  # scratch trial numbers
+EPOCHS = 2  # of a scratch trial (SMALL)
+PAGE_TIMEOUT_MS = 60_000  # the UI renders in a second or two; a loaded CI machine may take much longer
+
+
+@pytest.fixture(scope="module")
+def store(tiny_folder, mobilenet_weights_or_none, tmp_path_factory):
+    """Two studies swept for real: pretrained (the CPU preset, 2 trials) and scratch (4: a failed one, a pruned one).
+
+    The pretrained trials run the real MobileNet ImageNet weights when ../shared/data has them.
+    """
+    root = tmp_path_factory.mktemp("ui_store")
+    stores = {"storage": f"sqlite:///{root}/studies.db", "tracking_uri": f"sqlite:///{root}/mlruns/mlflow.db"}
+    settings = {
+        "pretrained": {"config_path": str(REPOSITORY / "sweeps" / "cpu" / "pretrained.toml"),
+                       "overrides": (f"model.weights={mobilenet_weights_or_none}",
+                                     "train.eval_batch_size=32")},
+        "scratch": {"overrides": SMALL["scratch"]},
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        failing_build(patch, lambda number: number == FAILED)
+        patch.setattr(optuna.trial.Trial, "should_prune", lambda trial: trial.number == PRUNED)
+        for approach, trials in TRIALS.items():
+            runner.run_sweep(approach, trials=trials, source=str(tiny_folder), cache_dir=str(root / "cache"),
+                             progress=False, **settings[approach], **stores)
+    states = [t.state.name for t in optuna.load_study(study_name="scratch", storage=stores["storage"]).trials]
+    assert states == ["COMPLETE", "FAIL", "PRUNED", "COMPLETE"]
+    return stores
+
+
+class UI:
+    """A ``tinyopt ui`` process, its output read line by line in the background."""
+
+    def __init__(self, args):
+        self.process = subprocess.Popen([sys.executable, "-m", "tinyopt", "ui", *map(str, args)], text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.output: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_ready(self) -> str:
+        """Its output up to the line that says the servers run."""
+        deadline = time.monotonic() + servers.READY_TIMEOUT + 60
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+            except queue.Empty:
+                break
+            if line is None:
+                pytest.fail(f"tinyopt ui ended (exit code {self.process.wait()}):\n{''.join(self.output)}")
+            self.output.append(line)
+            if line.startswith("Ctrl-C stops"):
+                return "".join(self.output)
+        pytest.fail(f"tinyopt ui printed no URLs in time:\n{''.join(self.output)}")
+
+    def interrupt(self) -> tuple[int, str]:
+        """Ctrl-C; its exit code and its whole output."""
+        self.process.send_signal(signal.SIGINT)
+        code = self.process.wait(timeout=2 * servers.STOP_TIMEOUT + 30)
+        while (line := self._lines.get(timeout=10)) is not None:
+            self.output.append(line)
+        return code, "".join(self.output)
+
+    def kill(self) -> None:
+        """Kill it and its servers, after a failure."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for process in [*psutil.Process(self.process.pid).children(recursive=True), self.process]:
+                with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                    process.kill()
+        self.process.wait()
+
+
+@contextlib.contextmanager
+def tinyopt_ui(*args, ports):
+    """Run ``tinyopt ui ARGS`` in the body, then check that Ctrl-C stops it and its servers, and frees ``ports``."""
+    ui = UI(args)
+    try:
+        text = ui.wait_ready()
+        started = psutil.Process(ui.process.pid).children(recursive=True)
+        yield text
+    except BaseException:
+        ui.kill()
+        raise
+    code, output = ui.interrupt()
+    assert code == 0 and output.rstrip().endswith("stopped") and "Traceback" not in output, output
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert not alive, f"server processes left running: {alive}"
+    for port in ports:
+        servers.check_free("127.0.0.1", port, "--port")
+
+
+def _study_urls(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^\s+(tinyopt/\S+)\s+(http://\S+)$", text, re.M))
+
+
+def _shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(token) for token in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", text)]
+
+
+def _browser():
+    """Playwright's Chromium, or a skip that says what is missing."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("Playwright is not installed: pip install -e '.[dev]'")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (.ci/run does)")
+    return sync_playwright
+
+
+def test_the_mlflow_ui_shows_each_study_and_its_trials(store, free_port):
+    sync_playwright = _browser()
+    from playwright.sync_api import expect
+
+    port = free_port()
+    with tinyopt_ui("--tracking-uri", store["tracking_uri"], "--port", port, ports=[port]) as text:
+        urls = _study_urls(text)
+        assert sorted(urls) == ["tinyopt/pretrained", "tinyopt/scratch"], text
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+            page = browser.new_page(viewport={"width": 1920, "height": 1080})
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
+            expect.set_options(timeout=PAGE_TIMEOUT_MS)
+            try:
+                for study in TRIALS:
+                    _check_runs_table(page, expect, urls[f"tinyopt/{study}"], *_runs(store, study))
+                _check_parent_run(page, expect, urls["tinyopt/scratch"], *_runs(store, "scratch"))
+                _check_trial_run(page, expect, urls["tinyopt/scratch"], *_runs(store, "scratch"))
+            except BaseException:
+                _shot(page, "failure")
+                raise
+            finally:
+                browser.close()
+
+
+def _runs(store, study):
+    """The study's name, its best trial, its parent run and its trial runs by number."""
+    _, [parent], trials = runs_of(store, study)
+    return study, optuna.load_study(study_name=study, storage=store["storage"]).best_trial, parent, trials
+
+
+def _row(page, run):
+    # The grid draws a row's pinned part (its name) and the rest as two rows, each with the run's id.
+    return page.locator(f'[row-id="{run.info.run_id}"]')
+
+
+def _check_runs_table(page, expect, url, study, best, parent, trials):
+    """The study's link opens its runs table (not MLflow's GenAI pages): the parent's best score, every trial."""
+    page.goto(url)
+    expect(_row(page, parent).get_by_role("link", name=study, exact=True)).to_be_visible()
+    assert "/runs" in page.url, page.url
+    for number in range(TRIALS[study]):  # the failed and pruned trials too
+        expect(_row(page, trials[number]).get_by_role("link", name=re.compile(rf"^t{number} "))).to_be_visible()
+    expect(page.get_by_role("columnheader", name=record.BEST_SO_FAR).first).to_be_visible()
+    parent_row = "\n".join(_row(page, parent).all_inner_texts())
+    assert any(value == pytest.approx(best.value) for value in _numbers(parent_row)), parent_row
+    expect(page.get_by_role("columnheader", name=record.TAG_BEST, exact=True).first).to_be_visible()
+    assert "true" in "\n".join(_row(page, trials[best.number]).all_inner_texts()).split()
+    _shot(page, f"{study}-runs")
+
+
+def _check_parent_run(page, expect, url, study, best, parent, trials):
+    """The parent run of a study: its best-so-far chart, a point per trial, and its history plot."""
+    page.goto(url)
+    _row(page, parent).get_by_role("link", name=study, exact=True).click()
+    # Its description (the Overview tab): the command, what is searched, the best trial.
+    expect(page.get_by_text(f"Sweep of study {study}").first).to_be_visible()
+    page.get_by_text("Show more").first.click()
+    expect(page.get_by_text(f"Best: trial {best.number}").first).to_be_visible()
+    _shot(page, f"{study}-parent-overview")
+    page.get_by_role("tab", name="Model metrics").click()
+    expect(_chart(page, expect, record.BEST_SO_FAR).locator(".scatterlayer .point")).to_have_count(len(trials))
+    _shot(page, f"{study}-parent-metrics")
+    _artifact_image(page, expect, record.HISTORY)
+    _shot(page, f"{study}-parent-history")
+
+
+def _check_trial_run(page, expect, url, study, best, parent, trials):
+    """The best trial: its per-epoch selection top-1 chart (step = epoch, from 1) and its learning curve."""
+    page.goto(url)
+    _row(page, trials[best.number]).get_by_role("link", name=re.compile(rf"^t{best.number} ")).click()
+    page.get_by_role("tab", name="Model metrics").click()
+    chart = _chart(page, expect, record.SELECTION_TOP1)
+    expect(chart.locator(".scatterlayer .point")).to_have_count(EPOCHS)
+    ticks = chart.locator(".xtick text").all_text_contents()
+    assert ticks[0] == "1" and ticks[-1] == str(EPOCHS), ticks
+    _shot(page, f"{study}-trial-metrics")
+    _artifact_image(page, expect, record.LEARNING_CURVE)
+    _shot(page, f"{study}-trial-learning-curve")
+
+
+def _chart(page, expect, metric):
+    """The chart of one metric on a run's "Model metrics" tab, found as a person finds it: by searching."""
+    page.get_by_placeholder("Search metric charts").fill(metric)
+    chart = page.get_by_test_id("experiment-view-compare-runs-card").filter(
+        has=page.get_by_text(metric, exact=True))
+    expect(chart.locator(".js-plotly-plot")).to_be_visible()
+    return chart
+
+
+def _artifact_image(page, expect, name):
+    page.get_by_role("tab", name="Artifacts").click()
+    page.get_by_text(name, exact=True).first.click()
+    image = page.get_by_role("img", name=name).first
+    expect(image).to_be_visible()
+    page.wait_for_function("image => image.complete && image.naturalWidth > 0", arg=image.element_handle())
+
+
+def test_the_dashboard_lists_the_studies(store, free_port):
+    port, dashboard_port = free_port(), free_port()
+    with tinyopt_ui("--tracking-uri", store["tracking_uri"], "--port", port, "--storage", store["storage"],
+                    "--dashboard", "--dashboard-port", dashboard_port, ports=[port, dashboard_port]) as text:
+        [url] = re.findall(r"^optuna-dashboard on (http://\S+)$", text, re.M)
+        assert url == f"http://127.0.0.1:{dashboard_port}"
+        with urllib.request.urlopen(f"{url}/api/studies", timeout=30) as response:
+            studies = json.load(response)["study_summaries"]
+        assert sorted(s["study_name"] for s in studies) == sorted(TRIALS)
+
+
+def test_ui_refuses_a_port_in_use(tmp_path, free_port):
+    (tmp_path / "mlflow.db").touch()
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = CliRunner().invoke(cli, ["ui", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                                          "--port", str(port)])
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"error: cannot listen on 127.0.0.1:{port} (Address already in use); "
+                                      "stop what runs there or pass another --port")
+
+
+@pytest.mark.parametrize("dashboard_args, message", [
+    (["--dashboard-port", "{port}"], "--dashboard-port and --port are both {port}"),
+    (["--dashboard-port", "{other}", "--storage", "journal:missing/journal.log"],
+     "no Optuna storage at missing/journal.log"),
+])
+def test_ui_checks_the_dashboard_before_starting_anything(tmp_path, monkeypatch, free_port, dashboard_args, message):
+    monkeypatch.chdir(tmp_path)
+    Path("mlflow.db").touch()
+    ports = {"port": free_port(), "other": free_port()}
+    result = CliRunner().invoke(cli, ["ui", "--tracking-uri", "sqlite:///mlflow.db", "--port", str(ports["port"]),
+                                      "--dashboard", *(arg.format(**ports) for arg in dashboard_args)])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code in (1, 2) and len(lines) == 1 and message.format(**ports) in lines[0], result.output
+    assert not Path("missing").exists()
