@@ -86,7 +86,7 @@ def summarize_studies(storage_url: str, names: Sequence[str] = ()) -> list[Study
     Raises:
         StudyError: the storage is missing or empty, or a named study is not in it.
     """
-    return [_summarize(study) for study in _load_studies(storage_url, names)]
+    return [summarize_study(study) for study in _load_studies(storage_url, names)]
 
 
 def _load_studies(storage_url: str, names: Sequence[str]) -> list[Any]:
@@ -100,7 +100,8 @@ def _load_studies(storage_url: str, names: Sequence[str]) -> list[Any]:
     return [storages.load_study(n, storage_url) for n in _study_order(names or existing)]
 
 
-def _summarize(study: Any) -> StudySummary:
+def summarize_study(study: Any) -> StudySummary:
+    """One study's counts by state, compute time and best trial (a sweep's MLflow summary shows them too)."""
     trials = study.get_trials(deepcopy=False)
     counts = Counter(t.state.name for t in trials)
     seconds = sum(t.duration.total_seconds() for t in trials if t.duration is not None)
@@ -143,7 +144,7 @@ def write_report(storage_url: str, tracking_uri: str, out_dir: str | Path, *, lo
     from tinyopt import plots
 
     studies = _load_studies(storage_url, ())
-    summaries = [_summarize(study) for study in studies]
+    summaries = [summarize_study(study) for study in studies]
     figures: dict[str, Any] = {}
     notes: list[str] = []
     importances: dict[str, dict[str, float]] = {}

@@ -261,7 +261,9 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
             command = _command()
 
             def summarize_in_mlflow(study, trial) -> None:
-                tracker.update_summary(study, trial.number, command)
+                from tinyopt.report import summarize_study
+
+                tracker.update_summary(study, summarize_study(study), trial.number, command)
 
             if cap.acquire():
                 study.optimize(counted, n_trials=trials, timeout=timeout, catch=(TrialFailed,),

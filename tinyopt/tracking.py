@@ -28,7 +28,6 @@ import re
 import shutil
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -309,28 +308,26 @@ class Tracker:
         if self.client.get_run(run_id).info.status == "RUNNING":
             TrialRun(self.client, run_id).end("FAIL", reason)
 
-    def update_summary(self, study: Any, number: int, command: str) -> None:
+    def update_summary(self, study: Any, summary: Any, number: int, command: str) -> None:
         """Bring the parent run up to date after trial ``number`` ended: the sweep's summary.
 
         Logs the best selection top-1 so far at step ``number`` (the experiment's chart view is the
         optimisation history), the trial counts and compute time, tags and links the best trial (and
         moves the ``best`` tag to its run), redraws the history and importance plots and rewrites the
-        description. Read from the study here; stored in the background, like a trial's logging.
+        description. Read from the study and its ``summary`` (``tinyopt.report.summarize_study``)
+        here; stored in the background, like a trial's logging.
         """
         from tinyopt import plots
 
-        trials = study.get_trials(deepcopy=False)
-        counts = Counter(t.state.name for t in trials)
+        counts, best = summary.counts, summary.best
         metrics = {f"{record.COUNT_PREFIX}{name}": counts.get(state, 0) for state, name in _STATE_NAMES.items()}
-        metrics[record.COMPUTE_SECONDS] = sum(t.duration.total_seconds() for t in trials if t.duration)
-        complete = [t for t in trials if t.state.name == "COMPLETE"]
-        best = max(complete, key=lambda t: t.value) if complete else None
+        metrics[record.COMPUTE_SECONDS] = summary.compute_seconds
+        complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
         tags: dict[str, Any] = {}
         if best is not None:
             metrics[record.BEST_SO_FAR] = best.value
-            best_run = best.user_attrs.get(record.RUN_ID)
-            tags = {record.TAG_BEST_TRIAL: best.number, record.TAG_BEST_RUN: best_run or "-",
-                    record.TAG_BEST_RUN_URL: self.run_url(best_run) if best_run else "-"}
+            tags = {record.TAG_BEST_TRIAL: best.number, record.TAG_BEST_RUN: best.run_id or "-",
+                    record.TAG_BEST_RUN_URL: self.run_url(best.run_id) if best.run_id else "-"}
         importances, why = plots.importances(study)
         tags[record.TAG_DESCRIPTION] = self._summary_text(study, command, counts, metrics, best, importances,
                                                           why)[:_TAG_LIMIT]
@@ -342,8 +339,8 @@ class Tracker:
         parent.log_figure(lambda: plots.history_chart(study.study_name, complete), record.HISTORY)
         if importances:
             parent.log_figure(lambda: plots.importance_chart(study.study_name, importances), record.IMPORTANCE)
-        if best is not None and best.user_attrs.get(record.RUN_ID):
-            parent.call(record.TAG_BEST, self._move_best_tag, best.user_attrs[record.RUN_ID])
+        if best is not None and best.run_id:
+            parent.call(record.TAG_BEST, self._move_best_tag, best.run_id)
 
     def _move_best_tag(self, run_id: str) -> None:
         """Tag ``best`` on ``run_id`` only: the tag leaves the run of the former best trial."""
@@ -353,7 +350,7 @@ class Tracker:
                 self.client.delete_tag(run.info.run_id, record.TAG_BEST)
         self.client.set_tag(run_id, record.TAG_BEST, "true")
 
-    def _summary_text(self, study: Any, command: str, counts: Counter, metrics: dict[str, float], best: Any,
+    def _summary_text(self, study: Any, command: str, counts: dict[str, int], metrics: dict[str, float], best: Any,
                       importances: dict[str, float], why: str | None) -> str:
         """The parent run's description, in markdown: the command, what is searched, the best trial."""
         from tinyopt import space as search_space
@@ -369,13 +366,11 @@ class Tracker:
                  + f"; compute {metrics[record.COMPUTE_SECONDS] / 60:.1f} min.", ""]
         if best is None:
             return "\n".join([*lines, "No complete trial yet."])
-        run_id = best.user_attrs.get(record.RUN_ID)
-        link = f"[run {run_id[:8]}]({_run_path(self.experiment_id, run_id)})" if run_id else "no run"
-        scores = {key: best.user_attrs[key] for key in record.SCORES if key in best.user_attrs}
+        link = f"[run {best.run_id[:8]}]({_run_path(self.experiment_id, best.run_id)})" if best.run_id else "no run"
         lines += [f"**Best: trial {best.number}** ({link}), selection top-1 {best.value:.4f}"
-                  + "".join(f", {key.replace('_', ' ')} {value:.4f}" for key, value in scores.items()
+                  + "".join(f", {key.replace('_', ' ')} {value:.4f}" for key, value in best.scores.items()
                             if key != "selection_top1"), "",
-                  *_markdown_table(best.user_attrs.get(record.PARAMS, best.params))]
+                  *_markdown_table(best.params)]
         if importances:
             lines += ["", "Importance (PED-ANOVA, as in optuna-dashboard): "
                       + ", ".join(f"{key} {value:.2f}" for key, value in importances.items())]
