@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from tinyopt import ensemble, export
+from tinyopt import export, voting
 from tinyopt.errors import TinyoptError
 
 pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlow
@@ -46,8 +46,8 @@ def _write(dst, model, **kwargs):
 
 
 def test_ensemble_bundle_loads_and_predicts_without_tinyopt(tmp_path, members, images):
-    weights = [0.3, 0.9]
-    bundle = _write(tmp_path / "bundle", export.ensemble_model(members, weights))
+    weights, temperatures = [0.3, 0.9], [0.5, 2.0]  # one member sharpened, one flattened
+    bundle = _write(tmp_path / "bundle", export.ensemble_model(members, weights, temperatures))
     assert sorted(p.name for p in bundle.iterdir()) == ["MODEL.md", "classes.tsv", "metrics.json",
                                                         "model.keras", "params.json", "provenance.json"]
     provenance = json.loads((bundle / "provenance.json").read_text())
@@ -62,7 +62,11 @@ def test_ensemble_bundle_loads_and_predicts_without_tinyopt(tmp_path, members, i
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    expected = ensemble.soft_vote([m.predict(images, verbose=0) for m in members], weights)
+    # The vote WeightSearch scores: the calibrated members' probabilities, weighted.
+    expected = voting.soft_vote([voting.calibrate(m.predict(images, verbose=0), t)
+                                   for m, t in zip(members, temperatures, strict=True)], weights)
+    uncalibrated = voting.soft_vote([m.predict(images, verbose=0) for m in members], weights)
+    assert np.abs(expected - uncalibrated).max() > 1e-3, "fixture: the temperatures must change the vote"
     np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), expected, rtol=1e-5, atol=1e-7)
 
     assert export.read_classes(bundle / "classes.tsv") == CLASSES
@@ -79,6 +83,17 @@ def test_zero_weight_member_is_left_out(members, images):
     assert [layer.name for layer in model.layers if isinstance(layer, keras.Model)] == ["member_1"]
     np.testing.assert_allclose(model.predict(images, verbose=0), members[1].predict(images, verbose=0),
                                rtol=1e-6)
+
+
+def test_members_recorded_before_calibration_vote_as_saved(members, images):
+    """An ensemble trial without temperatures (None) exports the vote it recorded, of the probabilities as saved."""
+    old = export.ensemble_model(members, [0.3, 0.9], [None, None])
+    expected = voting.soft_vote([m.predict(images, verbose=0) for m in members], [0.3, 0.9])
+    np.testing.assert_allclose(old.predict(images, verbose=0), expected, rtol=1e-6, atol=1e-8)
+    mixed = export.ensemble_model(members, [0.3, 0.9], [None, 3.0])
+    expected = voting.soft_vote([members[0].predict(images, verbose=0),
+                                   voting.calibrate(members[1].predict(images, verbose=0), 3.0)], [0.3, 0.9])
+    np.testing.assert_allclose(mixed.predict(images, verbose=0), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_members_with_different_outputs_are_rejected(members):

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from tinyopt import ensemble, export, record, report, tracking
+from tinyopt import export, record, report, tracking, voting
 from tinyopt.cli import cli
 from tinyopt.metrics import scores
 from tinyopt.predict import predict_images
@@ -89,7 +89,8 @@ def store(tmp_path_factory):
     stores = {"storage": f"sqlite:///{root / 'studies.db'}", "tracking_uri": f"sqlite:///{root / 'mlruns.db'}"}
     for i, name in enumerate(APPROACH_STUDIES):
         _sweep_approach(name, **stores, images=images, labels=labels, seed=10 * i)
-    run_sweep("ensemble", trials=6, progress=False, **stores)
+    # One member per study: only the best trial of each keeps its model here, and export needs them.
+    run_sweep("ensemble", trials=6, progress=False, overrides=("ensemble.top_k=1",), **stores)
     pngs = []
     for i, pixels in enumerate(images["test"][:4]):
         pngs.append(root / f"test_{i}.png")
@@ -120,8 +121,9 @@ def test_ensemble_sweep_records_the_contract(store):
         (name, t.number, t.user_attrs["mlflow_run_id"], True) for name, t in expected]
     assert sum(m["weight"] for m in members) == pytest.approx(1.0)
     assert set(best.params) == {f"weight_{name}-{t.number}" for name, t in expected}
-    assert best.value == best.user_attrs["selection_top1"]
-    assert set(best.user_attrs[record.UNIFORM]) == set(report.SCORES)
+    assert best.value == -best.user_attrs["selection_log_loss"]
+    assert set(best.user_attrs[record.UNIFORM]) == {*report.SCORES, *record.LOG_LOSSES}
+    assert best.user_attrs[record.BEST_MEMBER]["label"] in {m["label"] for m in members}
     assert best.user_attrs["model_kept"] is False
     run = tracking.get_run(best.user_attrs["mlflow_run_id"], store["tracking_uri"])
     assert run.info.status == "FINISHED"
@@ -147,6 +149,8 @@ def test_best_prints_each_study(store):
         assert best.user_attrs["mlflow_run_id"] in result.output
         assert f"{best.user_attrs['test_top1']:.4f}" in result.output
     assert "learning_rate=" in result.output
+    for line in ("weighted vote: selection top-1", "best member ", "uniform vote: selection top-1"):
+        assert line in result.output
 
 
 def test_exported_approach_predicts_what_its_trial_recorded(store, tmp_path):
@@ -176,7 +180,9 @@ def test_exported_ensemble_is_the_weighted_vote_of_the_kept_models(store, tmp_pa
     assert result.exit_code == 0, result.output
     members = _study(store, "ensemble").best_trial.user_attrs[record.MEMBERS]
     recorded = [tracking.load_predictions(m["run_id"], store["tracking_uri"])["test_probs"] for m in members]
-    expected = ensemble.soft_vote(recorded, [m["weight"] for m in members])
+    assert any(abs(m["temperature"] - 1) > 0.01 for m in members if m["weight"] > 0)
+    calibrated = [voting.calibrate(p, m["temperature"]) for p, m in zip(recorded, members, strict=True)]
+    expected = voting.soft_vote(calibrated, [m["weight"] for m in members])
     model = keras.models.load_model(tmp_path / "bundle" / "model.keras")
     pixels = np.stack([np.asarray(Image.open(path)) for path in store["pngs"]])
     np.testing.assert_allclose(model.predict(pixels, verbose=0), expected[:4], rtol=1e-5, atol=1e-7)
@@ -215,7 +221,7 @@ def test_report_files_hold_the_numbers_of_the_studies(store, tmp_path):
     assert by_name["finetune"]["counts"] == {"COMPLETE": 3, "PRUNED": 1, "FAIL": 1, "RUNNING": 0}
     assert by_name["finetune"]["compute_seconds"] == pytest.approx(sum(DURATIONS) + 5 + 1)
     ensemble_best = _study(store, "ensemble").best_trial.user_attrs
-    best_member = max(ensemble_best["members"], key=lambda m: m["selection_top1"])
+    best_member = ensemble_best[record.BEST_MEMBER]
     gains = numbers["gains"]["ensemble"]
     assert gains["test_top1_over_best_member"] == pytest.approx(ensemble_best["test_top1"] - best_member["test_top1"])
     assert gains["selection_top1_over_uniform"] == pytest.approx(

@@ -253,3 +253,59 @@ def test_trials_per_process_runs_the_sweep_in_fresh_processes(stores, tiny_folde
     assert workers[0] == workers[1] != workers[2]
     assert not any(w.endswith(f":{os.getpid()}") for w in workers)
 
+
+
+def test_the_models_of_the_best_k_trials_are_kept(stores, tiny_folder, cache_root, monkeypatch):
+    from tinyopt import metrics, objectives
+
+    # Selection top-1 of trials 0..3 as chosen here: each new trial enters the top 2 and pushes one out.
+    chosen = iter([0.1, 0.3, 0.2, 0.4])
+
+    def scores(probs, labels):
+        found = metrics.scores(probs, labels)
+        if len(labels) == selection_size:
+            found["top1"] = next(chosen)
+        return found
+
+    from tinyopt import data
+
+    cache = data.prepare(str(tiny_folder), str(cache_root), progress=False)
+    selection_size = len(data.load_split("selection", cache)[1])
+    monkeypatch.setattr(objectives, "scores", scores)
+    sweep("scratch", stores, tiny_folder, cache_root, 4, "study.keep_models=2")
+    study = load_study(stores, "scratch")
+    assert [t.value for t in study.trials] == [0.1, 0.3, 0.2, 0.4]
+    # Each was among the best two when it ended, so each stored its model ...
+    assert [t.user_attrs[record.MODEL_KEPT] for t in study.trials] == [True] * 4
+    client, _, children = runs_of(stores, "scratch")
+    kept = {n for n, run in children.items() if run.data.tags[record.TAG_MODEL_KEPT] == "true"}
+    # ... and the models of trials 0 and 2 were deleted when they dropped out of the best two.
+    assert kept == {1, 3}
+    live = {m.model_id for m in client.search_logged_models(experiment_ids=[children[0].info.experiment_id])}
+    for number, run in children.items():
+        assert (run.outputs.model_outputs[0].model_id in live) == (number in kept), number
+        assert (record.TAG_MODEL_URI in run.data.tags) == (number in kept)
+    assert tracking.download_model(children[3].info.run_id, stores["tracking_uri"], cache_root / "kept").is_file()
+    with pytest.raises(StudyError, match="kept no model"):
+        tracking.download_model(children[0].info.run_id, stores["tracking_uri"], cache_root / "dropped")
+
+
+def test_a_trial_training_at_the_deadline_stops_and_is_pruned(stores, tiny_folder, cache_root):
+    from sweep_helpers import LONG, start_sweep
+
+    # Trials of 400 epochs: without the deadline the first one alone would train for minutes.
+    process = start_sweep(["--timeout", "40", "--trials", "5", "--data", tiny_folder, "--cache", cache_root,
+                           "--storage", stores["storage"], "--tracking-uri", stores["tracking_uri"]], LONG)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output
+    trials = load_study(stores, "scratch").trials
+    assert len(trials) == 1 and trials[0].state.name == "PRUNED", output
+    stop = trials[0].user_attrs[record.DEADLINE_STOP]
+    reported = len(trials[0].intermediate_values)  # the partial epoch included
+    assert 0 < stop["epochs"] < 400 and reported - 1 < stop["epochs"] <= reported
+    assert "trial 0 was still training at the --timeout deadline" in output
+    assert "1 pruned" in output
+    client, parents, children = runs_of(stores, "scratch")
+    assert children[0].info.status == "KILLED" and parents[0].info.status == "FINISHED"
+    history = client.get_metric_history(children[0].info.run_id, record.SELECTION_TOP1)
+    assert max(m.step for m in history) == len(trials[0].intermediate_values)

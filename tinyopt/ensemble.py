@@ -1,15 +1,34 @@
 """Soft-voting ensemble over the approach studies' best trials, and the study of its weights.
 
 Every complete trial of an approach study saved its selection and test class probabilities, so the
-ensemble never reruns a model: it weights those arrays. Weights are searched on the selection
-split only; test scores are reported, never optimised on.
+ensemble never reruns a model: it weights those arrays. Everything is fitted on the selection split
+only; test scores are reported, never optimised on.
+
+Three steps, each on the selection split:
+
+1. Calibration: each member's probabilities ``p`` become ``softmax(log(p) / T)`` with one temperature
+   ``T > 0`` per member, fitted to minimise that member's selection log loss (``fit_temperature``).
+   Calibrating before the vote puts every member on one honest scale: without it, weights also act
+   as temperatures, and a chance-level member (a near-uniform distribution) could win a large weight
+   by smoothing the vote, a gain that is noise on a selection set of a thousand images. One scalar per
+   member (Guo et al., 2017) cannot overfit the selection split as a per-class calibration could, and
+   it leaves each member's ranking of the classes, hence its top-1 and top-5, as they were.
+2. Greedy ensemble selection with replacement (Caruana et al., 2004, as auto-sklearn and AutoGluon
+   do; ``greedy_weights``): the ensemble study's first trial, a strong baseline the study can only
+   improve on.
+3. The study: weights sampled in [0, 1] per member, normalised, maximising the selection objective:
+   minus the selection log loss (``ensemble.objective = "log_loss"``, a proper score, the default) or
+   the selection top-1.
 
 An ensemble trial records what ``best --export`` and ``report`` need in its user attrs
 (see ``WeightSearch.record``)::
 
-    "members":  [{"label", "study", "trial_number", "run_id", "model_kept", "weight",
-                  "selection_top1", "selection_top5", "test_top1", "test_top5"}, ...]
-    "uniform":  {"selection_top1", "selection_top5", "test_top1", "test_top5"}
+    "members":     [{"label", "study", "trial_number", "run_id", "model_kept", "weight", "temperature",
+                     "selection_top1", "selection_top5", "selection_log_loss",
+                     "test_top1", "test_top5", "test_log_loss"}, ...]
+    "uniform":     {"selection_top1", ..., "test_log_loss"}: the uniform vote of the calibrated members
+    "best_member": {"label", "selection_top1", ..., "test_log_loss"}: the calibrated member with the best
+                   selection objective, alone
     "selection_top1", "selection_top5", "test_top1", "test_top5",
     "selection_log_loss", "test_log_loss"
 
@@ -17,8 +36,11 @@ plus, from ``EnsembleObjective``, the user attrs every approach trial has: ``par
 weights), ``mlflow_run_id``, ``seconds`` and ``model_kept`` (always False: the members keep the
 models). The raw weights are the sampler's coordinates; what a person reads (``members``, the
 trial's MLflow params and run name, ``best``, ``report``) is each member's share of the vote, the
-weights normalised to sum 1. Only numpy loads with this module; sklearn (through
-``tinyopt.metrics``), optuna, matplotlib and mlflow load in the functions that use them.
+weights normalised to sum 1. A member's scores are those of its calibrated probabilities (top-1 and
+top-5 are its own; the log loss is after temperature scaling). Trials recorded before calibration
+have no ``temperature``: their members voted with their probabilities as saved. Only numpy loads
+with this module; scipy, sklearn (through ``tinyopt.metrics``), optuna, matplotlib and mlflow load
+in the functions that use them.
 """
 
 from __future__ import annotations
@@ -35,54 +57,17 @@ from tinyopt.errors import ConfigError, DataError, StudyError, TrialError
 from tinyopt.metrics import scores
 from tinyopt.objectives import TrackedObjective
 from tinyopt.schema import ENSEMBLE_OBJECTIVES as OBJECTIVES
+from tinyopt.voting import calibrate, fit_temperature, greedy_weights, normalise_weights, stacked_vote
 
 WEIGHT_PREFIX = "weight_"
+TEMPERATURE_PREFIX = "temperature_"  # MLflow params of an ensemble trial: each member's temperature
 _SPLITS = ("selection", "test")
-
-
-def normalise_weights(weights: Sequence[float]) -> np.ndarray:
-    """Weights scaled to sum 1.
-
-    Raises:
-        ValueError: a weight is negative or not finite.
-        TrialError: every weight is zero, so there is no vote to take.
-    """
-    weights = np.asarray(weights, dtype=np.float64)
-    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
-        raise ValueError(f"ensemble weights must be finite and non-negative, got {weights.tolist()}")
-    total = weights.sum()
-    if total == 0:
-        raise TrialError("every ensemble member has weight 0; at least one weight must be positive")
-    return weights / total
-
-
-def soft_vote(probs_list: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """The weighted average of the members' class probabilities.
-
-    Args:
-        probs_list: one ``(N, C)`` probability array per member, rows in the same sample order.
-        weights: one non-negative weight per member; normalised to sum 1 here.
-
-    Returns:
-        ``(N, C)`` float32 probabilities, equal to sklearn's ``VotingClassifier(voting="soft")``.
-    """
-    return _vote(np.stack([np.asarray(p, dtype=np.float32) for p in probs_list]), weights)
-
-
-def _vote(stacked: np.ndarray, weights: Sequence[float]) -> np.ndarray:
-    if len(stacked) != len(weights):
-        raise ValueError(f"{len(stacked)} probability arrays but {len(weights)} weights")
-    return np.tensordot(normalise_weights(weights).astype(np.float32), stacked, axes=1)
 
 
 def _split_scores(probs: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray]) -> dict[str, float]:
     """``{"selection_top1": ..., "test_log_loss": ...}`` from per-split probabilities and labels."""
     return {f"{split}_{name}": value for split in _SPLITS
             for name, value in scores(probs[split], labels[split]).items()}
-
-
-def _accuracies(flat: Mapping[str, float]) -> dict[str, float]:
-    return {key: value for key, value in flat.items() if not key.endswith("log_loss")}
 
 
 @dataclass(frozen=True)
@@ -115,14 +100,26 @@ class Member:
 
 
 class WeightSearch:
-    """The objective of the ensemble study: member weights that maximise the selection score.
+    """The objective of the ensemble study: member weights that maximise the selection objective.
+
+    Each member is calibrated first (``fit_temperature`` on its selection probabilities, then
+    ``calibrate`` on both splits): every vote here, the uniform one included, averages calibrated
+    probabilities.
 
     Args:
         members: the members, in a fixed order.
         predictions: per member, the arrays of its ``predictions.npz`` (``selection_probs``,
             ``selection_labels``, ``test_probs``, ``test_labels``).
-        objective: ``"top1"`` (selection top-1) or ``"log_loss"`` (minus the selection log loss, so
-            that the study maximises in both cases).
+        objective: ``"log_loss"`` (minus the selection log loss, so that the study maximises in both
+            cases) or ``"top1"`` (selection top-1).
+        greedy_rounds: rounds of the greedy selection of the first trial's weights (``greedy_weights``).
+
+    Attributes:
+        temperatures: each member's fitted temperature.
+        member_scores: each calibrated member's scores, keyed like ``selection_top1``.
+        uniform_scores: the scores of the uniform vote.
+        best_index: the index of the member with the best selection objective (the first on ties).
+        greedy: the greedy weights, one per member, summing to 1.
 
     Raises:
         DataError: the members were not scored on the same selection and test samples.
@@ -130,7 +127,7 @@ class WeightSearch:
     """
 
     def __init__(self, members: Sequence[Member], predictions: Sequence[Mapping[str, np.ndarray]],
-                 objective: str = "top1"):
+                 objective: str = "log_loss", greedy_rounds: int = 50):
         if objective not in OBJECTIVES:
             raise ConfigError(f"ensemble.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         if len(members) != len(predictions) or not members:
@@ -139,15 +136,19 @@ class WeightSearch:
         self.members = list(members)
         self.objective = objective
         self._labels = {split: np.asarray(predictions[0][f"{split}_labels"]) for split in _SPLITS}
-        self._probs = {s: np.stack([np.asarray(p[f"{s}_probs"], dtype=np.float32) for p in predictions])
-                       for s in _SPLITS}
+        self.temperatures = [fit_temperature(p["selection_probs"], self._labels["selection"]) for p in predictions]
+        self._probs = {split: np.stack([calibrate(p[f"{split}_probs"], t)
+                                        for p, t in zip(predictions, self.temperatures, strict=True)])
+                       for split in _SPLITS}
         self.member_scores = [_split_scores({s: self._probs[s][i] for s in _SPLITS}, self._labels)
                               for i in range(len(members))]
         self.uniform_scores = self.evaluate([1.0] * len(members))
+        self.best_index = max(range(len(members)), key=lambda i: self.value(self.member_scores[i]))
+        self.greedy = greedy_weights(self._probs["selection"], self._labels["selection"], objective, greedy_rounds)
 
     def vote(self, weights: Sequence[float]) -> dict[str, np.ndarray]:
-        """The weighted soft vote on the selection and test splits."""
-        return {split: _vote(self._probs[split], weights) for split in _SPLITS}
+        """The weighted soft vote of the calibrated members on the selection and test splits."""
+        return {split: stacked_vote(self._probs[split], weights) for split in _SPLITS}
 
     def evaluate(self, weights: Sequence[float]) -> dict[str, float]:
         """Scores of the weighted vote, keyed like ``selection_top1`` and ``test_log_loss``."""
@@ -163,17 +164,26 @@ class WeightSearch:
         """Sample one weight in [0, 1] per member, named ``weight_<member label>``."""
         return [trial.suggest_float(member.param, 0.0, 1.0) for member in self.members]
 
+    def greedy_params(self) -> dict[str, float]:
+        """The greedy weights as the study's params, for ``study.enqueue_trial``: its first trial."""
+        return {m.param: float(w) for m, w in zip(self.members, self.greedy, strict=True)}
+
     def members_attr(self, weights: Sequence[float]) -> list[dict[str, Any]]:
-        """The ``members`` user attr: each member, its normalised weight and its own scores."""
+        """The ``members`` user attr: each member, its normalised weight, its temperature and its scores."""
         normalised = normalise_weights(weights)
-        return [{"label": m.label, **asdict(m), "weight": float(w), **_accuracies(s)}
-                for m, w, s in zip(self.members, normalised, self.member_scores, strict=True)]
+        return [{"label": m.label, **asdict(m), "weight": float(w), "temperature": t, **s}
+                for m, w, t, s in zip(self.members, normalised, self.temperatures, self.member_scores, strict=True)]
+
+    def best_member_attr(self) -> dict[str, Any]:
+        """The ``best_member`` user attr: the label and scores of the member with the best selection objective."""
+        return {"label": self.members[self.best_index].label, **self.member_scores[self.best_index]}
 
     def record(self, trial: Any, weights: Sequence[float]) -> dict[str, float]:
         """Score the vote of ``weights`` and store the ensemble user attrs on ``trial``; returns the scores."""
         flat = self.evaluate(weights)
         trial.set_user_attr(record.MEMBERS, self.members_attr(weights))
-        trial.set_user_attr(record.UNIFORM, _accuracies(self.uniform_scores))
+        trial.set_user_attr(record.UNIFORM, self.uniform_scores)
+        trial.set_user_attr(record.BEST_MEMBER, self.best_member_attr())
         for key, value in flat.items():
             trial.set_user_attr(key, value)
         return flat
@@ -183,11 +193,13 @@ class WeightSearch:
         return self.value(self.record(trial, self.suggest(trial)))
 
     def comparison(self, weights: Sequence[float]) -> list[dict[str, Any]]:
-        """Rows for the member table and bar chart: each member, the uniform and the weighted vote."""
-        rows = [{"name": m["label"], "weight": m["weight"], **_accuracies(s)}
+        """Rows for the member table and bar chart: the members, then the best member, uniform and weighted vote."""
+        rows = [{"name": m["label"], "weight": m["weight"], "temperature": m["temperature"], **s}
                 for m, s in zip(self.members_attr(weights), self.member_scores, strict=True)]
-        rows.append({"name": "uniform vote", "weight": None, **_accuracies(self.uniform_scores)})
-        rows.append({"name": "weighted vote", "weight": None, **_accuracies(self.evaluate(weights))})
+        best = self.best_member_attr()
+        rows.append({"name": f"best member ({best.pop('label')})", "weight": None, "temperature": None, **best})
+        rows.append({"name": "uniform vote", "weight": None, "temperature": None, **self.uniform_scores})
+        rows.append({"name": "weighted vote", "weight": None, "temperature": None, **self.evaluate(weights)})
         return rows
 
 
@@ -208,10 +220,15 @@ def _check_same_samples(members: Sequence[Member], predictions: Sequence[Mapping
                     "data cache and data options")
 
 
-def weights_of(members_attr: Sequence[Mapping[str, Any]]) -> tuple[list[Member], list[float]]:
-    """Members and weights from an ensemble trial's ``members`` user attr."""
+def weights_of(members_attr: Sequence[Mapping[str, Any]]
+               ) -> tuple[list[Member], list[float], list[float | None]]:
+    """Members, weights and temperatures from an ensemble trial's ``members`` user attr.
+
+    A member recorded before calibration has no temperature (None): it voted with its probabilities
+    as saved, which ``tinyopt.export.ensemble_model`` then reproduces.
+    """
     members = [Member(m["study"], m["trial_number"], m["run_id"], m["model_kept"]) for m in members_attr]
-    return members, [float(m["weight"]) for m in members_attr]
+    return members, [float(m["weight"]) for m in members_attr], [m.get("temperature") for m in members_attr]
 
 
 def select_members(storage: str, studies: Sequence[str], top_k: int = 1, min_members: int = 2
@@ -261,20 +278,22 @@ def select_members(storage: str, studies: Sequence[str], top_k: int = 1, min_mem
     return members, skipped
 
 
-def load_weight_search(members: Sequence[Member], tracking_uri: str, objective: str = "top1") -> WeightSearch:
+def load_weight_search(members: Sequence[Member], tracking_uri: str, objective: str = "log_loss",
+                       greedy_rounds: int = 50) -> WeightSearch:
     """Read the members' saved probabilities from MLflow and build the ensemble objective."""
     from tinyopt import tracking
 
     predictions = [tracking.load_predictions(m.run_id, tracking_uri) for m in members]
-    return WeightSearch(members, predictions, objective)
+    return WeightSearch(members, predictions, objective, greedy_rounds)
 
 
 class EnsembleObjective(TrackedObjective):
     """The ensemble study's objective with tracking: one MLflow run per trial, like the approaches.
 
-    Each run gets the weights as params, the vote's scores and the uniform vote's as metrics, and
-    ``ensemble_members.json`` plus ``ensemble_comparison.png``: every member, the uniform and the
-    weighted vote on selection and test.
+    Each run gets the weights (shares of the vote) and the members' temperatures as params; the
+    vote's scores, the uniform vote's (``uniform_...``) and the best member's (``best_member_...``) as
+    metrics; and ``ensemble_members.json`` plus ``ensemble_comparison.png``: every member, the best
+    member, the uniform and the weighted vote on selection and test.
 
     Args:
         search: the members and their probabilities.
@@ -302,7 +321,10 @@ class EnsembleObjective(TrackedObjective):
         return {m.param: round(float(s), 3) for m, s in zip(self.search.members, shares, strict=True)}
 
     def logged_params(self, trial: Any, params: dict[str, Any]) -> dict[str, Any]:
-        return self._shares(params)
+        # The temperatures are fixed for the sweep, but a run's params are where a person compares runs.
+        temperatures = {f"{TEMPERATURE_PREFIX}{m.label}": float(f"{t:.4g}")
+                        for m, t in zip(self.search.members, self.search.temperatures, strict=True)}
+        return {**self._shares(params), **temperatures}
 
     def headline(self, params: dict[str, Any]) -> dict[str, Any]:
         return {key.removeprefix(WEIGHT_PREFIX): share for key, share in self._shares(params).items()}
@@ -313,8 +335,12 @@ class EnsembleObjective(TrackedObjective):
         trial.set_user_attr(record.MODEL_KEPT, False)
         weights = [params[m.param] for m in self.search.members]
         flat = self.search.record(trial, weights)
-        uniform = {f"uniform_{key}": v for key, v in self.search.uniform_scores.items()}
-        run.log_metrics({record.final(key): value for key, value in {**flat, **uniform}.items()})
+        search = self.search
+        references = {f"{name}_{key}": value
+                      for name, found in ((record.UNIFORM, search.uniform_scores),
+                                          (record.BEST_MEMBER, search.member_scores[search.best_index]))
+                      for key, value in found.items()}
+        run.log_metrics({record.final(key): value for key, value in {**flat, **references}.items()})
         rows = self.search.comparison(weights)
         run.log_text(json.dumps(rows, indent=2), "ensemble_members.json")
         run.log_figure(comparison_chart(rows, f"ensemble trial {trial.number}"), "ensemble_comparison.png")
@@ -327,7 +353,8 @@ def prepare_search(study_name: str, config: dict[str, Any], storage: str, tracki
 
     Members are chosen once, when the sweep starts, from ``config["ensemble"]``: the best
     ``top_k`` complete trials of each of ``studies``. Studies that are missing or have no complete
-    trial are skipped (one note each) as long as ``min_members`` remain.
+    trial are skipped (one note each) as long as ``min_members`` remain. The members are calibrated
+    and their greedy weights found here too (see ``WeightSearch``).
 
     Returns:
         The weight search, and the notes about skipped studies.
@@ -341,4 +368,5 @@ def prepare_search(study_name: str, config: dict[str, Any], storage: str, tracki
     if study_name in studies:
         raise StudyError(f"ensemble.studies lists the ensemble study {study_name!r} itself; name only approach studies")
     members, skipped = select_members(storage, studies, int(settings["top_k"]), int(settings["min_members"]))
-    return load_weight_search(members, tracking_uri, settings["objective"]), skipped
+    search = load_weight_search(members, tracking_uri, settings["objective"], int(settings["greedy_rounds"]))
+    return search, skipped

@@ -22,6 +22,7 @@ from tinyopt.errors import StudyError, TinyoptError
 from tinyopt.urls import redact
 
 if TYPE_CHECKING:
+    from tinyopt.refit import Refit
     from tinyopt.report import StudySummary
 
 MODEL_FILE = "model.keras"
@@ -54,26 +55,34 @@ def read_classes(path: Path) -> list[tuple[int, str, str]]:
     return classes
 
 
-def ensemble_model(member_models: Sequence[Any], weights: Sequence[float]) -> Any:
-    """One Keras model computing the weighted soft vote of its members.
+def ensemble_model(member_models: Sequence[Any], weights: Sequence[float],
+                   temperatures: Sequence[float | None] | None = None) -> Any:
+    """One Keras model computing the weighted soft vote of its (calibrated) members.
 
-    Each member's probabilities are scaled by its normalised weight (a ``Rescaling`` layer) and
-    summed (``Add``): built-in layers only, so the saved model loads without tinyopt. Members
-    with weight 0 are left out. The members are renamed ``member_<i>`` so their names are unique.
+    A member with a temperature ``T`` votes with ``softmax(log(p) / T)``, ``p`` floored at
+    ``tinyopt.voting.PROBABILITY_FLOOR``, as ``tinyopt.voting.calibrate`` computes it; one
+    without (None: an ensemble trial recorded before calibration) votes with ``p``. Each vote is
+    scaled by its normalised weight (a ``Rescaling`` layer) and summed (``Add``). Built-in layers and
+    ``keras.ops`` only, in float32 (so that a mixed-precision policy cannot round the probabilities
+    to float16): the saved model loads without tinyopt. Members with weight 0 are left out. The
+    members are renamed ``member_<i>`` so their names are unique.
 
     Args:
         member_models: Keras models taking the same uint8 image input and giving the same classes.
         weights: one non-negative weight per member; normalised to sum 1.
+        temperatures: one temperature (or None) per member; None: no member is calibrated.
 
     Raises:
         TinyoptError: the members disagree on their input or output shape.
     """
     import keras
 
-    from tinyopt.ensemble import normalise_weights
+    from tinyopt.voting import PROBABILITY_FLOOR, normalise_weights
 
-    if len(member_models) != len(weights):
-        raise ValueError(f"{len(member_models)} member models but {len(weights)} weights")
+    temperatures = [None] * len(member_models) if temperatures is None else list(temperatures)
+    if not len(member_models) == len(weights) == len(temperatures):
+        raise ValueError(f"{len(member_models)} member models but {len(weights)} weights "
+                         f"and {len(temperatures)} temperatures")
     shapes = {(tuple(m.inputs[0].shape[1:]), tuple(m.outputs[0].shape[1:])) for m in member_models}
     if len(shapes) != 1:
         raise TinyoptError(f"ensemble members disagree on input/output shapes {sorted(shapes)}; "
@@ -81,12 +90,15 @@ def ensemble_model(member_models: Sequence[Any], weights: Sequence[float]) -> An
     (input_shape, _), = shapes
     image = keras.Input(input_shape, dtype="uint8", name="image")
     votes = []
-    for i, (model, weight) in enumerate(zip(member_models, normalise_weights(weights), strict=True)):
+    for i, (model, weight, temperature) in enumerate(zip(member_models, normalise_weights(weights), temperatures,
+                                                         strict=True)):
         if weight == 0:
             continue
         model.name = f"member_{i}"
-        # float32 so that a mixed-precision policy cannot round the probabilities to float16.
-        votes.append(keras.layers.Rescaling(float(weight), dtype="float32", name=f"weight_{i}")(model(image)))
+        probs = keras.ops.cast(model(image), "float32")
+        if temperature is not None:
+            probs = keras.ops.softmax(keras.ops.log(keras.ops.maximum(probs, PROBABILITY_FLOOR)) / float(temperature))
+        votes.append(keras.layers.Rescaling(float(weight), dtype="float32", name=f"weight_{i}")(probs))
     output = votes[0] if len(votes) == 1 else keras.layers.Add(dtype="float32", name="soft_vote")(votes)
     return keras.Model(image, output, name="soft_vote_ensemble")
 
@@ -141,6 +153,15 @@ def write_bundle(dst: str | Path, *, model: Any, classes: Sequence[Sequence[Any]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dst
+
+
+def check_destination(dst: str | Path, overwrite: bool = False) -> None:
+    """Check, before the work that makes a bundle, that ``write_bundle`` may write it to ``dst``.
+
+    Raises:
+        TinyoptError: ``dst`` is a file, or a non-empty folder without ``overwrite``.
+    """
+    _check_destination(Path(dst).resolve(), overwrite)
 
 
 def _check_destination(dst: Path, overwrite: bool) -> None:
@@ -212,8 +233,8 @@ def export_best(summary: StudySummary, dst: str | Path, *, storage_url: str, tra
                 overwrite: bool = False) -> Path:
     """Write the bundle of a study's best trial from the model(s) its MLflow run(s) kept.
 
-    For an ensemble study, the members' kept models are combined by ``ensemble_model`` with the
-    best trial's weights. Nothing is retrained.
+    For an ensemble study, the kept models of the members with a weight above 0 are combined by
+    ``ensemble_model`` with the best trial's weights and temperatures. Nothing is retrained.
 
     Args:
         summary: the study (``tinyopt.report.summarize_studies``).
@@ -235,18 +256,25 @@ def export_best(summary: StudySummary, dst: str | Path, *, storage_url: str, tra
     where = f"trial {best.number} of study {summary.name!r}"
     with tempfile.TemporaryDirectory(prefix="tinyopt-export-") as tmp:
         if best.members:
-            members, weights = weights_of(best.members)
-            lost = [f"{m.study} trial {m.trial_number}" for m in members if not m.model_kept]
+            members, weights, temperatures = weights_of(best.members)
+            # A member of weight 0 is left out of the model, so only the voting members need theirs.
+            voting = [i for i, weight in enumerate(weights) if weight > 0]
+            lost = [f"{members[i].study} trial {members[i].trial_number}" for i in voting if not members[i].model_kept]
             if lost:
                 raise StudyError(f"{where} votes with {', '.join(lost)}, whose model was not kept (only a trial "
-                                 "that was its study's best when it finished keeps its model); export cannot "
-                                 "rebuild it: sweep the ensemble with ensemble.top_k=1")
-            run_ids = [m.run_id for m in members]
+                                 "among its study's best study.keep_models when it finished keeps its model); "
+                                 "export cannot rebuild it: sweep the approach with study.keep_models at least "
+                                 "ensemble.top_k, or the ensemble with ensemble.top_k=1")
+            run_ids = [members[i].run_id for i in voting]
             classes = _run_classes(run_ids, tracking_uri, Path(tmp))
-            model = ensemble_model([_run_model(m.run_id, tracking_uri, Path(tmp)) for m in members], weights)
+            model = ensemble_model([_run_model(run_id, tracking_uri, Path(tmp)) for run_id in run_ids],
+                                   [weights[i] for i in voting], [temperatures[i] for i in voting])
             params = {"members": _member_params(best.members, storage_url)}
-            what = (f"A weighted soft vote of {len(members)} models, each taking the same images: "
-                    + "; ".join(f"{m['label']} (weight {m['weight']:.3f})" for m in best.members) + ".")
+            calibrated = all(temperatures[i] is not None for i in voting)
+            what = (f"A weighted soft vote of {len(voting)} models, each taking the same images"
+                    + (", each calibrated first by temperature scaling (its probabilities p become "
+                       "softmax(log(p) / T), T fitted on the selection split)" if calibrated else "")
+                    + ": " + "; ".join(_member_text(best.members[i]) for i in voting) + ".")
         else:
             if not best.model_kept or not best.run_id:
                 raise StudyError(f"{where} did not keep its model (MLflow run {best.run_id}); only a trial that "
@@ -271,6 +299,49 @@ def export_best(summary: StudySummary, dst: str | Path, *, storage_url: str, tra
         }
         return write_bundle(dst, model=model, classes=classes, params=params, metrics=best.scores,
                             description=description, overwrite=overwrite)
+
+
+def export_refit(summary: StudySummary, refit: Refit, dst: str | Path, *, model: Any,
+                 classes: Sequence[Sequence[Any]], storage_url: str, tracking_uri: str,
+                 overwrite: bool = False) -> Path:
+    """Write the bundle of a refit of a study's best trial (``tinyopt.refit``).
+
+    ``params.json`` holds the trial's params with ``refit_epochs`` and ``train_images``,
+    ``metrics.json`` the refit's test scores, and MODEL.md says how it was trained and what the
+    trial it repeats scored.
+
+    Args:
+        summary: the study (``tinyopt.report.summarize_studies``).
+        refit: what the refit did (``tinyopt.refit.refit_best``).
+        dst: the bundle folder (see ``write_bundle``).
+        model: the refit model, uncompiled.
+        classes: ``(index, wnid, name)`` per output column, in index order.
+        storage_url: the Optuna storage of the study.
+        tracking_uri: the MLflow store holding the refit's run.
+        overwrite: replace a non-empty ``dst``.
+    """
+    from tinyopt import backend
+
+    counts = summary.counts
+    trial_scores = ", ".join(f"{key.replace('_', ' ')} {value:.4f}" for key, value in refit.trial_scores.items())
+    description = {
+        "title": f"tinyopt {summary.approach}: study {summary.name}, trial {refit.trial}, refit",
+        "what": (f"{_WHAT.get(summary.approach, f'A model of the {summary.approach} approach.')} Refit on the "
+                 f"train and selection splits together ({refit.train_images} images) for {refit.epochs_text}, as "
+                 f"early stopping chose for trial {refit.trial}: no images were held out to stop it."),
+        "how_chosen": (f"The configuration of the best of {counts['COMPLETE']} complete trials "
+                       f"({counts['PRUNED']} pruned, {counts['FAIL']} failed) of an Optuna study, ranked on the "
+                       "selection split: a stratified slice of the training images held out from training. That "
+                       f"trial, trained on the train split alone, scored {trial_scores}; this model trained on "
+                       "the selection split too, so only its test scores are reported."),
+        "provenance": {"Optuna storage": redact(storage_url), "study": summary.name, "trial": refit.trial,
+                       "MLflow tracking URI": redact(tracking_uri), "MLflow run": refit.run_id,
+                       "MLflow run of the trial": refit.trial_run_id, "seed": refit.seed,
+                       "Keras backend of the training": backend.name()},
+    }
+    params = {**refit.params, record.REFIT_EPOCHS: refit.epochs, record.TRAIN_IMAGES: refit.train_images}
+    return write_bundle(dst, model=model, classes=classes, params=params, metrics=refit.scores,
+                        description=description, overwrite=overwrite)
 
 
 def _trained_with(run_ids: Sequence[str], tracking_uri: str) -> str:
@@ -301,12 +372,19 @@ def _run_classes(run_ids: Sequence[str], tracking_uri: str, tmp: Path) -> list[t
     return found[0]
 
 
+def _member_text(member: Mapping[str, Any]) -> str:
+    temperature = member.get("temperature")
+    return f"{member['label']} (weight {member['weight']:.3f}" + (
+        f", temperature {temperature:.3g})" if temperature is not None else ")")
+
+
 def _member_params(members: Sequence[Mapping[str, Any]], storage_url: str) -> list[dict[str, Any]]:
     from tinyopt import storage
 
     rows = []
     for member in members:
         trial = storage.load_study(member["study"], storage_url).get_trials(deepcopy=False)[member["trial_number"]]
-        rows.append({**{k: member[k] for k in ("label", "study", "trial_number", "run_id", "weight")},
+        rows.append({**{k: member[k] for k in ("label", "study", "trial_number", "run_id", "weight", "temperature")
+                        if k in member},
                      "params": trial.user_attrs.get(record.PARAMS, trial.params)})
     return rows

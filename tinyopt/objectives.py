@@ -113,7 +113,7 @@ class TrackedObjective:
 
     def headline(self, params: dict[str, Any]) -> dict[str, Any]:
         """The params its run name shows: ``study.run_name`` of the config."""
-        return {key: params[key] for key in self.config.get("study", {}).get("run_name", []) if key in params}
+        return headline(self.config, params)
 
     def __call__(self, trial) -> float:
         import optuna
@@ -175,14 +175,17 @@ class ModelObjective(TrackedObjective):
         seed: base seed; trial ``n`` runs with ``seed + n``.
         events: progress listener.
         device: what ``tinyopt.backend.load`` returned, recorded on every run.
+        deadline: ``time.monotonic()`` at which a trial still training stops after its current batch,
+            is scored on selection and ends pruned (``--timeout``); None: no deadline.
     """
 
     def __init__(self, approach: Any, config: dict[str, Any], data: SweepData, tracker: Any, seed: int,
-                 events: Events | None = None, device: str = "cpu"):
+                 events: Events | None = None, device: str = "cpu", deadline: float | None = None):
         super().__init__(config, tracker, events, device)
         self.approach = approach
         self.data = data
         self.seed = seed
+        self.deadline = deadline
         self._store = None  # tinyopt.activations.Store, made by the first trial that caches
 
     def choose(self, trial) -> dict[str, Any]:
@@ -195,12 +198,13 @@ class ModelObjective(TrackedObjective):
         # A fresh graph per trial: without it layers and memory pile up across trials.
         backend.free_memory()
         backend.reset_peak_memory()
+        trial.set_user_attr(record.SEED, self.seed + trial.number)
         backend.seed(self.seed + trial.number)
         return self._run(trial, params, run)
 
     def _run(self, trial, params: dict[str, Any], run) -> float:
         from tinyopt.feeds import CachedFeed
-        from tinyopt.training import eval_batch_size, set_precision
+        from tinyopt.training import eval_batch_size, inference_model, set_precision
 
         train_cfg = self.config.get("train", {})
         policy = set_precision(train_cfg.get("mixed_precision", "auto"))
@@ -245,9 +249,9 @@ class ModelObjective(TrackedObjective):
             run.log_figure(lambda: learning_curve(history), record.LEARNING_CURVE)  # drawn in the background
         for key in record.SCORES:
             trial.set_user_attr(key, final[key])
-        kept = _beats_best(trial, value)
+        kept = _in_top(trial, value, int(self.config.get("study", {}).get("keep_models", 1)))
         if kept:
-            run.log_model(_inference_model(model), self.tracker.experiment_id)
+            run.log_model(inference_model(model), self.tracker.experiment_id)
         trial.set_user_attr(record.MODEL_KEPT, kept)
         return value
 
@@ -311,12 +315,13 @@ class ModelObjective(TrackedObjective):
         compile_model(model, params, train_cfg.get("jit_compile", "auto"))
         train = feed.batches("train", int(params["batch_size"]), train=True, seed=self.seed + trial.number)
         selection = feed.batches("selection", eval_batch)
+        stopping = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", restore_best_weights=True,
+                                                 patience=int(train_cfg.get("early_stopping_patience", 3)))
         callbacks = [
             keras.callbacks.LearningRateScheduler(lr_at_epoch(params)),
             keras.callbacks.TerminateOnNaN(),
-            keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", restore_best_weights=True,
-                                          patience=int(train_cfg.get("early_stopping_patience", 3))),
-            _trial_callback(trial, run, self.events, len(self.data.splits["train"][1])),
+            stopping,
+            _trial_callback(trial, run, self.events, len(self.data.splits["train"][1]), self.deadline),
         ]
         fitted = model.fit(train, validation_data=selection, epochs=int(params["epochs"]), verbose=0, shuffle=False,
                            callbacks=callbacks)
@@ -324,7 +329,13 @@ class ModelObjective(TrackedObjective):
         if any(not np.isfinite(v) for v in history.get("loss", [])):
             raise TrialError(f"loss became NaN/inf at epoch {len(history['loss'])} "
                              f"(learning_rate={params['learning_rate']:.3g}); the search will try others")
+        trial.set_user_attr(record.BEST_EPOCH, int(stopping.best_epoch) + 1)
         return history
+
+
+def headline(config: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The params a run's name shows, from ``study.run_name`` of the config, in its order."""
+    return {key: params[key] for key in config.get("study", {}).get("run_name", []) if key in params}
 
 
 def system_metrics(config: dict[str, Any], device: str) -> bool:
@@ -333,36 +344,49 @@ def system_metrics(config: dict[str, Any], device: str) -> bool:
     return device != "cpu" if setting == "auto" else bool(setting)
 
 
-def _trial_callback(trial, run, events: Events, train_images: int):
-    """A Keras callback that logs each epoch to MLflow, reports it to Optuna and prunes."""
+def _trial_callback(trial, run, events: Events, train_images: int, deadline: float | None = None):
+    """A Keras callback that logs each epoch to MLflow, reports it to Optuna and prunes.
+
+    At ``deadline`` (``time.monotonic()``) it stops training after the current batch: Keras still scores
+    the selection split for that partial epoch, which is logged and reported like a full one (at the
+    step of the epoch it interrupted), and the trial ends pruned with ``record.DEADLINE_STOP``.
+    """
     import keras
     import optuna
+
+    from tinyopt.training import epoch_metrics
 
     class TrialCallback(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.started = self.trained = time.perf_counter()
+            self.batches, self.stopped_at = 0, None
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.batches += 1
+            # Waiting for the epoch's end could overrun a short deadline by a whole epoch (minutes on a CPU).
+            if deadline is not None and time.monotonic() >= deadline and self.stopped_at is None:
+                steps = self.params.get("steps") or self.batches
+                self.stopped_at = min(self.batches / steps, 1.0)
+                self.model.stop_training = True
 
         def on_test_begin(self, logs=None):
             self.trained = time.perf_counter()  # validation starts: the training part of the epoch ends
 
         def on_epoch_end(self, epoch, logs=None):
-            logs = logs or {}
-            now = time.perf_counter()
-            train_seconds = max(self.trained - self.started, 1e-9)
-            metrics = {
-                record.TRAIN_LOSS: logs.get("loss"), record.TRAIN_TOP1: logs.get("accuracy"),
-                record.TRAIN_TOP5: logs.get("top5"), record.SELECTION_LOSS: logs.get("val_loss"),
-                record.SELECTION_TOP1: logs.get("val_accuracy"), record.SELECTION_TOP5: logs.get("val_top5"),
-                record.LR: float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
-                record.EPOCH_SECONDS: now - self.started, record.IMAGES_PER_SECOND: train_images / train_seconds,
-            }
-            metrics = {k: float(v) for k, v in metrics.items() if v is not None}
+            metrics = epoch_metrics(logs or {}, self.model, seconds=time.perf_counter() - self.started,
+                                    train_seconds=self.trained - self.started, train_images=train_images)
             # Step = epochs trained (from 1): the resource Hyperband and successive halving count, and
             # what the MLflow charts' step axis shows.
             run.log_metrics(metrics, step=epoch + 1)
             events.epoch_ended(trial.number, epoch, metrics)
             if record.SELECTION_TOP1 in metrics:
                 trial.report(metrics[record.SELECTION_TOP1], epoch + 1)
+                if self.stopped_at is not None:
+                    epochs = round(epoch + self.stopped_at, 2)
+                    top1 = metrics[record.SELECTION_TOP1]
+                    trial.set_user_attr(record.DEADLINE_STOP, {"epochs": epochs, record.SELECTION_TOP1: top1})
+                    raise optuna.TrialPruned(f"stopped at the --timeout deadline after {epochs:g} epochs "
+                                             f"(selection top-1 {top1:.3f})")
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} "
                                              f"(selection top-1 {metrics[record.SELECTION_TOP1]:.3f})")
@@ -375,17 +399,13 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-def _beats_best(trial, value: float) -> bool:
-    """Whether this trial is the study's best so far, so that its model is worth keeping."""
-    try:
-        return value > trial.study.best_value
-    except ValueError:  # no complete trial yet
-        return True
+def _in_top(trial, value: float, keep: int) -> bool:
+    """Whether this trial is among the study's best ``keep`` so far, so that its model is worth keeping.
 
+    The study maximises; ties go to the trials that ended first, as in the ensemble's choice of members.
+    """
+    import optuna
 
-def _inference_model(model):
-    """The same layers without the compiled optimizer/loss: reloads anywhere, with plain Keras."""
-    import keras
-
-    # input/output, not inputs/outputs: a list output would make the reloaded model return a list.
-    return keras.Model(model.input, model.output, name=model.name)
+    complete = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    values = sorted((t.value for t in complete), reverse=True)
+    return len(values) < keep or value > values[keep - 1]

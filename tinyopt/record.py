@@ -19,10 +19,19 @@ RUN_URL = "mlflow_run_url"  # the trial's run in the MLflow UI, shown by optuna-
 WORKER = "worker"  # {"host", "pid", "started"}: tells whether the process running the trial is still alive
 FAIL_REASON = "fail_reason"
 SECONDS = "seconds"
+# Whether the trial's model was kept when it ended (it was among the study's best ``study.keep_models``);
+# a model that later drops out of them is deleted, and its run's TAG_MODEL_KEPT says "false".
 MODEL_KEPT = "model_kept"
+SEED = "seed"  # what the trial trained with: the sweep's --seed plus the trial number (a refit repeats it)
+BEST_EPOCH = "best_epoch"  # the epoch (from 1) whose weights early stopping kept: what a refit trains for
+# A trial still running at the --timeout deadline: {"epochs": epochs trained, fractional, "selection_top1": ...};
+# it ends pruned.
+DEADLINE_STOP = "stopped_at_deadline"
 SCORES = ("selection_top1", "selection_top5", "test_top1", "test_top5")
 MEMBERS = "members"  # an ensemble trial's members and their weights (see tinyopt.ensemble)
 UNIFORM = "uniform"  # the scores of the ensemble's uniform vote
+BEST_MEMBER = "best_member"  # the label and scores of the ensemble member with the best selection objective
+LOG_LOSSES = ("selection_log_loss", "test_log_loss")  # scores beside SCORES; an ensemble's objective may be one
 
 # MLflow tags of a trial's run (FAIL_REASON is one too).
 TAG_APPROACH = "approach"
@@ -46,10 +55,17 @@ TAG_DESCRIPTION = "mlflow.note.content"  # the run's markdown description in the
 TAG_BEST_TRIAL = "best_trial"
 TAG_BEST_RUN = "best_run_id"
 TAG_BEST_RUN_URL = "best_run_url"
+# Tags of a refit's run (``tinyopt best --refit``): the trial whose configuration it retrained, and that trial's run.
+TAG_REFIT_OF = "refit_of_trial"
+TAG_REFIT_OF_RUN = "refit_of_run"
 
 # MLflow params of every run, beside the searched ones: approach, backbone, weights, data and this,
 # the resolved config's digest (the config itself is the config.json artifact).
 CONFIG_HASH = "config_hash"
+# ... and of a refit's run, also in its bundle's params.json: the epochs it trained (the trial's BEST_EPOCH)
+# and the images it trained on (train + selection).
+REFIT_EPOCHS = "refit_epochs"
+TRAIN_IMAGES = "train_images"
 
 # The metric the studies maximise, as Optuna and optuna-dashboard name it.
 OBJECTIVE_NAME = "selection_top1"
@@ -77,7 +93,9 @@ def final(score: str) -> str:
 
 
 # MLflow metrics of the parent run, re-logged after every trial.
-BEST_SO_FAR = "best_selection_top1"  # step = trial number: the experiment's chart is the optimisation history
+# step = trial number: the experiment's chart is the optimisation history. "best_" + the study's metric
+# name: this for the approaches, best_minus_selection_log_loss for an ensemble of that objective.
+BEST_SO_FAR = "best_selection_top1"
 COUNT_PREFIX = "trials_"  # trials_complete, trials_pruned, trials_failed, trials_running
 COMPUTE_SECONDS = "compute_seconds"
 

@@ -42,6 +42,9 @@ class BestTrial:
         model_kept: whether that run holds the trained model.
         members: ensemble only: the ``members`` user attr (see ``tinyopt.ensemble``).
         uniform: ensemble only: scores of the uniform vote of the same members.
+        best_member: ensemble only: label and scores of the member with the best selection objective
+            (empty for trials recorded before it was).
+        log_losses: ``selection_log_loss`` and ``test_log_loss`` where recorded.
     """
 
     number: int
@@ -52,15 +55,28 @@ class BestTrial:
     model_kept: bool
     members: list[dict[str, Any]] = field(default_factory=list)
     uniform: dict[str, float] = field(default_factory=dict)
+    best_member: dict[str, Any] = field(default_factory=dict)
+    log_losses: dict[str, float] = field(default_factory=dict)
+
+    def _best_member(self) -> dict[str, Any]:
+        # Trials recorded before best_member was took the member of the best selection top-1.
+        return self.best_member or max(self.members, key=lambda m: m["selection_top1"])
 
     def gains(self) -> dict[str, float]:
         """Ensemble only: top-1 over the best single member (chosen on selection) and over the uniform vote."""
         if not self.members:
             return {}
-        best_member = max(self.members, key=lambda m: m["selection_top1"])
         return {f"{split}_top1_over_{what}": self.scores[f"{split}_top1"] - reference[f"{split}_top1"]
                 for split in ("selection", "test")
-                for what, reference in (("best_member", best_member), ("uniform", self.uniform))}
+                for what, reference in (("best_member", self._best_member()), ("uniform", self.uniform))}
+
+    def versus(self) -> list[tuple[str, dict[str, float]]]:
+        """Ensemble only: the weighted vote, the best member alone and the uniform vote, as (name, scores)."""
+        if not self.members:
+            return []
+        return [("weighted vote", {**self.scores, **self.log_losses}),
+                (f"best member {self._best_member()['label']}", self._best_member()),
+                ("uniform vote", self.uniform)]
 
 
 @dataclass
@@ -114,7 +130,8 @@ def summarize_study(study: Any) -> StudySummary:
             number=trial.number, value=trial.value, scores={k: attrs[k] for k in SCORES if k in attrs},
             params=attrs.get(record.PARAMS, trial.params), run_id=attrs.get(record.RUN_ID),
             model_kept=bool(attrs.get(record.MODEL_KEPT)), members=attrs.get(record.MEMBERS, []),
-            uniform=attrs.get(record.UNIFORM, {}))
+            uniform=attrs.get(record.UNIFORM, {}), best_member=attrs.get(record.BEST_MEMBER, {}),
+            log_losses={k: attrs[k] for k in record.LOG_LOSSES if k in attrs})
     return StudySummary(name=study.study_name, approach=study.user_attrs.get(record.APPROACH, study.study_name),
                         counts={state: counts.get(state, 0) for state in STATES}, compute_seconds=seconds,
                         best=best)
@@ -225,8 +242,25 @@ def _score(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _temperature(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+# The columns of an ensemble's comparison, (score key, label), in the report and `tinyopt best`.
+VERSUS_COLUMNS = (("selection_top1", "selection top-1"), ("test_top1", "test top-1"),
+                  ("selection_log_loss", "selection log loss"), ("test_log_loss", "test log loss"))
+
+
+def versus_lines(best: BestTrial) -> list[str]:
+    """Ensemble only: one line each for the weighted vote, the best member and the uniform vote."""
+    return [f"{name}: " + ", ".join(f"{label} {_score(found.get(key))}" for key, label in VERSUS_COLUMNS)
+            for name, found in best.versus()]
+
+
 _INTRO = "Selection scores chose every model; test scores (the official validation set) are only reported."
-_WEIGHTS = "Weights are the share of each member in the vote (they sum to 1), as in `tinyopt best` and MLflow."
+_WEIGHTS = ("Weights are the share of each member in the vote (they sum to 1), as in `tinyopt best` and MLflow. "
+            "Each member is calibrated before the vote: its probabilities p become softmax(log(p) / T), the "
+            "temperature T fitted on the selection split; the members' scores are after calibration.")
 
 
 def _tables(summaries: Sequence[StudySummary]) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
@@ -243,10 +277,13 @@ def _tables(summaries: Sequence[StudySummary]) -> list[tuple[str, list[str], lis
     tables = [("Studies", header, rows, [])]
     for s in summaries:
         if s.best and s.best.members:
-            members = [[m["label"], f"{m['weight']:.3f}", _score(m["selection_top1"]), _score(m["test_top1"])]
-                       for m in s.best.members]
+            members = [[m["label"], f"{m['weight']:.3f}", _temperature(m.get("temperature")),
+                        *[_score(m.get(key)) for key, _ in VERSUS_COLUMNS]] for m in s.best.members]
+            members += [[name, "-", "-", *[_score(found.get(key)) for key, _ in VERSUS_COLUMNS]]
+                        for name, found in s.best.versus()]
             gains = [f"{gain_label(key)}: {value:+.4f}" for key, value in s.best.gains().items()]
-            tables.append((f"Ensemble study {s.name}", ["member", "weight", "selection top-1", "test top-1"],
+            tables.append((f"Ensemble study {s.name}",
+                           ["member", "weight", "temperature", *[label for _, label in VERSUS_COLUMNS]],
                            members, [_WEIGHTS, *gains]))
     return tables
 

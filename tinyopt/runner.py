@@ -15,6 +15,7 @@ import gc
 import logging
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,7 +136,8 @@ class Session:
 
 
 def open_sweep(approach: str, name: str, config: dict[str, Any], *, storage: str, tracking_uri: str,
-               seed: int = 0, owner: bool = True, workers: int = 1) -> Session:
+               seed: int = 0, owner: bool = True, workers: int = 1,
+               first_trial: dict[str, Any] | None = None) -> Session:
     """Create or load the study and its MLflow parent run, and recover the trials of dead workers.
 
     Everything happens under the study's lock, so workers that start together on fresh stores
@@ -144,6 +146,8 @@ def open_sweep(approach: str, name: str, config: dict[str, Any], *, storage: str
     Args:
         owner: this process opens and closes the parent run (a worker of ``--workers`` does not).
         workers: how many worker processes will share the study (a SQLite study moves to a journal file).
+        first_trial: the params of the study's first trial, enqueued when it has no trial yet
+            (default: the defaults of the config's ``[space]``).
 
     Raises:
         StudyError: the study belongs to another approach, or a store cannot be opened.
@@ -173,10 +177,13 @@ def open_sweep(approach: str, name: str, config: dict[str, Any], *, storage: str
             study.set_user_attr(record.APPROACH, approach)
         with storages.optuna_experimental():
             study.set_metric_names([_objective_name(config)])  # optuna-dashboard's name for the value
-        if not study.get_trials(deepcopy=False) and config.get("space"):
-            # The first trial runs the defaults of the space: a known-sane baseline for TPE to beat.
-            defaults = search_space.defaults(config["space"])
-            study.enqueue_trial(search_space.searched(config["space"], defaults))
+        if not study.get_trials(deepcopy=False):
+            # The first trial is a known-sane baseline for TPE to beat: the defaults of the space, or the
+            # ensemble's greedy weights (tinyopt.voting.greedy_weights), so its best is at least theirs.
+            if first_trial is None and config.get("space"):
+                first_trial = search_space.searched(config["space"], search_space.defaults(config["space"]))
+            if first_trial:
+                study.enqueue_trial(first_trial)
         study.set_user_attr(record.CONFIG, config)
         study.set_user_attr(record.EXPERIMENT_ID, tracker.experiment_id)
         parent = tracker.start_sweep(config, tags={"storage": redact(storage), record.TAG_BACKEND: backend.name()},
@@ -199,7 +206,8 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
     Args:
         approach: ``pretrained``, ``finetune``, ``scratch`` or ``ensemble``.
         trials: number of trials this process adds; ``None`` runs until ``timeout``.
-        timeout: stop starting new trials after this many seconds.
+        timeout: seconds from now (data preparation included) at which the sweep ends: no trial starts
+            after it, and a trial still training stops after its current batch and ends pruned.
         max_trials: start no trial once the study holds this many finished or running trials,
             counted over every worker of every machine.
         source: dataset source for ``tinyopt.data.prepare`` (URL, zip or folder).
@@ -220,6 +228,7 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
     """
     from tinyopt.objectives import ModelObjective, QuietEvents, TrialFailed
 
+    deadline = None if timeout is None else command_deadline(timeout)
     events = events or QuietEvents()
     name = study_name or approach
     prepared = prepare(approach, study_name=name, config_path=config_path, overrides=overrides, source=source,
@@ -227,7 +236,8 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
     config = prepared.config
     with signals.deferred(), _quiet_trial_failures():
         session = open_sweep(approach, name, config, storage=storage, tracking_uri=tracking_uri, seed=seed,
-                             owner=owner)
+                             owner=owner,
+                             first_trial=prepared.data[0].greedy_params() if approach == "ensemble" else None)
         study, tracker = session.study, session.tracker
         policy = _FailurePolicy(int(config.get("study", {}).get("max_consecutive_failures", 5)))
         cap = _TrialCap(study, max_trials, lambda: storages.study_lock(storage, name))
@@ -246,7 +256,7 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
                 from tinyopt import approaches
 
                 objective = ModelObjective(approaches.get_approach(approach), config, prepared.data, tracker,
-                                           seed, events, prepared.device)
+                                           seed, events, prepared.device, deadline)
 
             def counted(trial) -> float:
                 cap.release()  # the trial exists now: other workers may count it
@@ -266,7 +276,8 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
                 tracker.update_summary(study, summarize_study(study), trial.number, command)
 
             if cap.acquire():
-                study.optimize(counted, n_trials=trials, timeout=timeout, catch=(TrialFailed,),
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                study.optimize(counted, n_trials=trials, timeout=left, catch=(TrialFailed,),
                                callbacks=[policy, cap, summarize_in_mlflow, _stop_on_signal])
             stopped, all_failed = signals.pending(), _all_failed(study, ran)
             status = "KILLED" if stopped else "FAILED" if policy.stopped or all_failed else "FINISHED"
@@ -280,7 +291,7 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
             if owner:
                 tracker.end_sweep(status)
     result = summarize(study, storage, tracking_uri, new_trials=len(ran))
-    result.notes = list(getattr(objective, "notes", []))
+    result.notes = list(getattr(objective, "notes", [])) + deadline_notes(study, ran)
     result.recovered = session.recovered
     if stopped is not None:
         result.interrupted, result.exit_code = stopped.name, stopped.exit_code
@@ -292,6 +303,31 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
         raise StudyError(f"all {len(ran)} trials of this run failed (last: {_reason(study, ran[-1])}); "
                          "see the FAILED runs in MLflow, fix the cause, and rerun to continue the study")
     return result
+
+
+def command_deadline(timeout: float) -> float:
+    """The ``time.monotonic()`` at which ``--timeout`` ends this command: counted from the process's start.
+
+    So that Python's start and the imports count too, and a worker process started with the time its
+    supervisor had left ends when the supervisor's deadline comes.
+    """
+    import psutil
+
+    elapsed = max(time.time() - psutil.Process().create_time(), 0.0)
+    return time.monotonic() - elapsed + timeout
+
+
+def deadline_notes(study: Any, numbers: list[int]) -> list[str]:
+    """One note per trial of ``numbers`` that the ``--timeout`` deadline stopped."""
+    notes = []
+    trials = study.get_trials(deepcopy=False)
+    for number in numbers:
+        stop = trials[number].user_attrs.get(record.DEADLINE_STOP)
+        if stop:
+            notes.append(f"trial {number} was still training at the --timeout deadline: stopped after "
+                         f"{stop['epochs']:g} epochs and recorded as pruned "
+                         f"(selection top-1 {stop[record.SELECTION_TOP1]:.3f} then)")
+    return notes
 
 
 def _objective_name(config: dict[str, Any]) -> str:

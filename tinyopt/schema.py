@@ -106,8 +106,10 @@ RULES: dict[str, tuple[Any, ...] | Range | AutoOr] = {
     "study.pruner_reduction_factor": Range(2),
     "study.max_consecutive_failures": Range(0),
     "study.heartbeat_interval": Range(1),
+    "study.keep_models": Range(1),
     "ensemble.objective": ENSEMBLE_OBJECTIVES,
     "ensemble.top_k": Range(1),
+    "ensemble.greedy_rounds": Range(1),
     "ensemble.min_members": Range(1),
     "space.optimizer": OPTIMIZERS,
     "space.decay": DECAYS,
@@ -126,9 +128,11 @@ RULES: dict[str, tuple[Any, ...] | Range | AutoOr] = {
     "space.input_size": Range(MIN_INPUT_SIZE),
     "space.trainable_stages": Range(0, 5),
     "space.head_width": Range(0),
+    "space.stem_stride": (1, 2),
     "space.stages": Range(1, 6),  # six 2x2 pools bring 64 px images down to 1 px
     "space.width": Range(1),
     "space.blocks": Range(1),
+    "space.convs": (1, 2),
 }
 
 _NOUNS = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"), (list, "a list"),

@@ -314,7 +314,8 @@ class Tracker:
         Logs the best selection top-1 so far at step ``number`` (the experiment's chart view is the
         optimisation history), the trial counts and compute time, tags and links the best trial (and
         moves the ``best`` tag to its run), redraws the history and importance plots and rewrites the
-        description. Read from the study and its ``summary`` (``tinyopt.report.summarize_study``)
+        description, and deletes the kept models of complete trials no longer among the best
+        ``study.keep_models``. Read from the study and its ``summary`` (``tinyopt.report.summarize_study``)
         here; stored in the background, like a trial's logging.
         """
         from tinyopt import plots
@@ -325,7 +326,7 @@ class Tracker:
         complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
         tags: dict[str, Any] = {}
         if best is not None:
-            metrics[record.BEST_SO_FAR] = best.value
+            metrics[f"best_{_objective(study)}"] = best.value
             tags = {record.TAG_BEST_TRIAL: best.number, record.TAG_BEST_RUN: best.run_id or "-",
                     record.TAG_BEST_RUN_URL: self.run_url(best.run_id) if best.run_id else "-"}
         importances, why = plots.importances(study)
@@ -341,6 +342,13 @@ class Tracker:
             parent.log_figure(lambda: plots.importance_chart(study.study_name, importances), record.IMPORTANCE)
         if best is not None and best.run_id:
             parent.call(record.TAG_BEST, self._move_best_tag, best.run_id)
+        keep = study.user_attrs.get(record.CONFIG, {}).get("study", {}).get("keep_models")
+        if keep:
+            # Only complete trials are ranked: a trial still running may have stored a model it keeps.
+            ranked = sorted(complete, key=lambda t: -t.value)
+            dropped = {t.user_attrs[record.RUN_ID] for t in ranked[keep:] if t.user_attrs.get(record.MODEL_KEPT)}
+            if dropped:
+                parent.call("deletion of models out of the top", self._drop_models, dropped)
 
     def _move_best_tag(self, run_id: str) -> None:
         """Tag ``best`` on ``run_id`` only: the tag leaves the run of the former best trial."""
@@ -349,6 +357,17 @@ class Tracker:
             if run.info.run_id != run_id:
                 self.client.delete_tag(run.info.run_id, record.TAG_BEST)
         self.client.set_tag(run_id, record.TAG_BEST, "true")
+
+    def _drop_models(self, run_ids: set[str]) -> None:
+        """Delete the logged models of these runs (MLflow's soft delete: ``mlflow gc`` frees the space)."""
+        for run in self.client.search_runs([self.experiment_id], f"tags.`{record.TAG_MODEL_KEPT}` = 'true'"):
+            if run.info.run_id not in run_ids:
+                continue
+            uri = run.data.tags.get(record.TAG_MODEL_URI)
+            if uri:
+                self.client.delete_logged_model(uri.removeprefix("models:/"))
+                self.client.delete_tag(run.info.run_id, record.TAG_MODEL_URI)
+            self.client.set_tag(run.info.run_id, record.TAG_MODEL_KEPT, "false")
 
     def _summary_text(self, study: Any, command: str, counts: dict[str, int], metrics: dict[str, float], best: Any,
                       importances: dict[str, float], why: str | None) -> str:
@@ -361,7 +380,7 @@ class Tracker:
         lines = [f"**Sweep of study `{study.study_name}`** ({config.get('approach', self.approach)}), "
                  f"command: `{redact(command)}`", "",
                  f"Searched: {', '.join(searched) or 'the ensemble weights'}. "
-                 "The objective is selection top-1; test scores are only reported.", "",
+                 f"The objective is {_objective(study).replace('_', ' ')}; test scores are only reported.", "",
                  "Trials: " + ", ".join(f"{counts.get(state, 0)} {name}" for state, name in _STATE_NAMES.items())
                  + f"; compute {metrics[record.COMPUTE_SECONDS] / 60:.1f} min.", ""]
         if best is None:
@@ -400,13 +419,15 @@ class Tracker:
         self._settle(keep=1)
         description = "\n".join([f"Trial {number} of study `{self.study_name}`.", "",
                                   *_markdown_table(params)])[:_TAG_LIMIT]
-        run = self.client.create_run(
-            self.experiment_id, run_name=run_name(number, headline or {}),
+        # On the logging thread too: SQLite serves one writer, and a run created here while that thread
+        # writes the last trial's close or the sweep's summary could fail with "database is locked".
+        run = self._background.submit(
+            self.client.create_run, self.experiment_id, run_name=run_name(number, headline or {}),
             tags={"mlflow.parentRunId": self.parent_run_id or "", record.TAG_APPROACH: self.approach,
                   record.TAG_STUDY: self.study_name, record.TAG_TRIAL_NUMBER: str(number),
                   record.TAG_TRIAL_STATE: "RUNNING", record.TAG_MODEL_KEPT: "false",
                   record.TAG_DESCRIPTION: description, **tags},
-        )
+        ).result()
         trial_run = TrialRun(self.client, run.info.run_id, self._background)
         self._runs.append(trial_run)
         trial_run.log_params({**(params if searched is None else searched), **identity(config)})
@@ -418,6 +439,34 @@ class Tracker:
             trial_run.monitor = SystemMetricsMonitor(run.info.run_id, tracking_uri=self.tracking_uri)
             trial_run.monitor.start()
         return trial_run
+
+    def start_refit(self, number: int, trial_run_id: str | None, params: dict[str, Any], config: dict[str, Any],
+                    tags: dict[str, str], *, parent_run_id: str | None, searched: dict[str, Any],
+                    headline: dict[str, Any], what: str) -> TrialRun:
+        """Create the run of a refit of trial ``number`` (``tinyopt best --refit``), nested under the study's parent.
+
+        Named ``refit of`` the trial's run name, tagged with the trial (``record.TAG_REFIT_OF``) and its
+        run, with the trial's searched and identifying params and the resolved config. Its calls are made
+        at once, raising their errors: a refit has nothing else to do meanwhile.
+
+        Args:
+            params: every value the refit runs with (its description lists them).
+            searched: the values the trial's Optuna drew, logged as params beside the identifying ones.
+            headline: the values its run name shows.
+            what: the first paragraph of its description (how the refit trains).
+        """
+        description = "\n".join([what, "", *_markdown_table(params)])[:_TAG_LIMIT]
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"refit of {run_name(number, headline)}",
+            tags={"mlflow.parentRunId": parent_run_id or "", record.TAG_APPROACH: self.approach,
+                  record.TAG_STUDY: self.study_name, record.TAG_REFIT_OF: str(number),
+                  record.TAG_REFIT_OF_RUN: trial_run_id or "-", record.TAG_MODEL_KEPT: "false",
+                  record.TAG_DESCRIPTION: description, **tags},
+        )
+        refit_run = TrialRun(self.client, run.info.run_id)
+        refit_run.log_params({**searched, **identity(config)})
+        refit_run.log_dict(config, record.CONFIG_FILE)
+        return refit_run
 
 
 
@@ -566,6 +615,11 @@ def _save_keras(model: Any, path: Path) -> None:
     # Pinned here: MLflow would otherwise load the model in a subprocess to guess them (seconds per kept model).
     requirements = [f"keras=={keras.__version__}", f"mlflow=={mlflow.__version__}"]
     mlflow.keras.save_model(model, str(path), signature=signature, pip_requirements=requirements)
+
+
+def _objective(study: Any) -> str:
+    """The name of the study's value (``selection_top1``, ``minus_selection_log_loss``), as the runner set it."""
+    return (study.metric_names or [record.OBJECTIVE_NAME])[0]
 
 
 def _run_path(experiment_id: str, run_id: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tinyopt import backend
+from tinyopt import backend, record
 from tinyopt.errors import ConfigError
 from tinyopt.schema import DECAYS, OPTIMIZERS, PRECISIONS
 
@@ -108,6 +108,38 @@ def compile_model(model, params: dict[str, Any], jit_compile: str | bool = "auto
                  keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5")],
         jit_compile=jit_compile,
     )
+
+
+def epoch_metrics(logs: dict[str, Any], model, *, seconds: float, train_seconds: float,
+                  train_images: int) -> dict[str, float]:
+    """One epoch of ``fit`` under the names of ``record.EPOCH_METRICS``; what ``logs`` lacks is left out.
+
+    Args:
+        logs: Keras' epoch logs of a model ``compile_model`` compiled: ``loss``, ``accuracy``, ``top5``
+            and, with validation data, the same prefixed ``val_``.
+        model: that model; its optimizer's learning rate is the epoch's.
+        seconds: the whole epoch, validation included.
+        train_seconds: its training part, which ``images_per_second`` counts.
+        train_images: the images one epoch trains on.
+    """
+    import keras
+
+    metrics = {
+        record.TRAIN_LOSS: logs.get("loss"), record.TRAIN_TOP1: logs.get("accuracy"),
+        record.TRAIN_TOP5: logs.get("top5"), record.SELECTION_LOSS: logs.get("val_loss"),
+        record.SELECTION_TOP1: logs.get("val_accuracy"), record.SELECTION_TOP5: logs.get("val_top5"),
+        record.LR: float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
+        record.EPOCH_SECONDS: seconds, record.IMAGES_PER_SECOND: train_images / max(train_seconds, 1e-9),
+    }
+    return {key: float(value) for key, value in metrics.items() if value is not None}
+
+
+def inference_model(model):
+    """The same layers without the compiled optimizer and loss: reloads anywhere, with plain Keras."""
+    import keras
+
+    # input/output, not inputs/outputs: a list output would make the reloaded model return a list.
+    return keras.Model(model.input, model.output, name=model.name)
 
 
 def precision_policy(setting: str, device: str, capability: float | None) -> str:

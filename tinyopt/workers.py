@@ -185,6 +185,7 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
     Raises:
         TinyoptError: anything ``runner.prepare`` or ``runner.open_sweep`` refuses; nothing is started.
     """
+    deadline = runner.command_deadline(args.timeout) if args.timeout is not None else None
     prepared = runner.prepare(args.approach, study_name=args.name, config_path=args.config_path,
                               overrides=args.overrides,
                               source=args.source, cache_dir=args.cache_dir, storage=args.storage,
@@ -209,7 +210,6 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
                      f"processes on one machine; every tinyopt command finds it there through {args.storage}")
             for line in session.recovered:
                 emit(line)
-            deadline = time.monotonic() + args.timeout if args.timeout is not None else None
             threads = [threading.Thread(target=supervisor.slot, args=(i, share, deadline), daemon=True)
                        for i, share in enumerate(shares(args.trials, args.workers))]
             for thread in threads:
@@ -224,8 +224,9 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    result = runner.summarize(session.study, args.storage, args.tracking_uri, new_trials=_trials_of(
-        session.study, supervisor.pids))
+    ran = _trials_of(session.study, supervisor.pids)
+    result = runner.summarize(session.study, args.storage, args.tracking_uri, new_trials=len(ran))
+    result.notes = runner.deadline_notes(session.study, ran)
     result.recovered = session.recovered
     if supervisor.signum is not None:
         stopped = signals.Interrupted(supervisor.signum)
@@ -235,10 +236,10 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
     return result
 
 
-def _trials_of(study: Any, pids: set[int]) -> int:
-    """How many trials of the study these processes of this machine ran."""
+def _trials_of(study: Any, pids: set[int]) -> list[int]:
+    """The numbers of the study's trials that these processes of this machine ran."""
     from tinyopt.recovery import identity
 
     host = identity()["host"]
-    workers = (t.user_attrs.get(record.WORKER) or {} for t in study.get_trials(deepcopy=False))
-    return sum(1 for w in workers if w.get("host") == host and w.get("pid") in pids)
+    return [t.number for t in study.get_trials(deepcopy=False)
+            if (w := t.user_attrs.get(record.WORKER) or {}).get("host") == host and w.get("pid") in pids]

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from tinyopt.cli.options import storage_options
+from tinyopt.cli.options import cache_option, data_option, storage_options
 from tinyopt.errors import TinyoptError
 
 
@@ -16,7 +16,9 @@ def _score(value: float | None) -> str:
 
 def _params_text(best) -> str:
     if best.members:
-        return ", ".join(f"{m['label']}={m['weight']:.3f}" for m in best.members)
+        return ", ".join(f"{m['label']}={m['weight']:.3f}"
+                         + (f" (temperature {m['temperature']:.3g})" if m.get("temperature") is not None else "")
+                         for m in best.members)
     return ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                      for key, value in best.params.items())
 
@@ -24,25 +26,35 @@ def _params_text(best) -> str:
 @click.command()
 @click.argument("studies", nargs=-1, metavar="[STUDY]...")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Write the winner (best selection top-1 among the studies) as a model bundle to DIR.")
+              help="Write the winner (best selection top-1 among the studies) as a model bundle to DIR "
+                   "(with --refit, the refit model).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --export folder.")
 @click.option("--register", "register_name", metavar="NAME", default=None,
               help="Also register the exported model in the MLflow model registry as NAME (needs --export).")
+@click.option("--refit", is_flag=True,
+              help="Retrain the winner's configuration (a finetune or scratch study) on train + selection for the "
+                   "epochs its trial's early stopping chose, log it as a run of its study, and score it on test.")
+@data_option
+@cache_option
 @storage_options
-def best(studies, export_dir, force, register_name, storage, tracking_uri) -> None:
+def best(studies, export_dir, force, register_name, refit, source, cache_dir, storage, tracking_uri) -> None:
     """Show the best trial of each study; with --export, write the winner as a bundle.
 
     STUDY defaults to every study in the storage; a study is named after its approach unless it
     was swept with --study. The bundle (model.keras, classes.tsv, params.json, metrics.json,
-    MODEL.md) loads with plain Keras, without tinyopt.
+    MODEL.md) loads with plain Keras, without tinyopt. --refit retrains the winner on the data
+    the sweep used (--data, --cache, as for `tinyopt sweep`) and shows its test scores beside
+    its trial's.
     """
     from rich.console import Console
     from rich.table import Table
 
-    from tinyopt.report import summarize_studies
+    from tinyopt.report import summarize_studies, versus_lines
 
     if register_name and not export_dir:
         raise click.UsageError("--register needs --export DIR: the registered model is the exported bundle")
+    if not refit and (source or cache_dir):
+        raise click.UsageError("--data and --cache are for --refit: the data it retrains on")
     summaries = summarize_studies(storage, studies)
     console = Console()
     table = Table(title="best trial of each study")
@@ -60,22 +72,55 @@ def best(studies, export_dir, force, register_name, storage, tracking_uri) -> No
             label = "weights" if s.best.members else "params"
             console.print(f"[bold]{s.name}[/] MLflow run {s.best.run_id or '-'}; {label}: {_params_text(s.best)}",
                           highlight=False, soft_wrap=True)
-    if not export_dir:
+            for line in versus_lines(s.best):
+                console.print(f"  {line}", highlight=False, soft_wrap=True)
+    if not export_dir and not refit:
         return
-    from tinyopt.export import export_best
-
     ranked = [s for s in summaries if s.best is not None]
     if not ranked:
-        raise TinyoptError("no study has a complete trial to export; run `tinyopt sweep APPROACH` first")
+        raise TinyoptError(f"no study has a complete trial to {'refit' if refit else 'export'}; "
+                           "run `tinyopt sweep APPROACH` first")
     winner = max(ranked, key=lambda s: s.best.scores.get("selection_top1", float("-inf")))
-    with console.status(f"exporting {winner.name} trial {winner.best.number}"):
-        bundle = export_best(winner, export_dir, storage_url=storage, tracking_uri=tracking_uri, overwrite=force)
-    console.print(f"exported [bold]{winner.name}[/] trial {winner.best.number} to {bundle}", highlight=False)
+    if refit:
+        from tinyopt.refit import refit_best
+
+        done = refit_best(winner, storage_url=storage, tracking_uri=tracking_uri, source=source, cache_dir=cache_dir,
+                          export_dir=export_dir, overwrite=force,
+                          echo=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+        _render_refit(console, done)
+        bundle, run_id = done.bundle, done.run_id
+    else:
+        from tinyopt.export import export_best
+
+        with console.status(f"exporting {winner.name} trial {winner.best.number}"):
+            bundle = export_best(winner, export_dir, storage_url=storage, tracking_uri=tracking_uri,
+                                 overwrite=force)
+        console.print(f"exported [bold]{winner.name}[/] trial {winner.best.number} to {bundle}", highlight=False)
+        run_id = winner.best.run_id
     if register_name:
         from tinyopt import tracking
 
-        version = tracking.register_model(bundle, register_name, tracking_uri, run_id=winner.best.run_id)
+        version = tracking.register_model(bundle, register_name, tracking_uri, run_id=run_id)
         console.print(f"registered as {register_name} version {version}", highlight=False)
+
+
+def _render_refit(console, done) -> None:
+    """The trial and its refit side by side, the refit's MLflow run and its bundle."""
+    from rich.table import Table
+
+    table = Table(title=f"{done.study} trial {done.trial} and its refit (test scores)")
+    for column in ("", f"trial {done.trial}", "refit"):
+        table.add_column(column, justify="right" if column else "left")
+    table.add_row("trained on", "train", "train + selection")
+    table.add_row("images", str(done.trial_train_images), str(done.train_images))
+    table.add_row("epochs", f"{done.trial_epochs}, kept epoch {done.epochs}", str(done.epochs))
+    for key, label in (("test_top1", "test top-1"), ("test_top5", "test top-5")):
+        table.add_row(label, _score(done.trial_scores.get(key)), _score(done.scores.get(key)))
+    console.print(table)
+    console.print(f"refit MLflow run {done.run_id}: {done.run_url}", highlight=False, soft_wrap=True)
+    if done.bundle:
+        console.print(f"exported the refit of [bold]{done.study}[/] trial {done.trial} to {done.bundle}",
+                      highlight=False)
 
 
 @click.command()
@@ -121,7 +166,7 @@ def report(out_dir, storage, tracking_uri) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tinyopt.report import SCORES, format_seconds, gain_label, write_report
+    from tinyopt.report import SCORES, format_seconds, gain_label, versus_lines, write_report
 
     console = Console()
     with console.status("reading the studies and drawing the plots"):
@@ -137,6 +182,8 @@ def report(out_dir, storage, tracking_uri) -> None:
                       format_seconds(s.compute_seconds))
     console.print(table)
     for s in result.summaries:
+        for line in versus_lines(s.best) if s.best else []:
+            console.print(f"{s.name} {line}", highlight=False, soft_wrap=True)
         for key, value in (s.best.gains() if s.best else {}).items():
             console.print(f"{s.name}: {gain_label(key)} {value:+.4f}", highlight=False)
     for note in result.notes:

@@ -66,7 +66,9 @@ def _trial_line(number: int, state: str, value: float | None, reason: str | None
 @click.argument("approach", type=click.Choice(APPROACHES))
 @click.option("--trials", type=click.IntRange(min=1), default=None,
               help="Trials this command adds, in all its workers (default: until --timeout, else 10).")
-@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop starting trials after SECONDS.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None,
+              help="End the sweep SECONDS after it starts: no trial starts after that, and one still training "
+                   "stops after its current batch and is recorded as pruned.")
 @click.option("--max-trials", type=click.IntRange(min=1), default=None,
               help="Start no trial once the study holds N finished or running trials, counted over every worker "
                    "of every machine (for workers started by hand on several machines).")
