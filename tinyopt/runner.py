@@ -206,7 +206,7 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
     Args:
         approach: ``pretrained``, ``finetune``, ``scratch`` or ``ensemble``.
         trials: number of trials this process adds; ``None`` runs until ``timeout``.
-        timeout: seconds from now (data preparation included) at which the sweep ends: no trial starts
+        timeout: seconds from this call (data preparation included) at which the sweep ends: no trial starts
             after it, and a trial still training stops after its current batch and ends pruned.
         max_trials: start no trial once the study holds this many finished or running trials,
             counted over every worker of every machine.
@@ -228,7 +228,7 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
     """
     from tinyopt.objectives import ModelObjective, QuietEvents, TrialFailed
 
-    deadline = None if timeout is None else command_deadline(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
     events = events or QuietEvents()
     name = study_name or approach
     prepared = prepare(approach, study_name=name, config_path=config_path, overrides=overrides, source=source,
@@ -303,18 +303,6 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
         raise StudyError(f"all {len(ran)} trials of this run failed (last: {_reason(study, ran[-1])}); "
                          "see the FAILED runs in MLflow, fix the cause, and rerun to continue the study")
     return result
-
-
-def command_deadline(timeout: float) -> float:
-    """The ``time.monotonic()`` at which ``--timeout`` ends this command: counted from the process's start.
-
-    So that Python's start and the imports count too, and a worker process started with the time its
-    supervisor had left ends when the supervisor's deadline comes.
-    """
-    import psutil
-
-    elapsed = max(time.time() - psutil.Process().create_time(), 0.0)
-    return time.monotonic() - elapsed + timeout
 
 
 def deadline_notes(study: Any, numbers: list[int]) -> list[str]:

@@ -185,7 +185,7 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
     Raises:
         TinyoptError: anything ``runner.prepare`` or ``runner.open_sweep`` refuses; nothing is started.
     """
-    deadline = runner.command_deadline(args.timeout) if args.timeout is not None else None
+    deadline = time.monotonic() + args.timeout if args.timeout is not None else None
     prepared = runner.prepare(args.approach, study_name=args.name, config_path=args.config_path,
                               overrides=args.overrides,
                               source=args.source, cache_dir=args.cache_dir, storage=args.storage,

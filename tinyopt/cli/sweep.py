@@ -105,6 +105,8 @@ def sweep(approach, trials, timeout, max_trials, source, cache_dir, config_path,
 
     if trials is None and timeout is None:
         trials = 10
+    if timeout is not None:
+        timeout = max(timeout - _seconds_since_start(), 0.0)
     if trials_per_process is None:
         trials_per_process = default_trials_per_process(approach)
     gpu_ids, workers = parse_gpus(gpus, workers)
@@ -127,6 +129,18 @@ def sweep(approach, trials, timeout, max_trials, source, cache_dir, config_path,
         _render(console, result)
     if result.exit_code:
         sys.exit(result.exit_code)
+
+
+def _seconds_since_start() -> float:
+    """How long this process has run: ``--timeout`` counts from the command's start, Python's imports included.
+
+    A worker process is started with the time its supervisor had left, so it ends at the same deadline.
+    """
+    import time
+
+    import psutil
+
+    return max(time.time() - psutil.Process().create_time(), 0.0)
 
 
 def _run(args, events, owner: bool = True):
