@@ -204,15 +204,9 @@ class ModelObjective(TrackedObjective):
 
     def _run(self, trial, params: dict[str, Any], run) -> float:
         from tinyopt.feeds import CachedFeed
-        from tinyopt.training import eval_batch_size, inference_model, set_precision
+        from tinyopt.training import build_model, inference_model
 
-        train_cfg = self.config.get("train", {})
-        policy = set_precision(train_cfg.get("mixed_precision", "auto"))
-        model = self.approach.build(params, model=self.config.get("model", {}), wnids=self.data.wnids)
-        jit_compile = train_cfg.get("jit_compile", "auto")
-        if jit_compile != "auto":
-            model.jit_compile = jit_compile  # for predict; compile() sets it again for training
-        batch = eval_batch_size(model, train_cfg.get("eval_batch_size", "auto"), self.device)
+        model, policy, batch = build_model(self.approach, params, self.config, self.data.wnids, self.device)
         feed, cache_note = self._feed(model, params, policy)
         history: dict[str, list[float]] = {}
         if self.approach.TRAINS:
@@ -317,11 +311,14 @@ class ModelObjective(TrackedObjective):
         selection = feed.batches("selection", eval_batch)
         stopping = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", restore_best_weights=True,
                                                  patience=int(train_cfg.get("early_stopping_patience", 3)))
+        # A per-batch hook only with a deadline: Keras calls every batch hook of every step.
+        deadline = None if self.deadline is None else _deadline_stop(self.deadline)
         callbacks = [
             keras.callbacks.LearningRateScheduler(lr_at_epoch(params)),
             keras.callbacks.TerminateOnNaN(),
             stopping,
-            _trial_callback(trial, run, self.events, len(self.data.splits["train"][1]), self.deadline),
+            *([deadline] if deadline is not None else []),
+            _trial_callback(trial, run, self.events, len(self.data.splits["train"][1]), deadline),
         ]
         fitted = model.fit(train, validation_data=selection, epochs=int(params["epochs"]), verbose=0, shuffle=False,
                            callbacks=callbacks)
@@ -344,12 +341,33 @@ def system_metrics(config: dict[str, Any], device: str) -> bool:
     return device != "cpu" if setting == "auto" else bool(setting)
 
 
-def _trial_callback(trial, run, events: Events, train_images: int, deadline: float | None = None):
+def _deadline_stop(deadline: float):
+    """A Keras callback that stops training after the batch during which ``deadline`` (``time.monotonic()``)
+    passes; its ``stopped_at`` is then the fraction of that epoch trained, else None.
+
+    Waiting for the epoch's end could overrun a short deadline by a whole epoch (minutes on a CPU).
+    """
+    import keras
+
+    class DeadlineStop(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.batches, self.stopped_at = 0, None
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.batches += 1
+            if self.stopped_at is None and time.monotonic() >= deadline:
+                self.stopped_at = min(self.batches / (self.params.get("steps") or self.batches), 1.0)
+                self.model.stop_training = True
+
+    return DeadlineStop()
+
+
+def _trial_callback(trial, run, events: Events, train_images: int, deadline: Any = None):
     """A Keras callback that logs each epoch to MLflow, reports it to Optuna and prunes.
 
-    At ``deadline`` (``time.monotonic()``) it stops training after the current batch: Keras still scores
-    the selection split for that partial epoch, which is logged and reported like a full one (at the
-    step of the epoch it interrupted), and the trial ends pruned with ``record.DEADLINE_STOP``.
+    When ``deadline`` (``_deadline_stop``) stopped the epoch early, Keras still scores the selection
+    split for that partial epoch, which is logged and reported like a full one (at the step of the
+    epoch it interrupted), and the trial ends pruned with ``record.DEADLINE_STOP``.
     """
     import keras
     import optuna
@@ -359,15 +377,6 @@ def _trial_callback(trial, run, events: Events, train_images: int, deadline: flo
     class TrialCallback(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.started = self.trained = time.perf_counter()
-            self.batches, self.stopped_at = 0, None
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.batches += 1
-            # Waiting for the epoch's end could overrun a short deadline by a whole epoch (minutes on a CPU).
-            if deadline is not None and time.monotonic() >= deadline and self.stopped_at is None:
-                steps = self.params.get("steps") or self.batches
-                self.stopped_at = min(self.batches / steps, 1.0)
-                self.model.stop_training = True
 
         def on_test_begin(self, logs=None):
             self.trained = time.perf_counter()  # validation starts: the training part of the epoch ends
@@ -381,8 +390,8 @@ def _trial_callback(trial, run, events: Events, train_images: int, deadline: flo
             events.epoch_ended(trial.number, epoch, metrics)
             if record.SELECTION_TOP1 in metrics:
                 trial.report(metrics[record.SELECTION_TOP1], epoch + 1)
-                if self.stopped_at is not None:
-                    epochs = round(epoch + self.stopped_at, 2)
+                if deadline is not None and deadline.stopped_at is not None:
+                    epochs = round(epoch + deadline.stopped_at, 2)
                     top1 = metrics[record.SELECTION_TOP1]
                     trial.set_user_attr(record.DEADLINE_STOP, {"epochs": epochs, record.SELECTION_TOP1: top1})
                     raise optuna.TrialPruned(f"stopped at the --timeout deadline after {epochs:g} epochs "

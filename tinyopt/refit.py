@@ -251,18 +251,12 @@ def _train(approach: Any, config: dict[str, Any], params: dict[str, Any], data: 
     from tinyopt import backend
     from tinyopt.feeds import ImageFeed
     from tinyopt.metrics import scores
-    from tinyopt.training import compile_model, eval_batch_size, inference_model, lr_at_epoch, set_precision
+    from tinyopt.training import build_model, compile_model, inference_model, lr_at_epoch
 
     backend.seed(refit.seed)
-    train_cfg = config.get("train", {})
-    policy = set_precision(train_cfg.get("mixed_precision", "auto"))
-    model = approach.build(params, model=config.get("model", {}), wnids=data.wnids)
-    jit_compile = train_cfg.get("jit_compile", "auto")
-    if jit_compile != "auto":
-        model.jit_compile = jit_compile  # for predict; compile() sets it again for training
-    batch = eval_batch_size(model, train_cfg.get("eval_batch_size", "auto"), device)
+    model, policy, batch = build_model(approach, params, config, data.wnids, device)
     feed = ImageFeed(model, {"train": train, "test": data.splits["test"]})
-    compile_model(model, params, jit_compile)
+    compile_model(model, params, config.get("train", {}).get("jit_compile", "auto"))
     # The trial's schedule, over its params["epochs"], stopped where early stopping stopped the trial's.
     fitted = model.fit(feed.batches("train", int(params["batch_size"]), train=True, seed=refit.seed),
                        epochs=refit.epochs, verbose=0, shuffle=False,

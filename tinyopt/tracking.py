@@ -417,26 +417,16 @@ class Tracker:
         # Bounds the logging backlog (and the predictions it holds) to one trial, and stops the
         # sweep on a tracking store that fails rather than running trials it cannot record.
         self._settle(keep=1)
-        description = "\n".join([f"Trial {number} of study `{self.study_name}`.", "",
-                                  *_markdown_table(params)])[:_TAG_LIMIT]
-        # On the logging thread too: SQLite serves one writer, and a run created here while that thread
-        # writes the last trial's close or the sweep's summary could fail with "database is locked".
-        run = self._background.submit(
-            self.client.create_run, self.experiment_id, run_name=run_name(number, headline or {}),
-            tags={"mlflow.parentRunId": self.parent_run_id or "", record.TAG_APPROACH: self.approach,
-                  record.TAG_STUDY: self.study_name, record.TAG_TRIAL_NUMBER: str(number),
-                  record.TAG_TRIAL_STATE: "RUNNING", record.TAG_MODEL_KEPT: "false",
-                  record.TAG_DESCRIPTION: description, **tags},
-        ).result()
-        trial_run = TrialRun(self.client, run.info.run_id, self._background)
+        trial_run = self._child_run(
+            run_name(number, headline or {}), self.parent_run_id, f"Trial {number} of study `{self.study_name}`.",
+            params, {record.TAG_TRIAL_NUMBER: str(number), record.TAG_TRIAL_STATE: "RUNNING", **tags},
+            params if searched is None else searched, config, self._background)
         self._runs.append(trial_run)
-        trial_run.log_params({**(params if searched is None else searched), **identity(config)})
-        trial_run.log_dict(config, record.CONFIG_FILE)
         if system_metrics:
             # Imported here: it needs psutil (and pynvml for GPUs), which a CPU sweep can do without.
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            trial_run.monitor = SystemMetricsMonitor(run.info.run_id, tracking_uri=self.tracking_uri)
+            trial_run.monitor = SystemMetricsMonitor(trial_run.run_id, tracking_uri=self.tracking_uri)
             trial_run.monitor.start()
         return trial_run
 
@@ -455,18 +445,32 @@ class Tracker:
             headline: the values its run name shows.
             what: the first paragraph of its description (how the refit trains).
         """
-        description = "\n".join([what, "", *_markdown_table(params)])[:_TAG_LIMIT]
-        run = self.client.create_run(
-            self.experiment_id, run_name=f"refit of {run_name(number, headline)}",
-            tags={"mlflow.parentRunId": parent_run_id or "", record.TAG_APPROACH: self.approach,
-                  record.TAG_STUDY: self.study_name, record.TAG_REFIT_OF: str(number),
-                  record.TAG_REFIT_OF_RUN: trial_run_id or "-", record.TAG_MODEL_KEPT: "false",
-                  record.TAG_DESCRIPTION: description, **tags},
-        )
-        refit_run = TrialRun(self.client, run.info.run_id)
-        refit_run.log_params({**searched, **identity(config)})
-        refit_run.log_dict(config, record.CONFIG_FILE)
-        return refit_run
+        return self._child_run(
+            f"refit of {run_name(number, headline)}", parent_run_id, what, params,
+            {record.TAG_REFIT_OF: str(number), record.TAG_REFIT_OF_RUN: trial_run_id or "-", **tags},
+            searched, config, None)
+
+    def _child_run(self, name: str, parent_run_id: str | None, what: str, params: dict[str, Any],
+                   tags: dict[str, str], logged: dict[str, Any], config: dict[str, Any],
+                   background: ThreadPoolExecutor | None) -> TrialRun:
+        """A run nested under ``parent_run_id``: described by ``what`` and a table of ``params``, with the
+        ``logged`` and identifying params and the resolved config; its calls go through ``background``."""
+
+        def create() -> Any:
+            description = "\n".join([what, "", *_markdown_table(params)])[:_TAG_LIMIT]
+            return self.client.create_run(
+                self.experiment_id, run_name=name,
+                tags={"mlflow.parentRunId": parent_run_id or "", record.TAG_APPROACH: self.approach,
+                      record.TAG_STUDY: self.study_name, record.TAG_MODEL_KEPT: "false",
+                      record.TAG_DESCRIPTION: description, **tags})
+
+        # On the logging thread when there is one: SQLite serves one writer, and a run created here while
+        # that thread writes the last trial's close or the sweep's summary could fail with "database is locked".
+        run = background.submit(create).result() if background is not None else create()
+        child = TrialRun(self.client, run.info.run_id, background)
+        child.log_params({**logged, **identity(config)})
+        child.log_dict(config, record.CONFIG_FILE)
+        return child
 
 
 
