@@ -12,9 +12,12 @@ first epoch's time); training stops when the budget ends, at a batch, and the mo
 sweep's test images.
 
 The arms run one after the other, each with every core, its budget counted from its process start
-(keep the machine otherwise idle). Printed: each arm's test top-1 and the difference.
+(keep the machine otherwise idle). This machine has slow spells that halve its speed for minutes at a
+time (the baseline trained 67 epochs in one 20-minute run and 34 in another), so one arm may get
+twice the work of the other; `--side-by-side` runs the two arms at the same time instead, each pinned
+to a core of its own, so that the spells fall on both. Printed: each arm's test top-1 and the difference.
 
-    python benchmarks/bench_scratch.py [--budget 1200] [--data ZIP] [--arms sweep baseline]
+    python benchmarks/bench_scratch.py [--budget 1200] [--data ZIP] [--arms sweep baseline] [--side-by-side]
 
 Target: the sweep's test top-1 above the baseline's.
 """
@@ -89,27 +92,40 @@ def baseline(cache: Path, budget: float, out: Path) -> None:
             print(f"  baseline epoch {epoch + 1}/{self.planned}: train top-1 {logs['accuracy']:.3f}, "
                   f"{now - started:.0f} s", flush=True)
 
-    model.fit(x, y, batch_size=128, epochs=10**6, shuffle=True, verbose=0, callbacks=[Budget()])
+    fitted = model.fit(x, y, batch_size=128, epochs=10**6, shuffle=True, verbose=0, callbacks=[Budget()])
     trained = time.monotonic() - started
     top1 = float(np.mean(np.argmax(model.predict(x_test, batch_size=256, verbose=0), axis=1) == y_test))
-    out.write_text(json.dumps({"test_top1": top1, "seconds": time.monotonic() - started, "trained": trained}))
+    out.write_text(json.dumps({"test_top1": top1, "seconds": time.monotonic() - started, "trained": trained,
+                               "epochs": len(fitted.history["loss"])}))
 
 
-def _sweep(cache: Path, budget: float, workdir: Path, log: Path) -> dict:
+def _pinned(core: int | None):
+    """A ``preexec_fn`` that keeps a process (and the processes it starts) on one core; None: every core."""
+    return None if core is None else (lambda: os.sched_setaffinity(0, {core}))
+
+
+def _baseline(cache: Path, budget: float, out: Path, core: int | None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "--budget", str(budget), "--baseline-worker", str(cache),
+                             str(out)], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, preexec_fn=_pinned(core))
+
+
+def _start_sweep(cache: Path, budget: float, workdir: Path, log: Path, core: int | None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "tinyopt", "sweep", "scratch", "--timeout", str(budget),
+               "--config", str(PRESET), "--cache", str(cache), "--storage", f"sqlite:///{workdir}/studies.db",
+               "--tracking-uri", f"sqlite:///{workdir}/mlruns/mlflow.db"]
+    with log.open("w") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, preexec_fn=_pinned(core))
+
+
+def _sweep_result(process: subprocess.Popen, started: float, workdir: Path, log: Path) -> dict:
     import optuna
 
-    storage = f"sqlite:///{workdir}/studies.db"
-    command = [sys.executable, "-m", "tinyopt", "sweep", "scratch", "--timeout", str(budget),
-               "--config", str(PRESET), "--cache", str(cache), "--storage", storage,
-               "--tracking-uri", f"sqlite:///{workdir}/mlruns/mlflow.db"]
-    started = time.perf_counter()
-    with log.open("w") as out:
-        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    code = process.wait()
     seconds = time.perf_counter() - started  # the deadline is held if this is within 5% of the budget
-    if done.returncode:
-        sys.exit(f"the sweep failed (exit {done.returncode}); its output is in {log}")
-    study = optuna.load_study(study_name="scratch", storage=storage)
+    if code:
+        sys.exit(f"the sweep failed (exit {code}); its output is in {log}")
+    study = optuna.load_study(study_name="scratch", storage=f"sqlite:///{workdir}/studies.db")
     best = study.best_trial
     states = [t.state.name for t in study.trials]
     return {"seconds": seconds, "test_top1": best.user_attrs["test_top1"], "selection_top1": best.value,
@@ -123,6 +139,8 @@ def main() -> None:
     parser.add_argument("--data", default=str(SHARED / "tiny-imagenet-200-dev.zip"))
     parser.add_argument("--arms", nargs="+", choices=("sweep", "baseline"), default=["sweep", "baseline"])
     parser.add_argument("--log", default="bench_scratch_sweep.log", help="where the sweep's output goes")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="run both arms at the same time, each pinned to a core of its own")
     parser.add_argument("--baseline-worker", nargs=2, metavar=("CACHE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_worker:
@@ -136,17 +154,27 @@ def main() -> None:
         data.prepare(args.data, cache, progress=False)
         print(f"budget {args.budget:.0f} s per arm; preset {PRESET.relative_to(ROOT)}", flush=True)
         hand = swept = None
-        if "baseline" in args.arms:
-            out = Path(tmp) / "baseline.json"
-            subprocess.run([sys.executable, __file__, "--budget", str(args.budget), "--baseline-worker", str(cache),
-                            str(out)], check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        cores = (0, 1) if args.side_by_side else (None, None)
+        out, workdir, log = Path(tmp) / "baseline.json", Path(tmp) / "sweep", Path(args.log).resolve()
+        workdir.mkdir()
+        if args.side_by_side:
+            print("side by side: the baseline on core 0, the sweep on core 1, at the same time", flush=True)
+        running = {}
+        for arm in ("baseline", "sweep"):
+            if arm in args.arms:
+                started = time.perf_counter()
+                running[arm] = (_baseline(cache, args.budget, out, cores[0]) if arm == "baseline" else
+                                _start_sweep(cache, args.budget, workdir, log, cores[1])), started
+                if not args.side_by_side:
+                    running[arm][0].wait()
+        if "baseline" in running:
+            if running["baseline"][0].wait():
+                sys.exit("the baseline failed; its output is above")
             hand = json.loads(out.read_text())
             print(f"baseline: test top-1 {hand['test_top1']:.4f} in {hand['seconds']:.0f} s "
-                  f"(trained {hand['trained']:.0f} s)", flush=True)
-        if "sweep" in args.arms:
-            workdir = Path(tmp) / "sweep"
-            workdir.mkdir()
-            swept = _sweep(cache, args.budget, workdir, Path(args.log).resolve())
+                  f"(trained {hand['trained']:.0f} s, {hand['epochs']} epochs)", flush=True)
+        if "sweep" in running:
+            swept = _sweep_result(*running["sweep"], workdir, log)
             print(f"sweep:    test top-1 {swept['test_top1']:.4f} (trial {swept['best']}, selection top-1 "
                   f"{swept['selection_top1']:.4f}) in {swept['seconds']:.0f} s; {swept['trials']} trials, "
                   f"{swept['complete']} complete, {swept['pruned']} pruned; {swept['params']}", flush=True)

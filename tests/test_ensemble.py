@@ -238,7 +238,9 @@ def test_comparison_rows(members_and_predictions):
 
 def test_ensemble_defaults_and_greedy_rounds_are_checked_when_the_config_loads():
     settings = load_config("ensemble")["ensemble"]
-    assert (settings["top_k"], settings["objective"], settings["greedy_rounds"]) == (3, "log_loss", 50)
+    assert (settings["top_k"], settings["objective"], settings["greedy_rounds"]) == (5, "log_loss", 50)
+    # Whatever ensemble the defaults find can be exported: every approach keeps its top_k members' models.
+    assert all(load_config(approach)["study"]["keep_models"] >= settings["top_k"] for approach in settings["studies"])
     with pytest.raises(ConfigError, match="ensemble.greedy_rounds: got 0; expected an integer >= 1"):
         load_config("ensemble", overrides=["ensemble.greedy_rounds=0"])
 

@@ -124,6 +124,7 @@ def test_failed_write_leaves_nothing(tmp_path, members):
     class Unsaveable:
         outputs = members[0].outputs
         inputs = members[0].inputs
+        layers = members[0].layers
 
         def save(self, path):
             path.write_text("half")

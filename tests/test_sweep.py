@@ -188,6 +188,34 @@ def test_pruned_trial_run_is_killed(stores, tiny_folder, cache_root, monkeypatch
     assert len(client.get_metric_history(children[1].info.run_id, record.SELECTION_TOP1)) == 1
 
 
+class _PruneEverything(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return True
+
+
+def test_a_trial_that_trained_its_last_epoch_completes_where_the_pruner_would_prune(stores, tiny_folder, cache_root,
+                                                                                    monkeypatch):
+    """The pruner judges every epoch but the last: a trial that finished its schedule keeps its result."""
+    monkeypatch.setattr(sampling, "make_pruner", lambda *args: _PruneEverything())
+    sweep("scratch", stores, tiny_folder, cache_root, 1, "space.epochs=2", study_name="two")
+    sweep("scratch", stores, tiny_folder, cache_root, 1, "space.epochs=1", study_name="one")
+    two, one = load_study(stores, "two").trials[0], load_study(stores, "one").trials[0]
+    assert two.state.name == "PRUNED" and list(two.intermediate_values) == [1]
+    assert one.state.name == "COMPLETE" and list(one.intermediate_values) == [1]
+    assert one.user_attrs[record.MODEL_KEPT] and "test_top1" in one.user_attrs
+
+
+def test_early_stopping_waits_for_a_cooldown(stores, tiny_folder, cache_root):
+    """A rate too small to change anything: no epoch improves, so patience 0 stops a trial after its second
+    epoch, unless its decay is a cooldown, which early stopping only watches from its first cooldown epoch."""
+    frozen = ("space.epochs=4", "space.learning_rate=1e-12", "train.early_stopping_patience=0")
+    for decay in ("constant", "cooldown"):
+        sweep("scratch", stores, tiny_folder, cache_root, 1, *frozen, f"space.decay={decay}", study_name=decay)
+    assert len(load_study(stores, "constant").trials[0].intermediate_values) == 2
+    cooled = load_study(stores, "cooldown").trials[0]
+    assert len(cooled.intermediate_values) == 4 and cooled.user_attrs[record.BEST_EPOCH] == 4
+
+
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(stores, tiny_folder, cache_root, monkeypatch):
     failing_build(monkeypatch, lambda number: number == 1)
     result = sweep("scratch", stores, tiny_folder, cache_root, 3)

@@ -136,6 +136,7 @@ def write_bundle(dst: str | Path, *, model: Any, classes: Sequence[Sequence[Any]
     import keras
 
     from tinyopt import backend
+    from tinyopt.approaches.blocks import plain_keras
 
     provenance = {**(description.get("provenance") or {}), "Keras": keras.__version__,
                   "Keras backend of the export": backend.name()}
@@ -143,7 +144,7 @@ def write_bundle(dst: str | Path, *, model: Any, classes: Sequence[Sequence[Any]
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
-        model.save(staging / MODEL_FILE)
+        plain_keras(model).save(staging / MODEL_FILE)  # loads without tinyopt
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         (staging / CLASSES_FILE).write_text(record.classes_tsv(classes))
         (staging / PARAMS_FILE).write_text(json.dumps(dict(params), indent=2, sort_keys=True) + "\n")

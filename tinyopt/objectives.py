@@ -302,7 +302,7 @@ class ModelObjective(TrackedObjective):
     def _fit(self, trial, feed, params: dict[str, Any], run, eval_batch: int) -> dict[str, list[float]]:
         import keras
 
-        from tinyopt.training import compile_model, lr_at_epoch
+        from tinyopt.training import compile_model, early_stopping_start, lr_at_epoch
 
         train_cfg = self.config.get("train", {})
         model = feed.trainee()
@@ -310,7 +310,8 @@ class ModelObjective(TrackedObjective):
         train = feed.batches("train", int(params["batch_size"]), train=True, seed=self.seed + trial.number)
         selection = feed.batches("selection", eval_batch)
         stopping = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", restore_best_weights=True,
-                                                 patience=int(train_cfg.get("early_stopping_patience", 3)))
+                                                 patience=int(train_cfg.get("early_stopping_patience", 3)),
+                                                 start_from_epoch=early_stopping_start(params))
         # A per-batch hook only with a deadline: Keras calls every batch hook of every step.
         deadline = None if self.deadline is None else _deadline_stop(self.deadline)
         callbacks = [
@@ -396,7 +397,9 @@ def _trial_callback(trial, run, events: Events, train_images: int, deadline: Any
                     trial.set_user_attr(record.DEADLINE_STOP, {"epochs": epochs, record.SELECTION_TOP1: top1})
                     raise optuna.TrialPruned(f"stopped at the --timeout deadline after {epochs:g} epochs "
                                              f"(selection top-1 {top1:.3f})")
-                if trial.should_prune():
+                # A trial that has trained its last epoch has finished its schedule: it completes, even where
+                # a pruner's rung falls on that epoch (its model and probabilities are then kept).
+                if epoch + 1 < self.params["epochs"] and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} "
                                              f"(selection top-1 {metrics[record.SELECTION_TOP1]:.3f})")
 

@@ -15,7 +15,7 @@ from typing import Any
 from tinyopt.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-DECAYS = ("constant", "cosine", "exponential", "step")
+DECAYS = ("constant", "cosine", "exponential", "step", "cooldown")
 INITIALIZERS = ("he_normal", "he_uniform", "glorot_normal", "glorot_uniform", "lecun_normal", "lecun_uniform")
 AUGMENTATIONS = ("none", "flip", "flip_translate", "flip_crop")
 RESIZE_METHODS = ("bilinear", "bicubic", "area", "zeropad")

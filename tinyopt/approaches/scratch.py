@@ -28,7 +28,7 @@ def _conv(x: Any, filters: int, params: dict[str, Any], *, kernel: int = 3, relu
     x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=not batch_norm,
                       kernel_initializer=params["initializer"])(x)
     if batch_norm:
-        x = layers.BatchNormalization()(x)
+        x = blocks.FusedBatchNormalization()(x)
     return layers.ReLU()(x) if relu else x
 
 
