@@ -7,16 +7,15 @@ three are compared byte for byte before and after.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import optuna
 import pytest
+from fault_helpers import snapshot
 from mlflow import MlflowClient
 
 from tinyopt import data
@@ -121,15 +120,6 @@ def stores(tmp_path_factory, tiny_folder, silent_port):
             "files": {**{k: str(v) for k, v in files.items()}, "silent": silent_port}}
 
 
-def _snapshot(*folders: Path) -> dict[str, str]:
-    """Every file under the folders with the hash of its bytes (folders that do not exist are absent)."""
-    found = {}
-    for folder in folders:
-        for path in sorted(folder.rglob("*")) if folder.exists() else ():
-            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-    return found
-
-
 @pytest.mark.parametrize("case, args, fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_changes_nothing(case, args, fragment, stores):
     root = stores["root"]
@@ -138,7 +128,7 @@ def test_bad_input_is_one_line_and_changes_nothing(case, args, fragment, stores)
         args = [a.replace(f"<{name}>", path) for a in args]
     command = [sys.executable, "-m", "tinyopt", "sweep", approach, "--trials", "1", "--cache", str(stores["cache"]),
                "--storage", stores["storage"], "--tracking-uri", stores["tracking_uri"], *args]
-    before = _snapshot(root / "studies", root / "mlruns", stores["cache"])
+    before = snapshot(root / "studies", root / "mlruns", stores["cache"])
     # An unreachable server must fail within seconds (benchmarks/bench_fail_fast.py times it); 120 s would be a hang.
     done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "COLUMNS": "400"})
@@ -148,7 +138,7 @@ def test_bad_input_is_one_line_and_changes_nothing(case, args, fragment, stores)
     assert len(lines) == 1, output
     assert fragment in lines[0], output
     assert "Traceback" not in output and SECRET not in output
-    assert _snapshot(root / "studies", root / "mlruns", stores["cache"]) == before
+    assert snapshot(root / "studies", root / "mlruns", stores["cache"]) == before
 
 
 def test_at_least_twenty_cases():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -104,15 +106,54 @@ def test_members_with_different_outputs_are_rejected(members):
 
 
 def test_existing_bundle_is_replaced_only_when_asked(tmp_path, members):
+    dst = _write(tmp_path / "out", members[0])
+    before = (dst / "model.keras").read_bytes()
+    with pytest.raises(TinyoptError, match="already holds a bundle; pass --force"):
+        _write(dst, members[1])
+    assert (dst / "model.keras").read_bytes() == before
+    _write(dst, members[1], overwrite=True)
+    assert (dst / "model.keras").read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no staging folder left behind"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_holding_other_files_is_never_replaced(tmp_path, members, overwrite):
+    dst = tmp_path / "out"
+    (dst / "sub").mkdir(parents=True)
+    (dst / "notes.txt").write_text("mine")
+    with pytest.raises(TinyoptError, match=r"holds notes.txt, sub/, which no bundle holds; choose a new or empty"):
+        _write(dst, members[0], overwrite=overwrite)
+    assert sorted(p.name for p in dst.iterdir()) == ["notes.txt", "sub"]
+
+
+def test_a_folder_with_a_keras_model_but_no_provenance_is_not_a_bundle(tmp_path, members):
     dst = tmp_path / "out"
     dst.mkdir()
-    (dst / "notes.txt").write_text("mine")
-    with pytest.raises(TinyoptError, match="not empty; pass --force"):
-        _write(dst, members[0])
-    assert [p.name for p in dst.iterdir()] == ["notes.txt"]
+    members[0].save(dst / "model.keras")
+    with pytest.raises(TinyoptError, match="has no provenance.json, so it is not a bundle tinyopt wrote"):
+        export.check_destination(dst, overwrite=True)
+
+
+def test_a_bundle_missing_some_files_is_still_replaced(tmp_path, members):
+    """A bundle whose classes.tsv was lost is fixed the way `tinyopt predict` says: export it again with --force."""
+    dst = _write(tmp_path / "out", members[0])
+    (dst / "classes.tsv").unlink()
     _write(dst, members[0], overwrite=True)
-    assert not (dst / "notes.txt").exists() and (dst / "model.keras").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no staging folder left behind"
+    assert (dst / "classes.tsv").is_file()
+
+
+def test_the_bundle_folder_gets_the_mode_mkdir_gives(tmp_path, members):
+    """Not the 700 of a temporary folder: the bundle is for others to read."""
+    previous = os.umask(0o027)
+    try:
+        (tmp_path / "plain").mkdir()
+        dst = _write(tmp_path / "out", members[0])
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(dst.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o750
+    dst.chmod(0o775)
+    _write(dst, members[1], overwrite=True)
+    assert stat.S_IMODE(dst.stat().st_mode) == 0o775, "a replaced bundle keeps its folder's mode"
 
 
 def test_empty_existing_folder_is_used(tmp_path, members):
@@ -142,7 +183,8 @@ def test_classes_must_match_the_model_output(tmp_path, members):
 
 
 @pytest.mark.parametrize("text, problem", [("index\twnid\tname\n0\tn1\tone\n2\tn2\ttwo\n", "indices 0..1"),
-                                           ("0\tn1\n", "not index<TAB>wnid<TAB>name")])
+                                           ("0\tn1\n", "not index<TAB>wnid<TAB>name"),
+                                           ("index\twnid\tname\n", "lists no classes")])
 def test_read_classes_rejects_malformed_files(tmp_path, text, problem):
     path = tmp_path / "classes.tsv"
     path.write_text(text)

@@ -5,22 +5,30 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+import uuid
 
 import optuna
 import pytest
+from sweep_helpers import POSTGRES, drop_postgres_study, needs_postgres
 
 from tinyopt import recovery, storage
-from tinyopt.record import RUN_ID, WORKER
+from tinyopt.record import FAIL_REASON, RUN_ID, WORKER
 
 
 class _Tracker:
-    """Records which MLflow runs recovery closes."""
+    """Records which MLflow runs recovery closes; ``open_runs`` are the runs still RUNNING, by trial number."""
 
-    def __init__(self):
+    def __init__(self, open_runs=None):
         self.closed = []
+        self.open_runs = dict(open_runs or {})
 
-    def close_if_running(self, run_id, reason):
+    def close_run(self, run_id, state, reason=None):
         self.closed.append((run_id, reason))
+        return True
+
+    def open_trial_runs(self):
+        return self.open_runs
 
 
 def _dead_pid() -> int:
@@ -73,3 +81,30 @@ def test_a_dead_workers_trial_is_failed_retried_and_its_run_closed(opened):
     assert [run for run, _ in tracker.closed] == ["run-dead"] and "is gone" in tracker.closed[0][1]
     assert recovery.recover(study, opened, tracker) == []  # nothing twice
     assert alive.number == 1
+
+
+@needs_postgres
+def test_a_trial_failed_by_a_heartbeat_check_has_its_run_closed_there(tmp_path):
+    """Optuna fails a trial whose heartbeat stopped in a living worker, before its next trial: its run closes then."""
+    from mlflow import MlflowClient
+
+    from tinyopt.tracking import Tracker
+
+    name = f"heartbeat-{uuid.uuid4().hex[:8]}"
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", name, "scratch")
+    opened = storage.open_storage(POSTGRES, heartbeat_interval=1,
+                                  on_stale=lambda trial: recovery.close_stale(tracker, trial, 2))
+    try:
+        study = optuna.create_study(study_name=name, storage=opened, direction="maximize")
+        run_id = MlflowClient(tracker.tracking_uri).create_run(tracker.experiment_id).info.run_id
+        with pytest.warns(UserWarning, match="Heartbeat"):  # Optuna's: we ask outside optimize, as a worker would not
+            trial = _running(study, {**recovery.identity(), "host": "another-machine"}, run_id)
+        opened.record_heartbeat(trial._trial_id)
+        time.sleep(3)  # two intervals and more without a heartbeat
+        with storage.optuna_experimental():
+            optuna.storages.fail_stale_trials(study)  # what Optuna runs before each trial of a living worker
+        assert [t.state.name for t in study.get_trials(deepcopy=False)] == ["FAIL", "WAITING"]
+        run = MlflowClient(tracker.tracking_uri).get_run(run_id)
+        assert run.info.status == "FAILED" and "heartbeat" in run.data.tags[FAIL_REASON]
+    finally:
+        drop_postgres_study(name)

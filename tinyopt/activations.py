@@ -8,7 +8,9 @@ hands out the array, one per view (the image, and its mirror image when a flip i
 
 Arrays live in memory-mapped ``.npy`` files under ``<data cache>/activations/``, written under a file
 lock and a temporary name, so parallel workers (and the fresh processes of ``--trials-per-process``)
-share one copy and an interrupted build leaves nothing half-written. Up to ``train.activation_cache_gb``
+share one copy and an interrupted build leaves nothing half-written. A file damaged since (truncated,
+overwritten, or of another shape or dtype than its key calls for) is found by its header and size
+each time it is read, and built again: it is derived data. Up to ``train.activation_cache_gb``
 of them are also held in this process' memory, where reading a batch costs nothing; the rest are read
 through the memory map. Without a data cache folder (library use), they are kept in memory only.
 """
@@ -28,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from tinyopt.data import npy_problem
 from tinyopt.locks import file_lock
 
 # Bumped when what a key means changes, so older files are never read as newer ones.
@@ -106,9 +109,10 @@ class Store:
             CacheUnavailable: they are not cached and the disk cannot hold them.
         """
         arrays, reused = [], True
+        shape = _shape(split, len(images))
         for view in range(count):
             name = _name(key, split, view)
-            array = self._get(name)
+            array = self._get(name, shape, split.dtype)
             if array is None:
                 reused = False
                 array = self._build(name, split, mirrored(images) if view else images, batch_size)
@@ -117,8 +121,9 @@ class Store:
 
     def missing_bytes(self, key: dict[str, Any], split: Split, images: int, count: int = 1) -> int:
         """Bytes that ``views`` with these arguments would write (0 when all are cached)."""
-        size = images * int(np.prod(split.prefix.output.shape[1:])) * np.dtype(split.dtype).itemsize
-        return sum(size for view in range(count) if not self._has(_name(key, split, view)))
+        shape = _shape(split, images)
+        size = int(np.prod(shape)) * np.dtype(split.dtype).itemsize
+        return sum(size for view in range(count) if not self._has(_name(key, split, view), shape, split.dtype))
 
     def check_room(self, size: int) -> None:
         """Raise ``CacheUnavailable`` if writing ``size`` more bytes would nearly fill the disk."""
@@ -130,14 +135,16 @@ class Store:
             raise CacheUnavailable(f"{size / 2**30:.1f} GB of activations would leave {self.folder} with "
                                    f"{max(free - size, 0) / 2**30:.1f} GB free")
 
-    def _has(self, name: str) -> bool:
-        return name in self._resident or (self.folder is not None and (self.folder / f"{name}.npy").is_file())
+    def _has(self, name: str, shape: tuple[int, ...], dtype: str) -> bool:
+        return name in self._resident or (self.folder is not None
+                                          and npy_problem(self.folder / f"{name}.npy", shape, dtype) is None)
 
-    def _get(self, name: str) -> np.ndarray | None:
+    def _get(self, name: str, shape: tuple[int, ...], dtype: str) -> np.ndarray | None:
+        """The array of ``name``, or None when it is not cached or its file is damaged (``_build`` replaces it)."""
         if name in self._resident:
             self._resident.move_to_end(name)
             return self._resident[name]
-        if self.folder is None or not (self.folder / f"{name}.npy").is_file():
+        if not self._has(name, shape, dtype):
             return None
         return self._keep(name, np.load(self.folder / f"{name}.npy", mmap_mode="r"))
 
@@ -151,7 +158,7 @@ class Store:
         return self._resident[name]
 
     def _build(self, name: str, split: Split, images: np.ndarray, batch_size: int) -> np.ndarray:
-        shape = (len(images), *split.prefix.output.shape[1:])
+        shape = _shape(split, len(images))
         if self.folder is None:
             array = np.empty(shape, split.dtype)
             _fill(array, split.prefix, images, batch_size)
@@ -159,7 +166,8 @@ class Store:
         self.folder.mkdir(parents=True, exist_ok=True)
         final = self.folder / f"{name}.npy"
         with file_lock(self.folder / f"{name}.lock"):
-            if not final.is_file():  # another worker may have built it while this one waited
+            # Another worker may have built (or repaired) it while this one waited.
+            if npy_problem(final, shape, split.dtype) is not None:
                 with _partial(final) as partial:
                     array = np.lib.format.open_memmap(partial, mode="w+", dtype=split.dtype, shape=shape)
                     _fill(array, split.prefix, images, batch_size)
@@ -176,6 +184,10 @@ def ram_budget(setting: float | str) -> int:
     import psutil
 
     return int(psutil.virtual_memory().available * AUTO_RAM_SHARE)
+
+
+def _shape(split: Split, images: int) -> tuple[int, ...]:
+    return (images, *split.prefix.output.shape[1:])
 
 
 def _name(key: dict[str, Any], split: Split, view: int) -> str:

@@ -163,6 +163,36 @@ def device_name() -> str:
     return details.get("device_name", "gpu")
 
 
+def gpu_count() -> int:
+    """How many GPUs the backend in force can use on this machine (0 on a CPU-only build or machine)."""
+    if name() == "jax":
+        import jax
+
+        try:
+            return len(jax.devices("gpu"))
+        except RuntimeError:  # JAX has no GPU backend here
+            return 0
+    import tensorflow as tf
+
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+def check_gpus(ids: list[str]) -> None:
+    """Raise ``ConfigError`` unless every GPU index ``--gpus`` lists exists here (a UUID is left to CUDA).
+
+    Without this, a worker pinned to a GPU that does not exist trains on the CPU without a word.
+    """
+    listed, count = ",".join(ids), gpu_count()
+    if not count:
+        raise ConfigError(f"--gpus {listed}: the Keras {name()} backend finds no GPU on this machine, so every "
+                          "trial would run on the CPU; drop --gpus (--workers K runs K workers on the CPU), or "
+                          "install a GPU build (pip install 'tinyopt[gpu]' or 'tinyopt[jax-cuda]')")
+    missing = sorted({gpu for gpu in ids if gpu.isdigit() and int(gpu) >= count}, key=int)
+    if missing:
+        raise ConfigError(f"--gpus {listed}: no GPU {', '.join(missing)} on this machine, which has {count} "
+                          f"(0 to {count - 1}); list GPUs that exist")
+
+
 def compute_capability() -> float | None:
     """The GPU's CUDA compute capability (8.0 and up support bfloat16), or None without a GPU."""
     if device_name() == "cpu":

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import csv
 import json
+import secrets
 import shutil
+import stat
 import tempfile
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tinyopt import record
 from tinyopt.errors import StudyError, TinyoptError
-from tinyopt.urls import redact
+from tinyopt.urls import first_line, redact
 
 if TYPE_CHECKING:
     from tinyopt.refit import Refit
@@ -31,28 +34,86 @@ PARAMS_FILE = "params.json"
 METRICS_FILE = "metrics.json"
 README_FILE = "MODEL.md"
 PROVENANCE_FILE = "provenance.json"
+BUNDLE_FILES = (MODEL_FILE, CLASSES_FILE, PARAMS_FILE, METRICS_FILE, README_FILE, PROVENANCE_FILE)
+# What makes a folder a bundle tinyopt wrote, which --force may delete: model.keras makes it a model, and
+# provenance.json, which no other tool writes, says tinyopt wrote it (a folder holding a person's own Keras model
+# has the one, not the other). The other files may be missing: a bundle someone damaged is replaced by --force,
+# which is the fix `tinyopt predict` gives for it.
+_BUNDLE_MARKS = (MODEL_FILE, PROVENANCE_FILE)
+BUNDLE_FIX = "export the bundle again with `tinyopt best --export DIR --force`, or restore it from a copy"
+# A run's artifact cannot be logged again: its trial is over.
+MLFLOW_FIX = "restore the MLflow artifacts from a backup, or sweep the study again to retrain the trial"
 
 
-def read_classes(path: Path) -> list[tuple[int, str, str]]:
+def read_classes(path: Path, *, label: str | None = None, fix: str = BUNDLE_FIX) -> list[tuple[int, str, str]]:
     """Read a ``classes.tsv``: ``(index, wnid, name)`` rows, header line optional, in index order.
 
+    Args:
+        path: the file.
+        label: how errors name it (default: its path).
+        fix: how errors say to repair it (default: a bundle's fix).
+
     Raises:
-        TinyoptError: the file is missing or its rows are not ``index<TAB>wnid<TAB>name`` with
-            indices 0..C-1.
+        TinyoptError: the file is missing, is not UTF-8 text, or its rows are not
+            ``index<TAB>wnid<TAB>name`` with indices 0..C-1.
     """
+    label = label or str(path)
     if not path.is_file():
-        raise TinyoptError(f"{path} does not exist; a bundle needs its classes.tsv")
-    with path.open(newline="") as source:
-        rows = [row for row in csv.reader(source, delimiter="\t") if row]
+        raise TinyoptError(f"{label} is {'a folder, not a file' if path.is_dir() else 'missing'}; {fix}")
+    try:
+        with path.open(newline="", encoding="utf-8") as source:
+            rows = [row for row in csv.reader(source, delimiter="\t") if row]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise TinyoptError(f"{label} is damaged: it is not UTF-8 text ({first_line(err)}); {fix}") from err
     if rows and tuple(rows[0]) == record.CLASSES_COLUMNS:
         rows = rows[1:]
     try:
         classes = [(int(index), wnid, name) for index, wnid, name in rows]
     except ValueError as err:
-        raise TinyoptError(f"{path} is not index<TAB>wnid<TAB>name rows ({err})") from err
+        raise TinyoptError(f"{label} is damaged: not index<TAB>wnid<TAB>name rows ({err}); {fix}") from err
+    if not classes:
+        raise TinyoptError(f"{label} is damaged: it lists no classes; {fix}")
     if [c[0] for c in classes] != list(range(len(classes))):
-        raise TinyoptError(f"{path} must list class indices 0..{len(classes) - 1} in order")
+        raise TinyoptError(f"{label} is damaged: it must list class indices 0..{len(classes) - 1} in order; {fix}")
     return classes
+
+
+def load_model_file(path: Path, *, label: str | None = None, fix: str = BUNDLE_FIX) -> Any:
+    """Load a ``.keras`` file, uncompiled, any failure one line naming it.
+
+    Args:
+        path: the file.
+        label: how errors name it (default: its path).
+        fix: how errors say to repair it (default: a bundle's fix).
+
+    Raises:
+        TinyoptError: Keras cannot load the file (truncated, empty, garbage, a folder, a zip that is not a model).
+    """
+    import keras
+
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as err:  # noqa: BLE001 - a damaged file raises BadZipFile, ValueError, OSError, KeyError...
+        raise TinyoptError(damage_message(label or str(path), path, err, fix)) from err
+
+
+def damage_message(label: str, path: Path, err: Exception, fix: str) -> str:
+    """The one-line message for a zip-based file (``.keras``, ``.npz``) its loader failed on with ``err``.
+
+    The loaders' own words mislead (Keras says "File not found" of a truncated file that exists), so
+    what the file is comes first; the loader's error only when the file is a whole zip archive.
+    """
+    if path.is_dir():
+        problem = "it is a folder, not a file"
+    elif not path.exists():
+        problem = "it does not exist"
+    elif path.stat().st_size == 0:
+        problem = "it is empty (0 bytes)"
+    elif not zipfile.is_zipfile(path):
+        problem = "it is not a whole zip archive (truncated or overwritten)"
+    else:
+        problem = f"its content cannot be read ({type(err).__name__}: {first_line(err)})"
+    return f"{label} is damaged: {problem}; {fix}"
 
 
 def ensemble_model(member_models: Sequence[Any], weights: Sequence[float],
@@ -108,10 +169,11 @@ def write_bundle(dst: str | Path, *, model: Any, classes: Sequence[Sequence[Any]
     """Write a model bundle to ``dst``, all or nothing.
 
     The files are written to a temporary folder beside ``dst`` and renamed into place, so a
-    failure leaves no half bundle and an existing bundle is only replaced when asked to.
+    failure leaves no half bundle and an existing bundle is only replaced when asked to. A new
+    bundle folder gets the mode ``mkdir`` gives (the umask's); a replaced one keeps its mode.
 
     Args:
-        dst: the bundle folder; must not exist or be empty unless ``overwrite``.
+        dst: the bundle folder; must not exist, or be empty, or (with ``overwrite``) hold a bundle.
         model: a Keras model taking uint8 ``(H, W, 3)`` images and giving ``len(classes)`` probabilities.
         classes: ``(index, wnid, name)`` per output column, in index order.
         params: the hyperparameters of the trial that produced the model.
@@ -119,14 +181,14 @@ def write_bundle(dst: str | Path, *, model: Any, classes: Sequence[Sequence[Any]
         description: ``title``, ``what`` (what the model is) and ``how_chosen`` for MODEL.md, and
             optionally ``provenance`` (a mapping, e.g. study, trial, MLflow run id), to which the
             Keras version and backend of this export are added.
-        overwrite: replace a non-empty ``dst``.
+        overwrite: replace an earlier bundle in ``dst``.
 
     Returns:
         The bundle folder.
 
     Raises:
-        TinyoptError: ``dst`` is a file or a non-empty folder (without ``overwrite``), or the model's
-            output does not match the classes.
+        TinyoptError: ``dst`` is a file, holds anything but a bundle, or holds a bundle without
+            ``overwrite``; or the model's output does not match the classes.
     """
     dst = Path(dst).resolve()  # "." has no name and no parent to stage beside
     _check_destination(dst, overwrite)
@@ -142,7 +204,10 @@ def write_bundle(dst: str | Path, *, model: Any, classes: Sequence[Sequence[Any]
                   "Keras backend of the export": backend.name()}
     description = {**description, "provenance": provenance}
     dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    # mkdir, not tempfile.mkdtemp: the staging folder becomes the bundle, and mkdtemp's mode 700 would lock
+    # others out of it. The random name keeps two exports to the same folder apart.
+    staging = dst.with_name(f".{dst.name}.partial-{secrets.token_hex(8)}")
+    staging.mkdir()
     try:
         plain_keras(model).save(staging / MODEL_FILE)  # loads without tinyopt
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
@@ -160,7 +225,7 @@ def check_destination(dst: str | Path, overwrite: bool = False) -> None:
     """Check, before the work that makes a bundle, that ``write_bundle`` may write it to ``dst``.
 
     Raises:
-        TinyoptError: ``dst`` is a file, or a non-empty folder without ``overwrite``.
+        TinyoptError: ``dst`` is a file, holds anything but a bundle, or holds a bundle without ``overwrite``.
     """
     _check_destination(Path(dst).resolve(), overwrite)
 
@@ -168,16 +233,39 @@ def check_destination(dst: str | Path, overwrite: bool = False) -> None:
 def _check_destination(dst: Path, overwrite: bool) -> None:
     if dst.exists() and not dst.is_dir():
         raise TinyoptError(f"{dst} is a file; pass a folder for the bundle")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise TinyoptError(f"{dst} already exists and is not empty; pass --force to replace it "
-                           "or choose another folder")
+    if not dst.is_dir() or not any(dst.iterdir()):
+        return
+    foreign, missing = _not_bundle_entries(dst)
+    if foreign or missing:
+        what = (f"holds {', '.join(foreign)}, which no bundle holds" if foreign
+                else f"has no {' or '.join(missing)}, so it is not a bundle tinyopt wrote")
+        # --force would not help: it only ever deletes what tinyopt wrote.
+        raise TinyoptError(f"{dst} {what}; choose a new or empty folder, or move those files out of it "
+                           "(pass --force only to replace an earlier bundle)")
+    if not overwrite:
+        raise TinyoptError(f"{dst} already holds a bundle; pass --force to replace it or choose another folder")
+
+
+def _not_bundle_entries(folder: Path) -> tuple[list[str], list[str]]:
+    """The entries of a folder that are not a bundle's (folders end in "/"), and the bundle marks it lacks."""
+    foreign, found = [], set()
+    for entry in sorted(folder.iterdir()):
+        # A folder or a link under a bundle file's name is not what write_bundle wrote either.
+        if entry.name in BUNDLE_FILES and entry.is_file() and not entry.is_symlink():
+            found.add(entry.name)
+        else:
+            foreign.append(entry.name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
+    return foreign, [name for name in _BUNDLE_MARKS if name not in found]
 
 
 def _move_into_place(staging: Path, dst: Path, overwrite: bool) -> None:
     # Checked again because another process may have written dst while the model was saving.
     _check_destination(dst, overwrite)
-    if dst.is_dir() and not any(dst.iterdir()):
-        dst.rmdir()
+    if dst.is_dir():
+        # The bundle takes the folder's place, so it keeps the folder's mode (staging has the umask's).
+        staging.chmod(stat.S_IMODE(dst.stat().st_mode))
+        if not any(dst.iterdir()):
+            dst.rmdir()
     if not dst.exists():
         staging.rename(dst)
         return
@@ -253,6 +341,7 @@ def export_best(summary: StudySummary, dst: str | Path, *, storage_url: str, tra
     best = summary.best
     if best is None:
         raise StudyError(f"study {summary.name!r} has no complete trial to export")
+    check_destination(dst, overwrite)  # before the models are read from MLflow
     backend.load()
     where = f"trial {best.number} of study {summary.name!r}"
     with tempfile.TemporaryDirectory(prefix="tinyopt-export-") as tmp:
@@ -354,18 +443,18 @@ def _trained_with(run_ids: Sequence[str], tracking_uri: str) -> str:
 
 
 def _run_model(run_id: str, tracking_uri: str, tmp: Path) -> Any:
-    import keras
-
     from tinyopt import tracking
 
-    return keras.models.load_model(tracking.download_model(run_id, tracking_uri, tmp / run_id), compile=False)
+    return load_model_file(tracking.download_model(run_id, tracking_uri, tmp / run_id),
+                           label=f"{MODEL_FILE} of the model MLflow run {run_id} kept", fix=MLFLOW_FIX)
 
 
 def _run_classes(run_ids: Sequence[str], tracking_uri: str, tmp: Path) -> list[tuple[int, str, str]]:
     """The classes of the runs, which must agree: the models' output columns are summed by index."""
     from tinyopt import tracking
 
-    found = [read_classes(tracking.download_artifact(r, record.CLASSES_FILE, tracking_uri, tmp / f"{r}-classes"))
+    found = [read_classes(tracking.download_artifact(r, record.CLASSES_FILE, tracking_uri, tmp / f"{r}-classes"),
+                          label=f"{record.CLASSES_FILE} of MLflow run {r}", fix=MLFLOW_FIX)
              for r in run_ids]
     if any(classes != found[0] for classes in found):
         raise StudyError(f"the runs {', '.join(run_ids)} were trained on different classes; "

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from tinyopt.errors import TinyoptError
-from tinyopt.export import CLASSES_FILE, MODEL_FILE, read_classes
+from tinyopt.export import BUNDLE_FIX, CLASSES_FILE, MODEL_FILE, load_model_file, read_classes
 
 
 @dataclass
@@ -29,18 +29,39 @@ def load_bundle(bundle_dir: str | Path) -> tuple[Any, list[tuple[int, str, str]]
     """The Keras model and the classes of a bundle written by ``tinyopt.export.write_bundle``.
 
     Raises:
-        TinyoptError: the folder is not a bundle.
+        TinyoptError: the folder is not a bundle, or its model or classes cannot be loaded or do not fit
+            each other (the model must take ``(H, W, 3)`` images and give one probability per class).
     """
     bundle = Path(bundle_dir)
-    if not (bundle / MODEL_FILE).is_file():
+    model_path, classes_path = bundle / MODEL_FILE, bundle / CLASSES_FILE
+    if not model_path.exists():
         raise TinyoptError(f"{bundle} is not a model bundle (no {MODEL_FILE}); "
                            "export one with `tinyopt best --export DIR`")
+    classes = read_classes(classes_path)  # before Keras starts: a damaged file is found in a second
     from tinyopt import backend
 
     backend.load()
-    import keras
+    model = load_model_file(model_path)
+    inputs, outputs = _shapes(model, "inputs"), _shapes(model, "outputs")
+    if len(inputs) != 1 or len(inputs[0]) != 4 or inputs[0][3] != 3 or None in inputs[0][1:3]:
+        raise TinyoptError(f"{model_path} takes inputs of shape {_shapes_text(inputs)}, not (H, W, 3) images; "
+                           f"{BUNDLE_FIX}")
+    if len(outputs) != 1 or len(outputs[0]) != 2 or outputs[0][1] != len(classes):
+        raise TinyoptError(f"{model_path} gives outputs of shape {_shapes_text(outputs)} but {classes_path} lists "
+                           f"{len(classes)} classes, one per output column; {BUNDLE_FIX}")
+    return model, classes
 
-    return keras.models.load_model(bundle / MODEL_FILE, compile=False), read_classes(bundle / CLASSES_FILE)
+
+def _shapes(model: Any, side: str) -> list[tuple[int | None, ...]]:
+    # A model that was never called has no inputs or outputs: Keras raises rather than give none.
+    try:
+        return [tuple(tensor.shape) for tensor in getattr(model, side)]
+    except (AttributeError, TypeError, ValueError):
+        return []
+
+
+def _shapes_text(shapes: list[tuple[int | None, ...]]) -> str:
+    return " and ".join(map(str, shapes)) or "none"
 
 
 def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:

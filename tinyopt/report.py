@@ -160,6 +160,10 @@ def write_report(storage_url: str, tracking_uri: str, out_dir: str | Path, *, lo
     """
     from tinyopt import plots
 
+    if log_to_mlflow:
+        from tinyopt import tracking
+
+        tracking.check(tracking_uri)  # before the report's files are written, not after
     studies = _load_studies(storage_url, ())
     summaries = [summarize_study(study) for study in studies]
     figures: dict[str, Any] = {}

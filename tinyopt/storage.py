@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import sqlite3
 import urllib.parse
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,25 +59,91 @@ def is_database(url: str) -> bool:
     return _scheme(url) in _DATABASES
 
 
-def check(url: str) -> None:
-    """Make sure a storage URL can be opened, without creating or changing anything.
+def check(url: str, study_name: str | None = None) -> None:
+    """Make sure a storage URL can be opened and written, without creating or changing anything.
+
+    A SQLite or journal file that exists must be intact and writable (and so must the journal a
+    study of a SQLite storage moved to, ``home``); one that does not exist yet needs a folder that
+    can hold it. A database server must answer.
 
     Raises:
-        StudyError: an unsupported URL, a path that cannot hold the file, a missing database driver
-            or a database that does not answer within ``CONNECT_TIMEOUT`` seconds.
+        StudyError: an unsupported URL, a path that cannot hold the file, a damaged or read-only file,
+            a missing database driver or a database that does not answer within ``CONNECT_TIMEOUT`` seconds.
     """
     scheme = _scheme(url)
     path = _file(url)
     if path is not None:
-        if path.is_dir():
-            raise StudyError(f"storage {path} is a folder; {_FIX}")
-        parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
-        if not parent.is_dir():
-            raise StudyError(f"storage {path} cannot be created: {parent} is not a folder; {_FIX}")
+        check_file(path, "the Optuna storage", _FIX, writable=True, read=_reader(scheme))
+        moved = _workers_journal(url, study_name) if study_name is not None else None
+        if moved is not None and moved.exists():
+            check_file(moved, "the Optuna storage", _FIX, writable=True, read=_read_journal)
         return
     if scheme not in _DATABASES:
         raise StudyError(f"unsupported storage URL {redact(url)!r}; {_FIX}")
     probe_database(url, "the Optuna storage", _FIX)
+
+
+def check_file(path: Path, what: str, fix: str, *, writable: bool, read: Callable[[Path], None]) -> None:
+    """Check a store kept in one file (Optuna's or MLflow's) before anything is created or changed in it.
+
+    A file that does not exist yet needs a folder that can hold it; one that exists must be a file
+    that ``read`` can read to its end (a damaged SQLite page, a garbage header, a broken journal line
+    raise there) and, when tinyopt will write it, writable along with its folder (SQLite writes its
+    journal beside the file).
+
+    Args:
+        path: the file.
+        what: the store, as a message names it (``the Optuna storage``, ``the MLflow store``).
+        fix: how to name another store, for a path that cannot be one.
+        writable: the command will write to it.
+        read: reads the whole file, raising if it is damaged.
+
+    Raises:
+        StudyError: one line naming the file, what is wrong with it and the fix.
+    """
+    if path.is_dir():
+        raise StudyError(f"{what} {path} is a folder; {fix}")
+    if not path.exists():
+        parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
+        if not parent.is_dir():
+            raise StudyError(f"{what} {path} cannot be created: {parent} is not a folder; {fix}")
+        if writable and not os.access(parent, os.W_OK | os.X_OK):
+            raise StudyError(f"{what} {path} cannot be created: the folder {parent} is not writable; "
+                             f"make it writable, or {fix}")
+        return
+    if not os.access(path, os.R_OK):
+        raise StudyError(f"{what} {path} cannot be read (permission denied); make it readable (chmod u+r) "
+                         "or choose another path")
+    try:
+        read(path)
+    except Exception as err:  # noqa: BLE001 - sqlite3, JSON and Optuna each raise their own
+        raise StudyError(f"{what} {path} is damaged ({first_line(err)}); restore it from a copy, or move it "
+                         "aside to start afresh") from err
+    if writable:
+        for needed in (path, path.parent):
+            if not os.access(needed, os.W_OK):
+                raise StudyError(f"{what} {path} cannot be written: {needed} is read-only; make it writable "
+                                 f"(chmod u+w {needed}) or choose another path")
+
+
+def read_sqlite(path: Path) -> None:
+    """Read every page of a SQLite file (``PRAGMA quick_check``), raising if one is damaged."""
+    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=_SQLITE_BUSY_TIMEOUT)
+    try:
+        found = [row[0] for row in connection.execute("PRAGMA quick_check")]
+    finally:
+        connection.close()
+    if found != ["ok"]:
+        raise sqlite3.DatabaseError("; ".join(map(str, found[:3])))
+
+
+def _read_journal(path: Path) -> None:
+    """Replay an Optuna journal file to its end, raising if a line of it is damaged."""
+    _journal(path).get_all_studies()
+
+
+def _reader(scheme: str) -> Callable[[Path], None]:
+    return _read_journal if scheme == "journal" else read_sqlite
 
 
 def probe_database(url: str, what: str, fix: str) -> None:
@@ -101,13 +169,14 @@ def probe_database(url: str, what: str, fix: str) -> None:
         raise StudyError(f"cannot reach {what} {redact(url)} ({first_line(err)}); {fix}") from err
 
 
-def open_storage(url: str, heartbeat_interval: int = 60) -> Any:
+def open_storage(url: str, heartbeat_interval: int = 60, on_stale: Callable[[Any], None] | None = None) -> Any:
     """An Optuna storage for a URL, created if it does not exist.
 
     Database storages send a heartbeat every ``heartbeat_interval`` seconds while a trial runs; a
     trial whose heartbeat stops for two intervals is failed and queued again with the same params
-    (``RetryHeartbeatStaleTrialCallback``). SQLite and journal files need no heartbeat: a trial
-    whose process died on this machine is found by ``tinyopt.recovery``.
+    (``RetryHeartbeatStaleTrialCallback``), then given to ``on_stale`` (which closes its MLflow run).
+    SQLite and journal files need no heartbeat: a trial whose process died on this machine is found
+    by ``tinyopt.recovery``.
 
     Raises:
         StudyError: an unsupported URL, or a storage that cannot be opened.
@@ -128,7 +197,7 @@ def open_storage(url: str, heartbeat_interval: int = 60) -> Any:
         kwargs = {
             "heartbeat_interval": heartbeat_interval,
             "grace_period": 2 * heartbeat_interval,
-            "heartbeat_stale_trial_callback": retry_callback(),
+            "heartbeat_stale_trial_callback": _StaleTrial(on_stale),
             "engine_kwargs": {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT}},
         }
     else:
@@ -147,6 +216,19 @@ def _journal(path: Path) -> Any:
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
+class _StaleTrial:
+    """What Optuna calls for a trial whose heartbeat stopped: queue it again, then ``on_stale`` (if any)."""
+
+    def __init__(self, on_stale: Callable[[Any], None] | None):
+        self.retry = retry_callback()
+        self.on_stale = on_stale
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        self.retry(study, trial)
+        if self.on_stale is not None:
+            self.on_stale(trial)
+
+
 def retry_callback() -> Any:
     """What happens to a trial whose worker died: queued again with the same params, at most twice."""
     import optuna
@@ -159,13 +241,14 @@ def open_existing(url: str) -> Any:
     """The Optuna storage at ``url``, refusing to create an empty SQLite or journal file where none was swept.
 
     Raises:
-        StudyError: the file does not exist, or the storage cannot be opened.
+        StudyError: the file does not exist or is damaged, or the storage cannot be opened.
     """
     path = _file(url)
     if path is None:
         return open_storage(url)
     if not path.is_file():
         raise StudyError(f"no Optuna storage at {path}; run `tinyopt sweep APPROACH` first or pass --storage")
+    check_file(path, "the Optuna storage", _FIX, writable=False, read=_reader(_scheme(url)))
     # A sweep may be creating this file's tables right now, under its lock (see study_lock): opening it
     # meanwhile would create them a second time. (No lock file: no tinyopt sweep ever made this file.)
     lock = _lock_file(path)
@@ -252,6 +335,33 @@ def study_names(url: str) -> list[str]:
     return sorted(set(optuna.get_all_study_names(open_existing(url))) | moved)
 
 
+def study_attr(url: str, study_name: str, key: str) -> Any:
+    """A user attr of an existing study; None where the storage holds no such study. Creates nothing.
+
+    Raises:
+        StudyError: the storage is damaged or cannot be opened.
+    """
+    import optuna
+    import sqlalchemy
+
+    where = home(url, study_name)
+    path = _file(where)
+    if path is not None and not path.is_file():
+        return None
+    if path is None:
+        engine = sqlalchemy.create_engine(where, connect_args={"connect_timeout": CONNECT_TIMEOUT},
+                                          poolclass=sqlalchemy.pool.NullPool)
+        try:
+            if not sqlalchemy.inspect(engine).has_table("studies"):  # Optuna would create its tables
+                return None
+        finally:
+            engine.dispose()
+    try:
+        return optuna.load_study(study_name=study_name, storage=open_existing(where)).user_attrs.get(key)
+    except KeyError:
+        return None
+
+
 def load_study(name: str, url: str) -> Any:
     """An existing study, wherever it lives (``home``).
 
@@ -260,8 +370,7 @@ def load_study(name: str, url: str) -> Any:
     """
     import optuna
 
-    where = home(url, name)
-    return optuna.load_study(study_name=name, storage=open_existing(where) if where == url else open_storage(where))
+    return optuna.load_study(study_name=name, storage=open_existing(home(url, name)))
 
 
 def _lock_file(path: Path) -> Path:

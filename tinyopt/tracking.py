@@ -41,7 +41,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from tinyopt import record
 from tinyopt.errors import StudyError
 from tinyopt.locks import file_lock
-from tinyopt.storage import is_database, probe_database
+from tinyopt.storage import check_file, is_database, probe_database, read_sqlite
 from tinyopt.urls import first_line, redact
 
 # MLflow's INFO lines (database migrations, run links) would interleave with the sweep's progress.
@@ -128,6 +128,8 @@ def _client(tracking_uri: str) -> MlflowClient:
     local = _sqlite_path(tracking_uri)
     if local is None or local in _OPENED:
         return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    # A damaged store is one line here, not MLflow's and SQLAlchemy's chained tracebacks later.
+    check_file(local, "the MLflow store", _FIX, writable=False, read=read_sqlite)
     local.parent.mkdir(parents=True, exist_ok=True)
     # MLflow creates and migrates a new SQLite store when it first opens it; two processes doing it
     # at once fail ("duplicate column name"), so each process's first open takes its turn.
@@ -141,16 +143,21 @@ def _client(tracking_uri: str) -> MlflowClient:
 def check(tracking_uri: str) -> None:
     """Make sure the tracking store can be reached, without creating anything in it.
 
-    A local SQLite store only needs a path that can hold the file; a server must answer an MLflow
-    API request within a few seconds (MLflow's own client would retry for minutes).
+    A local SQLite store must be intact and writable, with its artifacts folder, or be a file its
+    folder can hold; a server must answer an MLflow API request within a few seconds (MLflow's own
+    client would retry for minutes).
 
     Raises:
-        StudyError: an unsupported URI, an unusable path, or a server that does not answer as MLflow.
+        StudyError: an unsupported URI, an unusable path, a damaged or read-only store, or a server that
+            does not answer as MLflow.
     """
     local = _sqlite_path(tracking_uri)
     if local is not None:
-        if local.is_dir():
-            raise StudyError(f"MLflow store {local} is a folder; {_FIX}")
+        check_file(local, "the MLflow store", _FIX, writable=True, read=read_sqlite)
+        artifacts = local.parent / "artifacts"  # where _artifact_location puts them
+        if artifacts.exists() and not os.access(artifacts, os.W_OK | os.X_OK):
+            raise StudyError(f"the MLflow artifacts folder {artifacts} is read-only; make it writable "
+                             f"(chmod -R u+w {artifacts}) or {_FIX}")
         return
     if is_database(tracking_uri):
         probe_database(tracking_uri, "the MLflow tracking store", _FIX)
@@ -257,19 +264,23 @@ class Tracker:
         Call it holding ``tinyopt.storage.study_lock``: workers that start together then find one parent.
         Workers started by ``tinyopt sweep --workers`` pass ``reopen=False``: their supervisor owns the status.
         """
-        parents = list(self.client.search_runs([self.experiment_id], f"tags.`{record.TAG_PARENT}` = 'true'",
-                                               order_by=["attributes.start_time ASC"], max_results=1))
-        if parents:
-            self.parent_run_id = parents[0].info.run_id
-        else:
-            run = self.client.create_run(self.experiment_id, run_name=self.study_name,
-                                         tags={record.TAG_APPROACH: self.approach, record.TAG_STUDY: self.study_name,
-                                               record.TAG_PARENT: "true", **tags})
-            self.client.log_dict(run.info.run_id, config, record.CONFIG_FILE)
-            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in identity(config).items()])
-            self.parent_run_id = run.info.run_id
-        if reopen:
-            self.client.update_run(self.parent_run_id, status="RUNNING")
+        try:
+            parents = list(self.client.search_runs([self.experiment_id], f"tags.`{record.TAG_PARENT}` = 'true'",
+                                                   order_by=["attributes.start_time ASC"], max_results=1))
+            if parents:
+                self.parent_run_id = parents[0].info.run_id
+            else:
+                tags = {record.TAG_APPROACH: self.approach, record.TAG_STUDY: self.study_name,
+                        record.TAG_PARENT: "true", **tags}
+                run = self.client.create_run(self.experiment_id, run_name=self.study_name, tags=tags)
+                self.client.log_dict(run.info.run_id, config, record.CONFIG_FILE)
+                self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in identity(config).items()])
+                self.parent_run_id = run.info.run_id
+            if reopen:
+                self.client.update_run(self.parent_run_id, status="RUNNING")
+        except Exception as err:  # noqa: BLE001 - MLflow, SQLAlchemy and requests each raise their own
+            raise StudyError(f"cannot write to the MLflow tracking store {redact(self.tracking_uri)} "
+                             f"({first_line(err)}); check --tracking-uri") from err
         return self.parent_run_id
 
     def end_sweep(self, status: str = "FINISHED") -> None:
@@ -303,10 +314,27 @@ class Tracker:
         if failure is not None:
             raise failure
 
-    def close_if_running(self, run_id: str, reason: str) -> None:
-        """Mark a run FAILED if it is still RUNNING (its process died before it could close it)."""
-        if self.client.get_run(run_id).info.status == "RUNNING":
-            TrialRun(self.client, run_id).end("FAIL", reason)
+    def close_run(self, run_id: str, state: str, reason: str | None = None) -> bool:
+        """Close a trial's run left RUNNING by a process that is gone, with the status of the trial's ``state``.
+
+        Made on the logging thread, after what it is storing (SQLite serves one writer).
+
+        Returns:
+            Whether the run was still RUNNING (and is closed now).
+        """
+        def close() -> bool:
+            if self.client.get_run(run_id).info.status != "RUNNING":
+                return False
+            TrialRun(self.client, run_id).end(state, reason)
+            return True
+
+        return self._background.submit(close).result()
+
+    def open_trial_runs(self) -> dict[int, str]:
+        """The runs of this study's trials that are still RUNNING, by trial number."""
+        runs = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'")
+        return {int(run.data.tags[record.TAG_TRIAL_NUMBER]): run.info.run_id for run in runs
+                if record.TAG_TRIAL_NUMBER in run.data.tags}
 
     def update_summary(self, study: Any, summary: Any, number: int, command: str) -> None:
         """Bring the parent run up to date after trial ``number`` ended: the sweep's summary.
@@ -687,10 +715,22 @@ def download_model(run_id: str, tracking_uri: str, dst: str | Path) -> Path:
 
 
 def load_predictions(run_id: str, tracking_uri: str) -> dict[str, np.ndarray]:
-    """The selection/test probabilities and labels a trial logged (see ``TrialRun.log_predictions``)."""
+    """The selection/test probabilities and labels a trial logged (see ``TrialRun.log_predictions``).
+
+    Raises:
+        StudyError: the run or its ``predictions.npz`` is not in the store, or the file is damaged.
+    """
+    from tinyopt.export import MLFLOW_FIX, damage_message
+
     with tempfile.TemporaryDirectory() as tmp:
-        with np.load(download_artifact(run_id, record.PREDICTIONS, tracking_uri, tmp)) as saved:
-            return {key: saved[key] for key in saved.files}
+        path = download_artifact(run_id, record.PREDICTIONS, tracking_uri, tmp)
+        try:
+            # The arrays are read inside the try: a damaged member of the archive only fails when it is read.
+            with np.load(path) as saved:
+                return {key: saved[key] for key in saved.files}
+        except Exception as err:  # noqa: BLE001 - a damaged file raises BadZipFile, EOFError, ValueError, zlib.error...
+            raise StudyError(damage_message(f"{record.PREDICTIONS} of MLflow run {run_id}", path, err,
+                                            MLFLOW_FIX)) from err
 
 
 def get_run(run_id: str, tracking_uri: str) -> Any:

@@ -9,7 +9,11 @@ in consecutive fresh processes of at most N trials each, which bounds the memory
 per trained model.
 
 The supervisor forwards SIGINT and SIGTERM to every worker, prefixes each worker's lines with its
-number, closes the parent run with the status of the whole, and reports one summary.
+number, closes the parent run with the status of the whole, and reports one summary. A worker
+killed by a signal the supervisor did not pass on (the OOM killer, ``kill -9``, a crash) is reported
+(which worker, how it died, the trial it was running), its trial failed and queued again and its
+MLflow run closed at once (``tinyopt.recovery``), and a new process takes over the rest of its share,
+so that the command still adds the trials it was asked for.
 """
 
 from __future__ import annotations
@@ -24,15 +28,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tinyopt import record, runner, signals
+from tinyopt import backend, record, recovery, runner, signals
 from tinyopt import storage as storages
 from tinyopt.backend import SHARE_ENV
-from tinyopt.errors import TinyoptError
+from tinyopt.errors import ConfigError, TinyoptError
+from tinyopt.urls import first_line
 
 # TensorFlow keeps 17 to 20 MiB per trained model (keras-team/keras#17458): 10 trials grow a worker
 # by 175 to 205 MiB, about 10% of its 2 GB, and its fresh process costs 9 to 11 s, about 1 s per
 # trial (benchmarks/bench_trial_memory.py, BENCHMARKS.md).
 TRIALS_PER_PROCESS = 10
+# A worker whose processes die this many times in a row without finishing a trial is given up: something
+# kills every one of them (memory, a broken GPU), and starting more would only repeat it.
+DEATHS_IN_A_ROW = 3
 
 
 @dataclass
@@ -113,10 +121,12 @@ class _Supervisor:
         self.args = args
         self.emit = emit
         self.study: Any = None  # set once the study is open
+        self.session: Any = None  # the opened sweep (study, storage, tracker), to recover a dead worker's trial
         self.lock = threading.Lock()
         self.running: dict[int, subprocess.Popen] = {}
         self.pids: set[int] = set()
-        self.codes: list[int] = []
+        self.codes: list[int] = []  # the exit codes that end a worker's share early
+        self.notes: list[str] = []  # one per worker process that died
         self.signum: int | None = None
 
     def forward(self, signum: int, _frame=None) -> None:
@@ -129,14 +139,18 @@ class _Supervisor:
                     pass
 
     def slot(self, index: int, trials: int | None, deadline: float | None) -> None:
-        """Worker ``index``: its share of the trials, in consecutive processes of at most ``trials_per_process``."""
+        """Worker ``index``: its share of the trials, in consecutive processes of at most ``trials_per_process``.
+
+        A process that dies is replaced by a new one for the trials it did not finish, unless
+        ``DEATHS_IN_A_ROW`` die in a row without finishing one.
+        """
         per_process = self.args.trials_per_process
         env = dict(os.environ)
         if self.args.gpus:
             gpu = self.args.gpus[index]
             env["CUDA_VISIBLE_DEVICES"] = gpu
             env[SHARE_ENV] = str(self.args.gpus.count(gpu))
-        remaining = trials
+        remaining, deaths = trials, 0
         while remaining is None or remaining > 0:
             left = deadline - time.monotonic() if deadline is not None else None
             if self.signum is not None or (left is not None and left <= 0):
@@ -145,11 +159,48 @@ class _Supervisor:
             if per_process:
                 batch = per_process if remaining is None else min(per_process, remaining)
             pid, code = self._run(index, _worker_command(self.args, batch, left), env)
+            ran = _trials_of(self.study, {pid})
+            if code < 0 and self.signum is None:  # killed by a signal that did not come through the supervisor
+                finished = [number for number in ran if number not in self._bury(index, pid, -code)]
+                deaths = 0 if finished else deaths + 1
+                if remaining is not None:
+                    remaining -= len(finished)
+                if deaths >= DEATHS_IN_A_ROW:
+                    self.emit(f"worker {index}: {deaths} processes in a row died without finishing a trial; "
+                              "starting no other (see the lines above for how each died)")
+                    self.codes.append(128 - code)  # as a shell reports a process killed by that signal
+                    return
+                continue
             # A worker that ran no trial met --max-trials (or its timeout): so would the next one.
-            if code != 0 or batch is None or not _trials_of(self.study, {pid}):
+            if code != 0 or batch is None or not ran:
+                if code != 0:
+                    self.codes.append(code)
                 return
             if remaining is not None:
                 remaining -= batch
+
+    def _bury(self, index: int, pid: int, signum: int) -> set[int]:
+        """Report a dead worker process, fail and requeue its trial, close its run; the trials it was running."""
+        import optuna
+
+        try:
+            how = signal.Signals(signum).name
+        except ValueError:
+            how = f"signal {signum}"
+        with self.lock:  # one recovery at a time: workers of one study may die together
+            running = set(_trials_of(self.study, {pid}, optuna.trial.TrialState.RUNNING))
+            try:
+                recovered = recovery.recover(self.study, self.session.storage, self.session.tracker,
+                                             when="by the supervisor of --workers, which saw its worker die")
+            except Exception as err:  # noqa: BLE001 - the other workers go on; the next sweep recovers it
+                recovered = [f"could not recover its trial now ({first_line(err)}); the next sweep of the study will"]
+        what = f"trial {', '.join(map(str, sorted(running)))}" if running else "no trial (between trials)"
+        line = f"worker {index} (pid {pid}) was killed by {how} while running {what}"
+        self.emit(f"{line}; starting a new process for the rest of its trials")
+        for message in recovered:
+            self.emit(message)
+        self.notes.append(f"{line}; a new process went on with the rest of its trials")
+        return running
 
     def _run(self, index: int, command: list[str], env: dict[str, str]) -> tuple[int, int]:
         """Run one worker process to its end, passing its lines on; its pid and exit code."""
@@ -166,7 +217,6 @@ class _Supervisor:
         code = process.wait()
         with self.lock:
             self.running.pop(index, None)
-            self.codes.append(code)
         return process.pid, code
 
 
@@ -190,6 +240,11 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
                               overrides=args.overrides,
                               source=args.source, cache_dir=args.cache_dir, storage=args.storage,
                               tracking_uri=args.tracking_uri, progress=progress)
+    if args.gpus:
+        if args.approach == "ensemble":
+            raise ConfigError("--gpus is for the model approaches: an ensemble trial votes in numpy on the CPU; "
+                              "drop --gpus")
+        backend.check_gpus(args.gpus)
     supervisor = _Supervisor(args, emit)
     # From here a signal is only remembered, then passed on to the workers: setting up the study and
     # the parent run is never cut halfway.
@@ -197,7 +252,7 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
     try:
         session = runner.open_sweep(args.approach, args.name, prepared.config, storage=args.storage,
                                     tracking_uri=args.tracking_uri, seed=args.seed, workers=args.workers)
-        supervisor.study = session.study
+        supervisor.study, supervisor.session = session.study, session
         status = "FAILED"
         try:
             where = "on GPUs " + ",".join(args.gpus) if args.gpus else f"on {prepared.device}"
@@ -217,7 +272,7 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
             for thread in threads:
                 while thread.is_alive():  # join with a timeout, so that the signal handler runs meanwhile
                     thread.join(0.2)
-            failed = [code for code in supervisor.codes if code != 0]
+            failed = supervisor.codes
             status = "KILLED" if supervisor.signum is not None else "FAILED" if failed else "FINISHED"
         finally:
             session.tracker.end_sweep(status)
@@ -226,7 +281,7 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
             signal.signal(signum, handler)
     ran = _trials_of(session.study, supervisor.pids)
     result = runner.summarize(session.study, args.storage, args.tracking_uri, new_trials=len(ran))
-    result.notes = runner.deadline_notes(session.study, ran)
+    result.notes = supervisor.notes + runner.deadline_notes(session.study, ran)
     result.recovered = session.recovered
     if supervisor.signum is not None:
         stopped = signals.Interrupted(supervisor.signum)
@@ -236,10 +291,8 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
     return result
 
 
-def _trials_of(study: Any, pids: set[int]) -> list[int]:
-    """The numbers of the study's trials that these processes of this machine ran."""
-    from tinyopt.recovery import identity
-
-    host = identity()["host"]
-    return [t.number for t in study.get_trials(deepcopy=False)
+def _trials_of(study: Any, pids: set[int], *states: Any) -> list[int]:
+    """The numbers of the study's trials that these processes of this machine ran (in these states, if given)."""
+    host = recovery.identity()["host"]
+    return [t.number for t in study.get_trials(deepcopy=False, states=states or None)
             if (w := t.user_attrs.get(record.WORKER) or {}).get("host") == host and w.get("pid") in pids]

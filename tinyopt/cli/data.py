@@ -21,23 +21,28 @@ def data() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the selection split.")
 @click.option("--md5", default=None,
               help="Expected md5 of the zip (the official URL's is built in); a mismatch is an error.")
-def prepare(source, cache_dir, skip_bad, selection_fraction, seed, md5) -> None:
+@click.option("--force", is_flag=True, help="Rebuild the cache even when it holds this source, intact.")
+def prepare(source, cache_dir, skip_bad, selection_fraction, seed, md5, force) -> None:
     """Download or read Tiny ImageNet, verify it and decode it once into the cache.
 
-    Running it again with the same source and options does nothing; an interrupted run
-    resumes its download and leaves any earlier cache intact.
+    Running it again with the same source and options does nothing while the cache is intact, and
+    rebuilds a damaged one; an interrupted run resumes its download and leaves any earlier cache intact.
     """
     from tinyopt import data as dataset
 
     cache = dataset.prepare(source, cache_dir, skip_bad=skip_bad, selection_fraction=selection_fraction,
-                            seed=seed, md5=md5)
-    _show(dataset.info(cache))
+                            seed=seed, md5=md5, force=force)
+    _show(dataset.info(cache, checksums=False))  # prepare has just checked or written every byte
 
 
 @data.command()
 @cache_option
 def info(cache_dir) -> None:
-    """Show classes, split sizes, bytes on disk, cache path and source fingerprint."""
+    """Check the cache and show classes, split sizes, bytes on disk, cache path and source fingerprint.
+
+    A damaged cache (a file missing, truncated or changed since it was prepared) is an error that
+    names the file and the command that rebuilds it.
+    """
     from tinyopt import data as dataset
 
     _show(dataset.info(cache_dir))

@@ -28,7 +28,8 @@ def _params_text(best) -> str:
 @click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Write the winner (best selection top-1 among the studies) as a model bundle to DIR "
                    "(with --refit, the refit model).")
-@click.option("--force", is_flag=True, help="Replace a non-empty --export folder.")
+@click.option("--force", is_flag=True,
+              help="Replace the bundle an earlier --export wrote to DIR (a folder holding other files is refused).")
 @click.option("--register", "register_name", metavar="NAME", default=None,
               help="Also register the exported model in the MLflow model registry as NAME (needs --export).")
 @click.option("--refit", is_flag=True,
@@ -42,9 +43,10 @@ def best(studies, export_dir, force, register_name, refit, source, cache_dir, st
 
     STUDY defaults to every study in the storage; a study is named after its approach unless it
     was swept with --study. The bundle (model.keras, classes.tsv, params.json, metrics.json,
-    MODEL.md) loads with plain Keras, without tinyopt. --refit retrains the winner on the data
-    the sweep used (--data, --cache, as for `tinyopt sweep`) and shows its test scores beside
-    its trial's.
+    provenance.json, MODEL.md) loads with plain Keras, without tinyopt. --force replaces a
+    bundle an earlier export wrote, never a folder holding anything else. --refit retrains the
+    winner on the data the sweep used (--data, --cache, as for `tinyopt sweep`) and shows its
+    test scores beside its trial's.
     """
     from rich.console import Console
     from rich.table import Table
@@ -55,6 +57,10 @@ def best(studies, export_dir, force, register_name, refit, source, cache_dir, st
         raise click.UsageError("--register needs --export DIR: the registered model is the exported bundle")
     if not refit and (source or cache_dir):
         raise click.UsageError("--data and --cache are for --refit: the data it retrains on")
+    if export_dir:
+        from tinyopt.export import check_destination
+
+        check_destination(export_dir, force)  # a refused folder is one line, before the table and any work
     summaries = summarize_studies(storage, studies)
     console = Console()
     table = Table(title="best trial of each study")

@@ -169,8 +169,8 @@ def _render(console, result) -> None:
     counts = result.counts
     lines = [f"note: {note}" for note in result.notes]
     if result.recovered:  # each was named in a line of its own when the sweep started
-        lines.append(f"{len(result.recovered)} trial(s) left RUNNING by a dead worker were failed and queued again "
-                     "when the sweep started")
+        lines.append(f"{len(result.recovered)} trial(s) or MLflow run(s) left RUNNING by a dead worker were "
+                     "recovered when the sweep started")
     if result.interrupted:
         lines.append(f"interrupted by {result.interrupted}: no trial was left running and every MLflow run of this "
                      "sweep is closed; rerun the same command to continue the study")
