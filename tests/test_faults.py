@@ -181,18 +181,20 @@ def test_gpus_that_do_not_exist_are_refused(gpus, swept, tmp_path):
 _KILLABLE = (*SMALL["scratch"], "space.epochs=8", "study.pruner=none", "train.early_stopping_patience=8")
 
 
-@pytest.fixture(params=["journal", pytest.param("postgres", marks=needs_postgres)])
-def worker_stores(request, tmp_path):
-    """The study of several workers: a SQLite URL (its study moves to a journal file) or PostgreSQL."""
-    name = f"scratch-{uuid.uuid4().hex[:8]}"
-    url = f"sqlite:///{tmp_path}/{STUDIES}" if request.param == "journal" else POSTGRES
-    yield name, url, f"sqlite:///{tmp_path}/{MLFLOW}"
-    drop_postgres_study(name)
+@needs_postgres
+def test_a_killed_worker_is_reported_recovered_and_replaced(tiny_cache, tmp_path):
+    """Probe 1: kill -9 one worker of --workers 2 mid-trial on PostgreSQL; the command still adds its 6 trials.
+
+    (The supervisor's side is the same on every storage: tests/test_workers.py runs it without processes.)
+    """
+    study, url, tracking_uri = f"scratch-{uuid.uuid4().hex[:8]}", POSTGRES, f"sqlite:///{tmp_path}/{MLFLOW}"
+    try:
+        _kill_a_worker(study, url, tracking_uri, tiny_cache, tmp_path)
+    finally:
+        drop_postgres_study(study)
 
 
-def test_a_killed_worker_is_reported_recovered_and_replaced(worker_stores, tiny_cache, tmp_path):
-    """Probe 1: kill -9 one worker of --workers 2 mid-trial; the command still adds its 6 trials and exits 0."""
-    study, url, tracking_uri = worker_stores
+def _kill_a_worker(study, url, tracking_uri, tiny_cache, tmp_path):
     sweep = start_sweep(["--workers", 2, "--trials", 6, "--study", study, "--storage", url, "--tracking-uri",
                          tracking_uri, "--cache", tiny_cache], overrides=_KILLABLE, cwd=tmp_path)
     deadline = time.monotonic() + 300

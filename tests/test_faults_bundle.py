@@ -33,7 +33,6 @@ CLASSES = [(0, "n01443537", "goldfish"), (1, "n01629819", "European fire salaman
 DESCRIPTION = {"title": "Test model", "what": "A tiny dense classifier.", "how_chosen": "Best of 1 trial."}
 SCORES = {"selection_top1": 0.5, "selection_top5": 1.0, "test_top1": 0.25, "test_top5": 1.0}
 ARRAYS = {"selection_probs": np.full((4, 3), 1 / 3, dtype=np.float32), "selection_labels": np.arange(4) % 3}
-UMASK_022 = {"preexec_fn": lambda: os.umask(0o022)}
 
 
 def _model(seed: int) -> keras.Model:
@@ -232,7 +231,7 @@ def test_export_refuses_a_folder_holding_what_it_did_not_write(stores, tmp_path,
 def test_force_replaces_an_earlier_bundle_keeping_its_mode(stores, tmp_path):
     dst = _umask_022(lambda: _write(tmp_path / "f", seed=5))
     earlier = (dst / "model.keras").read_bytes()
-    done = _export(dst, stores, "--force", **UMASK_022)
+    done = _umask_022(lambda: _export(dst, stores, "--force"))  # inherited: no preexec_fn, which forks under JAX
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads((dst / "provenance.json").read_text())["MLflow run"] == stores["run_id"]
     assert (dst / "model.keras").read_bytes() != earlier
@@ -243,7 +242,7 @@ def test_force_replaces_an_earlier_bundle_keeping_its_mode(stores, tmp_path):
 def test_export_to_an_empty_folder_keeps_its_mode_and_to_a_new_one_gets_mkdirs(stores, tmp_path):
     (tmp_path / "empty").mkdir(mode=0o750)
     for dst in (tmp_path / "empty", tmp_path / "new"):
-        done = _export(dst, stores, **UMASK_022)
+        done = _umask_022(lambda dst=dst: _export(dst, stores))
         assert done.returncode == 0, done.stdout + done.stderr
         assert (dst / "model.keras").is_file()
     assert stat.S_IMODE((tmp_path / "empty").stat().st_mode) == 0o750

@@ -244,3 +244,46 @@ def test_a_long_sweep_runs_in_fresh_processes_by_default(monkeypatch, approach, 
     outcome = CliRunner().invoke(cli, ["sweep", approach, *map(str, options)])
     assert outcome.exit_code == 0, outcome.output
     assert started == (processes or [])
+
+
+def _dying_supervisor(monkeypatch, codes, finished):
+    """A supervisor whose worker processes exit with ``codes`` in turn, each having finished ``finished[i]`` trials."""
+    args = workers.SweepArgs("scratch", trials=5, trials_per_process=0)
+    supervisor = workers._Supervisor(args, print)
+    started = []
+
+    def run(index, command, env):
+        started.append(int(command[command.index("--trials") + 1]))
+        return len(started), codes[len(started) - 1]
+
+    def trials_of(study, pids, *states):
+        (pid,) = pids
+        if codes[pid - 1] >= 0:
+            return [pid]  # it ran its trials
+        return [*range(10 * pid, 10 * pid + finished[pid - 1]), 100 + pid]  # ... and the one it died in
+
+    supervisor._run = run
+    supervisor._bury = lambda index, pid, signum: {100 + pid}  # the trial each dead process was running
+    monkeypatch.setattr(workers, "_trials_of", trials_of)
+    return supervisor, started
+
+
+def test_a_dead_worker_process_is_replaced_for_the_trials_it_did_not_finish(monkeypatch):
+    supervisor, started = _dying_supervisor(monkeypatch, codes=[-signal.SIGKILL, 0], finished=[2, 0])
+    supervisor.slot(0, 5, None)
+    assert started == [5, 3] and supervisor.codes == []  # 2 finished before the kill: 3 left for the new process
+
+
+def test_a_worker_that_keeps_dying_is_given_up_with_the_signal_as_exit_code(monkeypatch):
+    deaths = [-signal.SIGKILL] * workers.DEATHS_IN_A_ROW
+    supervisor, started = _dying_supervisor(monkeypatch, codes=[*deaths, 0], finished=[0] * len(deaths) + [0])
+    supervisor.slot(0, 5, None)
+    assert started == [5] * workers.DEATHS_IN_A_ROW and supervisor.codes == [128 + signal.SIGKILL]
+
+
+def test_a_signal_the_supervisor_passed_on_is_no_death(monkeypatch):
+    supervisor, started = _dying_supervisor(monkeypatch, codes=[-signal.SIGTERM], finished=[0])
+    supervisor.signum = signal.SIGTERM
+    supervisor._bury = lambda *args: pytest.fail("a worker stopped by the user's signal was buried")
+    supervisor.slot(0, 5, None)
+    assert started == []  # the supervisor was stopping: no process started, none replaced
