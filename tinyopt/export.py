@@ -15,12 +15,12 @@ import secrets
 import shutil
 import stat
 import tempfile
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tinyopt import record
+from tinyopt.damage import MLFLOW_FIX, damage_message
 from tinyopt.errors import StudyError, TinyoptError
 from tinyopt.urls import first_line, redact
 
@@ -41,8 +41,6 @@ BUNDLE_FILES = (MODEL_FILE, CLASSES_FILE, PARAMS_FILE, METRICS_FILE, README_FILE
 # which is the fix `tinyopt predict` gives for it.
 _BUNDLE_MARKS = (MODEL_FILE, PROVENANCE_FILE)
 BUNDLE_FIX = "export the bundle again with `tinyopt best --export DIR --force`, or restore it from a copy"
-# A run's artifact cannot be logged again: its trial is over.
-MLFLOW_FIX = "restore the MLflow artifacts from a backup, or sweep the study again to retrain the trial"
 
 
 def read_classes(path: Path, *, label: str | None = None, fix: str = BUNDLE_FIX) -> list[tuple[int, str, str]]:
@@ -95,25 +93,6 @@ def load_model_file(path: Path, *, label: str | None = None, fix: str = BUNDLE_F
         return keras.models.load_model(path, compile=False)
     except Exception as err:  # noqa: BLE001 - a damaged file raises BadZipFile, ValueError, OSError, KeyError...
         raise TinyoptError(damage_message(label or str(path), path, err, fix)) from err
-
-
-def damage_message(label: str, path: Path, err: Exception, fix: str) -> str:
-    """The one-line message for a zip-based file (``.keras``, ``.npz``) its loader failed on with ``err``.
-
-    The loaders' own words mislead (Keras says "File not found" of a truncated file that exists), so
-    what the file is comes first; the loader's error only when the file is a whole zip archive.
-    """
-    if path.is_dir():
-        problem = "it is a folder, not a file"
-    elif not path.exists():
-        problem = "it does not exist"
-    elif path.stat().st_size == 0:
-        problem = "it is empty (0 bytes)"
-    elif not zipfile.is_zipfile(path):
-        problem = "it is not a whole zip archive (truncated or overwritten)"
-    else:
-        problem = f"its content cannot be read ({type(err).__name__}: {first_line(err)})"
-    return f"{label} is damaged: {problem}; {fix}"
 
 
 def ensemble_model(member_models: Sequence[Any], weights: Sequence[float],

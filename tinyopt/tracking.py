@@ -39,6 +39,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 
 from tinyopt import record
+from tinyopt.damage import MLFLOW_FIX, damage_message
 from tinyopt.errors import StudyError
 from tinyopt.locks import file_lock
 from tinyopt.storage import check_file, is_database, probe_database, read_sqlite
@@ -720,8 +721,6 @@ def load_predictions(run_id: str, tracking_uri: str) -> dict[str, np.ndarray]:
     Raises:
         StudyError: the run or its ``predictions.npz`` is not in the store, or the file is damaged.
     """
-    from tinyopt.export import MLFLOW_FIX, damage_message
-
     with tempfile.TemporaryDirectory() as tmp:
         path = download_artifact(run_id, record.PREDICTIONS, tracking_uri, tmp)
         try:
