@@ -39,8 +39,8 @@ def _overrides(weights: str, params: dict) -> list[str]:
 def _plain(sweep_data, config: dict, params: dict) -> float:
     import keras
 
-    from tinyopt.approaches import get_approach
-    from tinyopt.training import compile_model
+    from tinyopt.models.approaches import get_approach
+    from tinyopt.train.training import compile_model
 
     keras.backend.clear_session(free_memory=True)
     keras.utils.set_random_seed(0)
@@ -60,8 +60,8 @@ def _plain(sweep_data, config: dict, params: dict) -> float:
 def _trial(source: str, cache: str, workdir: Path, name: str, overrides: list[str]) -> tuple[float, str]:
     import optuna
 
-    from tinyopt.runner import run_sweep
-    from tinyopt.tracking import get_run
+    from tinyopt.sweep.runner import run_sweep
+    from tinyopt.track.tracking import get_run
 
     storage, tracking = f"sqlite:///{workdir}/{name}.db", f"sqlite:///{workdir}/mlruns-{name}/mlflow.db"
     run_sweep("finetune", trials=1, source=source, cache_dir=cache, storage=storage, tracking_uri=tracking,
@@ -82,8 +82,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from tinyopt.config import load_config
-    from tinyopt.runner import load_sweep_data
+    from tinyopt.core.config import load_config
+    from tinyopt.sweep.runner import load_sweep_data
 
     with tempfile.TemporaryDirectory() as tmp:
         data_cache = str(Path(tmp) / "data")

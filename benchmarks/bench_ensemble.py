@@ -54,7 +54,8 @@ def main() -> None:
 
     import optuna
 
-    from tinyopt import data, record
+    from tinyopt.core import record
+    from tinyopt.data import cache as data
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.keep or tmp)

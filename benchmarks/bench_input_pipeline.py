@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--jax-fit", type=Path, help=argparse.SUPPRESS)  # the child: a folder of x.npy, y.npy
     args = parser.parse_args()
     if args.jax_fit:
-        from tinyopt import batches
+        from tinyopt.train import batches
 
         x, y = _load(args.jax_fit)
         print(_fit_epoch(batches.make_dataset(x, y, batch_size=args.batch, shuffle=True)))
@@ -92,7 +92,7 @@ def main() -> None:
     os.environ["KERAS_BACKEND"] = "tensorflow"  # before Keras is imported: make_dataset then builds tf.data
     import keras
 
-    from tinyopt import batches
+    from tinyopt.train import batches
 
     with tempfile.TemporaryDirectory(prefix="bench_input_pipeline-") as tmp:
         folder = Path(tmp)

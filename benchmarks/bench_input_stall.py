@@ -77,13 +77,13 @@ def _case(name: str, data: str, weights: str, cache: str, repeats: int) -> float
     import keras
     import numpy as np
 
-    from tinyopt import backend
-    from tinyopt import space as search_space
-    from tinyopt.approaches import get_approach
-    from tinyopt.config import load_config
-    from tinyopt.objectives import ModelObjective
-    from tinyopt.runner import load_sweep_data
-    from tinyopt.training import compile_model
+    from tinyopt.core import space as search_space
+    from tinyopt.core.config import load_config
+    from tinyopt.models.approaches import get_approach
+    from tinyopt.objectives.model import ModelObjective
+    from tinyopt.sweep.runner import load_sweep_data
+    from tinyopt.train import backend
+    from tinyopt.train.training import compile_model
 
     approach, changed = CASES[name]
     overrides = [] if approach == "scratch" else [f"model.weights={weights}"]

@@ -1,7 +1,7 @@
 """Decoding Tiny ImageNet into the tinyopt cache against one pass of Keras' directory loader.
 
 Side by side in one run, on the same dev zip:
-  1. ``tinyopt.data.prepare`` from the zip (verify, decode every labelled image with all cores,
+  1. ``tinyopt.data.cache.prepare`` from the zip (verify, decode every labelled image with all cores,
      write the memory-mappable cache), best of ``--repeats`` into fresh cache folders;
   2. the zip extracted to a temporary folder (timed apart), then
      ``keras.utils.image_dataset_from_directory`` over its train folder (indexing + one full pass
@@ -33,7 +33,7 @@ def _timed(func):
 
 
 def _bench_prepare(source: Path, workdir: Path, repeats: int) -> tuple[float, int, Path]:
-    from tinyopt import data
+    from tinyopt.data import cache as data
 
     best = float("inf")
     for attempt in range(repeats):
@@ -63,7 +63,7 @@ def _bench_keras(source: Path, workdir: Path) -> tuple[float, float, int]:
 
 
 def _bench_load(cache: Path) -> tuple[float, float]:
-    from tinyopt import data
+    from tinyopt.data import cache as data
 
     mapped, _ = _timed(lambda: [data.load_split(split, cache) for split in data.SPLITS] + [data.load_classes(cache)])
     read, _ = _timed(lambda: [data.load_split(split, cache, mmap=False) for split in data.SPLITS])
@@ -71,7 +71,8 @@ def _bench_load(cache: Path) -> tuple[float, float]:
 
 
 def _bench_pipeline(cache: Path) -> tuple[float, int]:
-    from tinyopt import batches, data
+    from tinyopt.data import cache as data
+    from tinyopt.train import batches
 
     x, y = data.load_split("train", cache)
     dataset = batches.make_dataset(x, y, batch_size=256, shuffle=True)

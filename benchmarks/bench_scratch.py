@@ -41,8 +41,8 @@ PRESET = ROOT / "sweeps" / "cpu" / "scratch.toml"
 
 def _splits(cache: Path) -> dict:
     """The preset's train and test images, sliced as the sweep slices them."""
-    from tinyopt.config import load_config
-    from tinyopt.runner import load_sweep_data
+    from tinyopt.core.config import load_config
+    from tinyopt.sweep.runner import load_sweep_data
 
     return load_sweep_data(load_config("scratch", PRESET), None, str(cache), False).splits
 
@@ -147,7 +147,7 @@ def main() -> None:
         baseline(Path(args.baseline_worker[0]), args.budget, Path(args.baseline_worker[1]))
         return
 
-    from tinyopt import data
+    from tinyopt.data import cache as data
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "data"

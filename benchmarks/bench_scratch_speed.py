@@ -2,7 +2,7 @@
 
 The preset's first trial (`sweeps/cpu/scratch.toml` defaults: width 32, flips, batch 128) trains on
 random uint8 images in four variants, built alike but for the batch normalisation layer
-(`keras.layers.BatchNormalization`, or `tinyopt.approaches.blocks.FusedBatchNormalization`) and the
+(`keras.layers.BatchNormalization`, or `tinyopt.models.blocks.FusedBatchNormalization`) and the
 dtype policy. The variants take turns, `--repeats` rounds of `--steps` training steps each after a
 warm-up, so that the machine's slow spells fall on all of them; printed: each variant's median
 images per second and its ratio to Keras' batch norm in float32 (what a hand-written Keras model gets).
@@ -29,9 +29,11 @@ def main() -> None:
     import keras
     import numpy as np
 
-    from tinyopt import space, training
-    from tinyopt.approaches import blocks, scratch
-    from tinyopt.config import load_config, sweeps_dir
+    from tinyopt.core import space
+    from tinyopt.core.config import load_config, sweeps_dir
+    from tinyopt.models import blocks
+    from tinyopt.models.approaches import scratch
+    from tinyopt.train import training
 
     params = space.defaults(load_config("scratch", sweeps_dir() / "cpu" / "scratch.toml")["space"])
     batch = int(params["batch_size"])

@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     approaches = args.approaches or (["finetune", "scratch"] if args.group == "pruning" else ["finetune", "pretrained"])
 
-    from tinyopt import data
+    from tinyopt.data import cache as data
 
     with tempfile.TemporaryDirectory() as tmp:
         data_cache = Path(tmp) / "data"

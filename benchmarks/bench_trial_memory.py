@@ -3,7 +3,7 @@
 Runs a scratch sweep of small trials (different params each, as a real study does) twice over one
 prepared cache:
 
-1. ``tinyopt sweep --trials-per-process K`` (K: the default, ``tinyopt.workers.TRIALS_PER_PROCESS``):
+1. ``tinyopt sweep --trials-per-process K`` (K: the default, ``tinyopt.sweep.workers.TRIALS_PER_PROCESS``):
    the peak RSS of one worker, the peak anonymous memory of the supervisor and its workers together,
    and what a fresh process costs, read from the run's time-stamped lines: the gap between a trial's
    end and the next one's start where a fresh process takes over (the old one exits, the new one
@@ -30,8 +30,8 @@ from statistics import linear_regression, mean
 
 import psutil
 
-from tinyopt.objectives import QuietEvents
-from tinyopt.workers import TRIALS_PER_PROCESS
+from tinyopt.objectives.model import QuietEvents
+from tinyopt.sweep.workers import TRIALS_PER_PROCESS
 
 DEV_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200-dev.zip"
 # Small trials whose params still vary (optimizer, batch norm, augmentation, ...) as in a real study.
@@ -146,7 +146,7 @@ def main() -> None:
               f"(mean of {len(fresh)}): a fresh process costs {cost:.1f} s, {cost / trial:.1f}x one of these "
               f"trials ({trial:.1f} s)", flush=True)
 
-        from tinyopt.runner import run_sweep
+        from tinyopt.sweep.runner import run_sweep
 
         events = RecordMemory()
         begin = time.monotonic()

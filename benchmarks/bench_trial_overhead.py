@@ -34,8 +34,8 @@ TARGET = 1.02
 def _bare(sweep_data) -> float:
     import keras
 
-    from tinyopt.approaches import get_approach
-    from tinyopt.training import compile_model
+    from tinyopt.models.approaches import get_approach
+    from tinyopt.train.training import compile_model
 
     keras.backend.clear_session(free_memory=True)
     keras.utils.set_random_seed(0)
@@ -54,7 +54,7 @@ def _bare(sweep_data) -> float:
 def _tinyopt(source: str, cache: str, workdir: Path, index: int) -> tuple[float, float]:
     import optuna
 
-    from tinyopt.runner import run_sweep
+    from tinyopt.sweep.runner import run_sweep
 
     storage = f"sqlite:///{workdir}/studies-{index}.db"
     started = time.perf_counter()
@@ -74,8 +74,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from tinyopt.config import load_config
-    from tinyopt.runner import load_sweep_data
+    from tinyopt.core.config import load_config
+    from tinyopt.sweep.runner import load_sweep_data
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or str(Path(tmp) / "cache")

@@ -49,7 +49,7 @@ def tiny_zip(tiny_folder, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cache(tiny_folder, tmp_path_factory) -> Path:
     """A prepared cache of ``tiny_folder`` with default options; read-only for tests."""
-    from tinyopt import data
+    from tinyopt.data import cache as data
 
     return data.prepare(tiny_folder, tmp_path_factory.mktemp("tiny_cache"), progress=False)
 
@@ -63,7 +63,7 @@ def dev_zip() -> Path:
 @pytest.fixture(scope="session")
 def dev_cache(dev_zip, tmp_path_factory) -> Path:
     """A prepared cache of the dev zip with default options; read-only for tests."""
-    from tinyopt import data
+    from tinyopt.data import cache as data
 
     return data.prepare(dev_zip, tmp_path_factory.mktemp("dev_cache"), progress=False)
 

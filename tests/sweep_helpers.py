@@ -11,7 +11,8 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from tinyopt import storage, tracking
+from tinyopt.stores import storage
+from tinyopt.track import tracking
 
 POSTGRES = os.environ.get("TINYOPT_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -101,7 +102,7 @@ def failing_build(monkeypatch, fail_when):
 
     The scratch approach builds one model per trial, so a study's first sweep fails trial number ``index``.
     """
-    from tinyopt.approaches import get_approach
+    from tinyopt.models.approaches import get_approach
 
     module = get_approach("scratch")
     original = module.build

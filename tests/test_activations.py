@@ -12,9 +12,12 @@ import pytest
 from fixtures import FIXTURE_WNIDS
 from mlflow import MlflowClient
 
-from tinyopt import backbones, config, data, runner, space
-from tinyopt.activations import CacheUnavailable, Split, Store, digest
-from tinyopt.approaches import get_approach
+from tinyopt.core import config, space
+from tinyopt.data import cache as data
+from tinyopt.data.activations import CacheUnavailable, Split, Store, digest
+from tinyopt.models import backbones
+from tinyopt.models.approaches import get_approach
+from tinyopt.sweep import runner
 
 WNIDS = sorted(FIXTURE_WNIDS)
 SMALL = {"backbone": "mobilenet", "alpha": 0.25, "weights_resolution": 128, "weights": "none"}

@@ -8,9 +8,9 @@ import keras
 import numpy as np
 import pytest
 
-from tinyopt import backbones
-from tinyopt.errors import ConfigError, DataError, TrialError, WeightsError
-from tinyopt.imagenet import imagenet_indices, imagenet_wnids
+from tinyopt.core.errors import ConfigError, DataError, TrialError, WeightsError
+from tinyopt.data.imagenet import imagenet_indices, imagenet_wnids
+from tinyopt.models import backbones
 
 pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlow
 

@@ -12,8 +12,8 @@ import keras
 import numpy as np
 import pytest
 
-from tinyopt import backend, training
-from tinyopt.errors import ConfigError
+from tinyopt.core.errors import ConfigError
+from tinyopt.train import backend, training
 
 pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlow
 
@@ -29,7 +29,7 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_the_backend_is_read_as_keras_reads_it_without_importing_it(tmp_path):
     (tmp_path / "keras.json").write_text(json.dumps({"backend": "jax"}))
-    code = "import sys; from tinyopt import backend; print(backend.name(), 'keras' in sys.modules)"
+    code = "import sys; from tinyopt.train import backend; print(backend.name(), 'keras' in sys.modules)"
     assert _python(code, KERAS_HOME=str(tmp_path)).stdout.split() == ["jax", "False"]
     assert _python(code, KERAS_HOME=str(tmp_path), KERAS_BACKEND="tensorflow").stdout.split() == ["tensorflow", "False"]
     assert _python(code, KERAS_HOME=str(tmp_path / "none")).stdout.split() == ["tensorflow", "False"]
@@ -116,7 +116,7 @@ def test_auto_evaluation_batch_on_a_gpu_probes_the_model(monkeypatch):
 
 
 def test_gpu_memory_settings_reach_jax_before_it_loads():
-    code = ("import os; from tinyopt import backend; backend.set_gpu_memory({mode!r}); "
+    code = ("import os; from tinyopt.train import backend; backend.set_gpu_memory({mode!r}); "
             "print(os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'], os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION'))")
     assert _python(code.format(mode="grow"), KERAS_BACKEND="jax").stdout.split() == ["false", "None"]
     assert _python(code.format(mode="preallocate"), KERAS_BACKEND="jax").stdout.split() == ["true", "None"]
@@ -155,7 +155,7 @@ def test_seeding_repeats_the_same_weights_and_leaves_tensorflow_out_under_jax():
     code = textwrap.dedent("""
         import sys
         import keras, numpy as np
-        from tinyopt import backend
+        from tinyopt.train import backend
 
         def weights(seed):
             backend.seed(seed)

@@ -18,7 +18,7 @@ import pytest
 from fault_helpers import snapshot
 from mlflow import MlflowClient
 
-from tinyopt import data
+from tinyopt.data import cache as data
 
 # (case id, extra arguments, fragment of the one line printed); <wrong_weights>, <broken_toml>,
 # <not_a_zip> and <no_layout> are files made below.

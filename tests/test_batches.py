@@ -1,4 +1,4 @@
-"""Feeding Keras (``tinyopt.batches``): tf.data and ArrayBatches give the same batches.
+"""Feeding Keras (``tinyopt.train.batches``): tf.data and ArrayBatches give the same batches.
 
 Under the TensorFlow backend make_dataset is tf.data and ArrayBatches is tested beside it; under any other
 backend both are ArrayBatches. CI runs this file under both backends.
@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from tinyopt import batches as feeding
-from tinyopt import data
+from tinyopt.data import cache as data
+from tinyopt.train import batches as feeding
 
 pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlow
 
@@ -166,8 +166,8 @@ _FIT_UNDER_JAX = """
 import sys
 import keras
 import numpy as np
-from tinyopt import batches as feeding
-from tinyopt import data
+from tinyopt.train import batches as feeding
+from tinyopt.data import cache as data
 
 x, y = data.load_split("train", sys.argv[1])
 sx, sy = data.load_split("selection", sys.argv[1])

@@ -5,11 +5,11 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from tinyopt.config import APPROACHES, load_config, sweeps_dir
-from tinyopt.errors import ConfigError
-from tinyopt.sampling import make_pruner
-from tinyopt.space import defaults, searched, suggest, validate_space
-from tinyopt.urls import redact
+from tinyopt.core.config import APPROACHES, load_config, sweeps_dir
+from tinyopt.core.errors import ConfigError
+from tinyopt.core.space import defaults, searched, suggest, validate_space
+from tinyopt.core.urls import redact
+from tinyopt.sweep.sampling import make_pruner
 
 
 @pytest.mark.parametrize("approach", APPROACHES)

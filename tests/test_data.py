@@ -14,8 +14,8 @@ import pytest
 from fixtures import FIXTURE_WNIDS, make_tiny_imagenet, zip_folder
 from PIL import Image
 
-from tinyopt import data
-from tinyopt.errors import ConfigError, DataError
+from tinyopt.core.errors import ConfigError, DataError
+from tinyopt.data import cache as data
 
 TRAIN_PER_CLASS, VAL_PER_CLASS = 30, 6  # make_tiny_imagenet's defaults
 
@@ -134,7 +134,7 @@ def test_decoding_finishes_in_process_when_workers_die(two_workers, tiny_zip, ti
 def test_a_script_without_a_main_guard_still_prepares(tiny_folder, tmp_path):
     # Spawned workers re-import the script; its top-level prepare() must fail fast there, not deadlock.
     script = tmp_path / "unguarded.py"
-    script.write_text("from tinyopt import data\n"
+    script.write_text("from tinyopt.data import cache as data\n"
                       "data._MIN_IMAGES_PER_WORKER = 10\n"
                       "data.os.sched_getaffinity = lambda pid: {0, 1}\n"
                       f"data.prepare({str(tiny_folder)!r}, {str(tmp_path / 'cache')!r}, progress=False)\n")

@@ -9,9 +9,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from tinyopt import data
 from tinyopt.cli import cli
 from tinyopt.cli import data as data_cli
+from tinyopt.data import cache as data
 
 
 def _run(*args: str):
@@ -73,6 +73,6 @@ def test_every_data_command_has_help():
 
 
 def test_the_data_layer_imports_no_tensorflow():
-    code = "import sys, tinyopt.data, tinyopt.cli.data; print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
+    code = "import sys, tinyopt.data.cache, tinyopt.cli.data; print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from fixtures import zip_folder
 
-from tinyopt import data, fetch
-from tinyopt.errors import DataError
+from tinyopt.core.errors import DataError
+from tinyopt.data import cache as data
+from tinyopt.data import fetch
 
 CUT_AFTER = 5000
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tinyopt import data
+from tinyopt.data import cache as data
 
 pytestmark = pytest.mark.slow
 

@@ -10,10 +10,11 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.ensemble import VotingClassifier
 from sklearn.frozen import FrozenEstimator
 
-from tinyopt import ensemble, record, voting
-from tinyopt.config import load_config
-from tinyopt.errors import ConfigError, DataError, StudyError, TrialError
-from tinyopt.metrics import scores
+from tinyopt.core import record
+from tinyopt.core.config import load_config
+from tinyopt.core.errors import ConfigError, DataError, StudyError, TrialError
+from tinyopt.objectives import ensemble, voting
+from tinyopt.train.metrics import scores
 
 N_CLASSES = 10
 
@@ -289,8 +290,8 @@ def test_select_members_takes_best_k_of_each_study(tmp_path):
 
 def test_ensemble_sweep_enqueues_the_greedy_weights_first(tmp_path, members_and_predictions):
     """The runner's first ensemble trial is the greedy one, so the study's best is at least the greedy vote."""
-    from tinyopt import tracking
-    from tinyopt.runner import run_sweep
+    from tinyopt.sweep.runner import run_sweep
+    from tinyopt.track import tracking
 
     _, predictions = members_and_predictions
     stores = {"storage": f"sqlite:///{tmp_path / 'studies.db'}", "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"}

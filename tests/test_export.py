@@ -12,8 +12,9 @@ import keras
 import numpy as np
 import pytest
 
-from tinyopt import export, voting
-from tinyopt.errors import TinyoptError
+from tinyopt.core.errors import TinyoptError
+from tinyopt.objectives import voting
+from tinyopt.results import export
 
 pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlow
 

@@ -30,7 +30,7 @@ from sweep_helpers import (
     trials_of,
 )
 
-from tinyopt import record
+from tinyopt.core import record
 
 # Root without CAP_DAC_OVERRIDE: file modes bind it as they bind any user (the probes ran as one).
 PLAIN_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
@@ -132,7 +132,7 @@ def test_a_damaged_journal_is_one_line(swept, tmp_path):
     """A journal storage (Optuna's file for several processes) with a broken line in its middle."""
     import optuna
 
-    from tinyopt import storage
+    from tinyopt.stores import storage
 
     journal = tmp_path / "studies" / "tinyopt.journal"
     journal.parent.mkdir()
@@ -167,7 +167,7 @@ def test_a_read_only_store_is_refused_before_anything_is_created(name, swept, tm
 @pytest.mark.parametrize("gpus", ["0", "0,1"])
 def test_gpus_that_do_not_exist_are_refused(gpus, swept, tmp_path):
     """Probe 8: --gpus naming GPUs this machine lacks stops before creating anything (it trained on the CPU)."""
-    from tinyopt import backend
+    from tinyopt.train import backend
 
     backend.load()
     if backend.gpu_count():

@@ -23,9 +23,11 @@ from fault_helpers import one_error_line, snapshot, tinyopt
 from mlflow import MlflowClient
 from PIL import Image
 
-from tinyopt import export, record, tracking
-from tinyopt.errors import StudyError, TinyoptError
-from tinyopt.predict import load_bundle
+from tinyopt.core import record
+from tinyopt.core.errors import StudyError, TinyoptError
+from tinyopt.results import export
+from tinyopt.results.predict import load_bundle
+from tinyopt.track import tracking
 
 pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlow
 

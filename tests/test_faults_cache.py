@@ -20,10 +20,11 @@ from click.testing import CliRunner
 from fault_helpers import one_error_line, snapshot, tinyopt
 from fixtures import FIXTURE_WNIDS
 
-from tinyopt import data, runner
-from tinyopt.activations import Split, Store
 from tinyopt.cli import cli
-from tinyopt.errors import DataError
+from tinyopt.core.errors import DataError
+from tinyopt.data import cache as data
+from tinyopt.data.activations import Split, Store
+from tinyopt.sweep import runner
 
 
 def _copy(cache: Path, tmp_path: Path) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tinyopt import fetch
+from tinyopt.data import fetch
 
 GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"
 STEPS = ("environment", "throughput", "data slice", "data prepare", "sweep finetune", "sweep scratch",

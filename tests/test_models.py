@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from fixtures import FIXTURE_WNIDS
 
-from tinyopt import backbones, config, space
-from tinyopt.approaches import get_approach
-from tinyopt.errors import ConfigError, DataError, TrialError, WeightsError
-from tinyopt.imagenet import imagenet_indices
+from tinyopt.core import config, space
+from tinyopt.core.errors import ConfigError, DataError, TrialError, WeightsError
+from tinyopt.data.imagenet import imagenet_indices
+from tinyopt.models import backbones
+from tinyopt.models.approaches import get_approach
 
 pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlow
 
@@ -272,7 +273,7 @@ def _caffe_preprocessing() -> keras.Model:
 
 def test_saved_models_reload_without_tinyopt(tmp_path, shared):
     """Export needs nothing but Keras: every layer and op of these models, as tinyopt saves them, is built in."""
-    from tinyopt.training import inference_model
+    from tinyopt.train.training import inference_model
 
     models = {
         # zeropad, mirror TTA and the 1000-way column gather
@@ -311,7 +312,7 @@ CROSS_BACKEND = {
 
 def test_a_bundle_predicts_the_same_on_the_other_backend(tmp_path):
     """Every approach's model, exported on this backend, loads and predicts within 1e-4 on the other one."""
-    from tinyopt import export
+    from tinyopt.results import export
 
     this = keras.backend.backend()
     other = "jax" if this == "tensorflow" else "tensorflow"
@@ -327,7 +328,7 @@ def test_a_bundle_predicts_the_same_on_the_other_backend(tmp_path):
                             params=override, metrics={}, description={"title": approach, "what": "", "how_chosen": ""})
     script = textwrap.dedent(f"""
         import json, keras, numpy as np
-        from tinyopt.predict import load_bundle
+        from tinyopt.results.predict import load_bundle
         assert keras.backend.backend() == {other!r}
         for approach in {list(CROSS_BACKEND)!r}:
             model, _ = load_bundle(approach)

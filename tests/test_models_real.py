@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tinyopt import data
-from tinyopt.approaches import get_approach
+from tinyopt.data import cache as data
+from tinyopt.models.approaches import get_approach
 
 pytestmark = pytest.mark.slow
 

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from tinyopt import export
 from tinyopt.cli import cli
-from tinyopt.errors import TinyoptError
-from tinyopt.predict import predict_images
+from tinyopt.core.errors import TinyoptError
+from tinyopt.results import export
+from tinyopt.results.predict import predict_images
 
 pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlow
 

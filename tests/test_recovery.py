@@ -12,8 +12,9 @@ import optuna
 import pytest
 from sweep_helpers import POSTGRES, drop_postgres_study, needs_postgres
 
-from tinyopt import recovery, storage
-from tinyopt.record import FAIL_REASON, RUN_ID, WORKER
+from tinyopt.core.record import FAIL_REASON, RUN_ID, WORKER
+from tinyopt.stores import storage
+from tinyopt.sweep import recovery
 
 
 class _Tracker:
@@ -88,7 +89,7 @@ def test_a_trial_failed_by_a_heartbeat_check_has_its_run_closed_there(tmp_path):
     """Optuna fails a trial whose heartbeat stopped in a living worker, before its next trial: its run closes then."""
     from mlflow import MlflowClient
 
-    from tinyopt.tracking import Tracker
+    from tinyopt.track.tracking import Tracker
 
     name = f"heartbeat-{uuid.uuid4().hex[:8]}"
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", name, "scratch")

@@ -13,8 +13,12 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from sweep_helpers import SMALL
 
-from tinyopt import data, record, refit, runner, tracking
 from tinyopt.cli import cli
+from tinyopt.core import record
+from tinyopt.data import cache as data
+from tinyopt.results import refit
+from tinyopt.sweep import runner
+from tinyopt.track import tracking
 
 
 def _stores(root):

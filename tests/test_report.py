@@ -17,12 +17,15 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from tinyopt import export, record, report, tracking, voting
 from tinyopt.cli import cli
-from tinyopt.metrics import scores
-from tinyopt.predict import predict_images
-from tinyopt.runner import run_sweep
-from tinyopt.storage import open_storage
+from tinyopt.core import record
+from tinyopt.objectives import voting
+from tinyopt.results import export, report
+from tinyopt.results.predict import predict_images
+from tinyopt.stores.storage import open_storage
+from tinyopt.sweep.runner import run_sweep
+from tinyopt.track import tracking
+from tinyopt.train.metrics import scores
 
 APPROACH_STUDIES = ("pretrained", "finetune", "scratch")
 CLASSES_TSV = "0\tn01443537\tgoldfish\n1\tn01629819\tEuropean fire salamander\n2\tn01641577\tbullfrog\n"

@@ -19,7 +19,8 @@ from sweep_helpers import (
     wait_for_training,
 )
 
-from tinyopt import record, runner
+from tinyopt.core import record
+from tinyopt.sweep import runner
 
 # TensorFlow's C++ start-up lines (glog format, absl's notice): none may reach the terminal.
 _CPP_LINE = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d|absl::InitializeLog")

@@ -18,8 +18,10 @@ from sweep_helpers import (
     wait_for_training,
 )
 
-from tinyopt import record, runner, storage
-from tinyopt.errors import StudyError
+from tinyopt.core import record
+from tinyopt.core.errors import StudyError
+from tinyopt.stores import storage
+from tinyopt.sweep import runner
 
 
 @pytest.fixture

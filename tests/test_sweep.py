@@ -9,9 +9,11 @@ import pytest
 from mlflow.entities import LoggedModelStatus
 from sweep_helpers import SMALL, artifacts, failing_build, runs_of
 
-from tinyopt import record, runner, sampling, tracking
-from tinyopt.errors import StudyError
-from tinyopt.objectives import QuietEvents
+from tinyopt.core import record
+from tinyopt.core.errors import StudyError
+from tinyopt.objectives.model import QuietEvents
+from tinyopt.sweep import runner, sampling
+from tinyopt.track import tracking
 
 
 @pytest.fixture
@@ -133,7 +135,7 @@ def test_gpu_settings_can_be_forced_on_a_cpu(stores, tiny_folder, cache_root, mo
 def test_predictions_and_kept_model_reproduce_the_trial(stores, tiny_folder, cache_root):
     import keras
 
-    from tinyopt import data
+    from tinyopt.data import cache as data
 
     sweep("scratch", stores, tiny_folder, cache_root, 1)
     trial = load_study(stores, "scratch").trials[0]
@@ -165,8 +167,8 @@ def test_rerun_continues_the_same_study_and_parent_run(stores, tiny_folder, cach
 
 
 def test_first_trial_runs_the_space_defaults(stores, tiny_folder, cache_root):
-    from tinyopt.config import load_config
-    from tinyopt.space import defaults
+    from tinyopt.core.config import load_config
+    from tinyopt.core.space import defaults
 
     sweep("scratch", stores, tiny_folder, cache_root, 1)
     config = load_config("scratch", overrides=SMALL["scratch"])
@@ -284,7 +286,8 @@ def test_trials_per_process_runs_the_sweep_in_fresh_processes(stores, tiny_folde
 
 
 def test_the_models_of_the_best_k_trials_are_kept(stores, tiny_folder, cache_root, monkeypatch):
-    from tinyopt import metrics, objectives
+    from tinyopt.objectives import model as objectives
+    from tinyopt.train import metrics
 
     # Selection top-1 of trials 0..3 as chosen here: each new trial enters the top 2 and pushes one out.
     chosen = iter([0.1, 0.3, 0.2, 0.4])
@@ -295,7 +298,7 @@ def test_the_models_of_the_best_k_trials_are_kept(stores, tiny_folder, cache_roo
             found["top1"] = next(chosen)
         return found
 
-    from tinyopt import data
+    from tinyopt.data import cache as data
 
     cache = data.prepare(str(tiny_folder), str(cache_root), progress=False)
     selection_size = len(data.load_split("selection", cache)[1])

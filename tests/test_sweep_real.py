@@ -5,8 +5,9 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from tinyopt import record, runner
-from tinyopt.config import sweeps_dir
+from tinyopt.core import record
+from tinyopt.core.config import sweeps_dir
+from tinyopt.sweep import runner
 
 pytestmark = pytest.mark.slow
 

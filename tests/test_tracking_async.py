@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from tinyopt import record, tracking
-from tinyopt.errors import StudyError
+from tinyopt.core import record
+from tinyopt.core.errors import StudyError
+from tinyopt.track import tracking
 
 ARRAYS = {"selection_probs": np.full((4, 3), 1 / 3, dtype=np.float32), "selection_labels": np.arange(4) % 3}
 

@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from tinyopt.approaches.blocks import FusedBatchNormalization, plain_keras
-from tinyopt.training import early_stopping_start, lr_at_epoch
+from tinyopt.models.blocks import FusedBatchNormalization, plain_keras
+from tinyopt.train.training import early_stopping_start, lr_at_epoch
 
 
 def _rates(epochs: int, **params) -> list[float]:

@@ -27,8 +27,10 @@ import pytest
 from click.testing import CliRunner
 from sweep_helpers import SMALL, failing_build, runs_of
 
-from tinyopt import record, runner, servers
 from tinyopt.cli import cli
+from tinyopt.core import record
+from tinyopt.stores import servers
+from tinyopt.sweep import runner
 
 CHROMIUM = Path("/usr/bin/chromium")
 REPOSITORY = Path(__file__).resolve().parents[1]

@@ -22,9 +22,11 @@ from sweep_helpers import (
     wait_for_training,
 )
 
-from tinyopt import record, sampling, storage, workers
-from tinyopt.backend import SHARE_ENV
-from tinyopt.errors import TinyoptError
+from tinyopt.core import record
+from tinyopt.core.errors import TinyoptError
+from tinyopt.stores import storage
+from tinyopt.sweep import sampling, workers
+from tinyopt.train.backend import SHARE_ENV
 
 FINISHED = ("COMPLETE", "PRUNED")
 
@@ -89,7 +91,7 @@ def shared_stores(request, tmp_path):
 
 @pytest.mark.slow
 def test_max_trials_is_honoured_by_three_independent_commands(study, tiny_folder, tmp_path, shared_stores):
-    from tinyopt import data
+    from tinyopt.data import cache as data
 
     storage_url, tracking_uri = shared_stores
     data.prepare(str(tiny_folder), str(tmp_path / "cache"), progress=False)  # as on machines with their own copy
@@ -159,7 +161,7 @@ def test_each_worker_gets_its_gpu_and_its_share_in_processes_of_at_most_n_trials
 
 
 def test_workers_listed_on_one_gpu_know_they_share_it(monkeypatch):
-    """--gpus 0,0,1: the two workers of GPU 0 are told they share it (tinyopt.backend splits its memory)."""
+    """--gpus 0,0,1: the two workers of GPU 0 are told they share it (tinyopt.train.backend splits its memory)."""
     args = workers.SweepArgs("scratch", trials=3, workers=3, gpus=["0", "0", "1"])
     supervisor = workers._Supervisor(args, print)
     seen = []
@@ -193,7 +195,7 @@ def test_each_trial_draws_from_its_own_seed():
 def test_processes_opening_a_fresh_mlflow_store_together_all_succeed(tmp_path):
     """MLflow creates a new SQLite store on first use; at once, raw MLflow clients fail with migration errors."""
     tracking_uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    code = ("import sys; from tinyopt.tracking import Tracker; "
+    code = ("import sys; from tinyopt.track.tracking import Tracker; "
             "print(Tracker(sys.argv[1], sys.argv[2], 'scratch').experiment_id)")
     processes = [subprocess.Popen([sys.executable, "-c", code, tracking_uri, f"study-{i}"], stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for i in range(6)]
@@ -226,7 +228,7 @@ def test_a_long_sweep_runs_in_fresh_processes_by_default(monkeypatch, approach, 
     from click.testing import CliRunner
 
     from tinyopt.cli import cli
-    from tinyopt.runner import SweepResult
+    from tinyopt.sweep.runner import SweepResult
 
     result = SweepResult(approach, approach, "sqlite:///studies.db", {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}, [], "")
     started = []

@@ -48,7 +48,7 @@ def env() -> str:
 
 
 def data(cache: str) -> str:
-    from tinyopt.data import info
+    from tinyopt.data.cache import info
 
     found = info(cache)
     splits = ", ".join(f"{count:,} {split}" for split, count in found["splits"].items())
@@ -59,7 +59,7 @@ def sweep(study_name: str, trials: str, storage: str, tracking_uri: str) -> str:
     import optuna
     from mlflow import MlflowClient
 
-    from tinyopt import record
+    from tinyopt.core import record
 
     study = optuna.load_study(study_name=study_name, storage=storage)
     # The MLflow status of the run of a trial in each state a finished sweep may leave.

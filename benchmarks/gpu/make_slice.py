@@ -2,7 +2,7 @@
 
 The slice is what ``run.sh`` sweeps on: small enough to carry to an offline GPU machine (200 classes
 x 25 train + 4 val images is about 11.6 MB), read by tinyopt through the same code path as the real
-archive. The source is read and checked with tinyopt's own reader (``tinyopt.fetch``), so a slice
+archive. The source is read and checked with tinyopt's own reader (``tinyopt.data.fetch``), so a slice
 always holds what ``tinyopt data prepare`` needs:
 
     tiny-imagenet-200/wnids.txt, words.txt (only the kept classes' lines)
@@ -23,7 +23,7 @@ import zipfile
 from collections import defaultdict
 from pathlib import Path
 
-from tinyopt import fetch
+from tinyopt.data import fetch
 
 REPO = Path(__file__).resolve().parents[2]
 DEV_ZIP = REPO.parent / "shared" / "data" / "tiny-imagenet-200-dev.zip"

@@ -15,8 +15,9 @@ import sys
 
 import click
 
-from tinyopt import __version__, signals
-from tinyopt.errors import TinyoptError
+from tinyopt import __version__
+from tinyopt.core import signals
+from tinyopt.core.errors import TinyoptError
 
 
 class _Group(click.Group):
@@ -71,7 +72,7 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
-    # TensorFlow's C++ log lines after start-up (tinyopt.backend drops those of start-up itself).
+    # TensorFlow's C++ log lines after start-up (tinyopt.train.backend drops those of start-up itself).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     signals.install()
     cli(prog_name="tinyopt")

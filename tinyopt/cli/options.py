@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 # runner.py imports nothing heavy at module level, so --help stays fast.
-from tinyopt.runner import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
+from tinyopt.sweep.runner import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
 
 
 def cache_option(func):

@@ -6,12 +6,12 @@ import sys
 
 import click
 
-from tinyopt import record
 from tinyopt.cli.options import cache_option, data_option, storage_options
-from tinyopt.config import APPROACHES
+from tinyopt.core import record
+from tinyopt.core.config import APPROACHES
 
 # workers.py imports nothing heavy at module level, so --help stays fast.
-from tinyopt.workers import TRIALS_PER_PROCESS
+from tinyopt.sweep.workers import TRIALS_PER_PROCESS
 
 
 class _RichEvents:
@@ -101,7 +101,7 @@ def sweep(approach, trials, timeout, max_trials, source, cache_dir, config_path,
     """
     from rich.console import Console
 
-    from tinyopt.workers import SweepArgs, default_trials_per_process, parse_gpus
+    from tinyopt.sweep.workers import SweepArgs, default_trials_per_process, parse_gpus
 
     if trials is None and timeout is None:
         trials = 10
@@ -116,7 +116,7 @@ def sweep(approach, trials, timeout, max_trials, source, cache_dir, config_path,
     if is_worker:
         result = _run(args, _LineEvents(), owner=False)
     elif workers > 1 or gpu_ids or (trials_per_process and (trials is None or trials > trials_per_process)):
-        from tinyopt.workers import supervise
+        from tinyopt.sweep.workers import supervise
 
         result = supervise(args, lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
         _render(console, result)
@@ -144,7 +144,7 @@ def _seconds_since_start() -> float:
 
 
 def _run(args, events, owner: bool = True):
-    from tinyopt.runner import run_sweep
+    from tinyopt.sweep.runner import run_sweep
 
     return run_sweep(args.approach, trials=args.trials, timeout=args.timeout, max_trials=args.max_trials,
                      source=args.source, cache_dir=args.cache_dir, config_path=args.config_path,

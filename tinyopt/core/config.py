@@ -1,0 +1,200 @@
+"""Sweep configuration: TOML files, ``--set`` overrides, and the resolved config that gets logged.
+
+``sweeps/<approach>.toml`` holds every setting of an approach with its default. A ``--config`` file
+(such as the CPU presets in ``sweeps/cpu/``) is merged onto it, so it states only what differs, and
+``--set key=value`` overrides come last. Every key must exist in the default file, and every value
+must have the type of its default and obey ``tinyopt.core.schema``: a typo is an error before any
+training, never a silently ignored setting or a failed trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from tinyopt.core import schema
+from tinyopt.core.errors import ConfigError
+
+APPROACHES = ("pretrained", "finetune", "scratch", "ensemble")
+
+
+def sweeps_dir() -> Path:
+    """The ``sweeps/`` folder: the one in the working directory, else the one beside the package."""
+    local = Path.cwd() / "sweeps"
+    if local.is_dir():
+        return local
+    return Path(__file__).resolve().parent.parent / "sweeps"
+
+
+def default_config_path(approach: str) -> Path:
+    """Path of ``sweeps/<approach>.toml``."""
+    if approach not in APPROACHES:
+        raise ConfigError(f"unknown approach {approach!r}; choose one of: {', '.join(APPROACHES)}")
+    return sweeps_dir() / f"{approach}.toml"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing file to --config")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML ({err}); fix the syntax") from err
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict) and not _is_distribution(value):
+            _merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+
+
+def _is_distribution(value: Any) -> bool:
+    return isinstance(value, dict) and "type" in value
+
+
+def _parse_value(text: str) -> Any:
+    """Read an override value as TOML (numbers, booleans, lists, quoted strings), else as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _known_paths(schema: dict[str, Any], prefix: str = "") -> set[str]:
+    paths = set()
+    for key, value in schema.items():
+        path = f"{prefix}{key}"
+        paths.add(path)
+        if isinstance(value, dict) and not _is_distribution(value):
+            paths |= _known_paths(value, f"{path}.")
+    return paths
+
+
+def _check_keys(config: dict[str, Any], schema: dict[str, Any], where: str, prefix: str = "") -> None:
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            known = ", ".join(sorted(f"{prefix}{k}" for k in schema))
+            raise ConfigError(f"unknown config key {path!r} in {where}; known keys here: {known}")
+        if isinstance(value, dict) and isinstance(schema[key], dict):
+            if not (_is_distribution(value) or _is_distribution(schema[key])):
+                _check_keys(value, schema[key], where, f"{path}.")
+
+
+def set_key(config: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict, creating nothing: every level must already exist."""
+    *parents, leaf = dotted.split(".")
+    node = config
+    for i, part in enumerate(parents):
+        child = node.get(part)
+        if not isinstance(child, dict) or _is_distribution(child):
+            known = ", ".join(sorted(_known_paths(config)))
+            raise ConfigError(f"unknown config key {'.'.join(parents[: i + 1])!r} in --set {dotted}; "
+                              f"known keys: {known}")
+        node = child
+    if leaf not in node:
+        known = ", ".join(sorted(f"{'.'.join(parents) + '.' if parents else ''}{k}" for k in node))
+        raise ConfigError(f"unknown config key {dotted!r} in --set; known keys here: {known}")
+    node[leaf] = value
+
+
+def load_config(approach: str, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+                ) -> dict[str, Any]:
+    """Load the resolved config of one approach.
+
+    Args:
+        approach: ``pretrained``, ``finetune``, ``scratch`` or ``ensemble``.
+        path: a config file; defaults to ``sweeps/<approach>.toml``.
+        overrides: ``key=value`` strings from ``--set``, applied last, in order.
+
+    Returns:
+        The resolved config as plain nested dicts.
+
+    Raises:
+        ConfigError: unknown keys, a malformed override or search space, a value of the wrong type, an
+            unknown name, a number out of range, a missing file; or ImageNet weights that do not exist.
+    """
+    defaults = _read_toml(default_config_path(approach))
+    config = copy.deepcopy(defaults)
+    if path is not None:
+        update = _read_toml(Path(path))
+        _check_keys(update, defaults, str(path))
+        _merge(config, update)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}; e.g. --set train.epochs=3")
+        set_key(config, key.strip(), _parse_value(text.strip()))
+    _check_values(config, defaults)
+    schema.check_model(approach, config.get("model", {}))
+    _check_sampler(config)
+    _check_run_name(config)
+    config["approach"] = approach
+    return config
+
+
+def _check_values(config: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> None:
+    for key, value in config.items():
+        path, like = f"{prefix}{key}", defaults[key]
+        if not isinstance(like, dict):
+            schema.check(path, value, like)
+        elif not isinstance(value, dict):
+            raise ConfigError(f"{path}: got {value!r}; expected a table of settings ({', '.join(like)})")
+        elif path == "space":
+            _check_space(value, like)
+        else:
+            _check_values(value, like, f"{path}.")
+
+
+def _check_sampler(config: dict[str, Any]) -> None:
+    from tinyopt.core.space import combinations
+
+    if config.get("study", {}).get("sampler") == "bruteforce" and combinations(config.get("space", {})) is None:
+        floats = [name for name, entry in config["space"].items()
+                  if _is_distribution(entry) and entry["type"] == "float" and "step" not in entry]
+        raise ConfigError(f"study.sampler = bruteforce needs a finite [space], but {', '.join(floats)} "
+                          f"draw any float; give them a step, or use study.sampler = tpe")
+
+
+def _check_run_name(config: dict[str, Any]) -> None:
+    unknown = [name for name in config.get("study", {}).get("run_name", []) if name not in config.get("space", {})]
+    if unknown:
+        raise ConfigError(f"study.run_name: {', '.join(map(repr, unknown))} is not in [space]; name params of "
+                          f"[space] ({', '.join(config.get('space', {}))})")
+
+
+def _drawn(entry: Any) -> Any:
+    """A value of the type a default ``[space]`` entry holds or draws: the type its overrides must have."""
+    if not _is_distribution(entry):
+        return entry
+    if entry["type"] == "categorical":
+        return entry["choices"][0]
+    return entry["low"] if entry["type"] == "int" else float(entry["low"])
+
+
+def _check_space(space: dict[str, Any], defaults: dict[str, Any]) -> None:
+    # Imported here because space.py validates distributions and config.py must stay importable alone.
+    from tinyopt.core.space import validate_space
+
+    validate_space(space)
+    for name, entry in space.items():
+        key, like = f"space.{name}", _drawn(defaults[name])
+        if not _is_distribution(entry):
+            schema.check(key, entry, like, searchable=True)
+            continue
+        # A float distribution draws floats, which an integer setting cannot take.
+        kinds = [kind for kind, sample in (("float", 0.5), ("int", 1)) if schema.same_type(sample, like)]
+        if entry["type"] not in [*kinds, "categorical"]:
+            raise ConfigError(f"{key}.type: got {entry['type']!r}; expected {' or '.join([*kinds, 'categorical'])}"
+                              f", as {key} holds {schema.describe(key, like)}")
+        values = [(field, entry[field]) for field in ("low", "high", "default") if field in entry]
+        values += [("choices", choice) for choice in entry.get("choices", ())]
+        for field, value in values:
+            schema.check(key, value, like, where=f"{key}.{field}")
+        for other, wanted in entry.get("when", {}).items():
+            for value in wanted if isinstance(wanted, list) else [wanted]:
+                schema.check(f"space.{other}", value, _drawn(defaults[other]), where=f"{key}.when.{other}")

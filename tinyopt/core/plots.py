@@ -1,0 +1,124 @@
+"""Every plot tinyopt draws, and the parameter importances one of them shows.
+
+Plots are matplotlib ``Figure`` objects, never pyplot's global state: the sweep draws some in its
+MLflow logging thread while the next trial runs. matplotlib and optuna load in the functions.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from tinyopt.core.record import SCORES
+
+SCORE_LABELS = {"selection_top1": "selection top-1", "selection_top5": "selection top-5",
+                "test_top1": "test top-1", "test_top5": "test top-5"}
+IMPORTANCE_METHOD = "PED-ANOVA"
+
+
+def comparison_chart(rows: Sequence[Mapping[str, Any]], title: str) -> Any:
+    """A grouped bar chart of selection/test top-1/top-5, one group per row (``name`` + scores)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(max(6.0, 1.4 * len(rows) + 2), 4))
+    axis = figure.subplots()
+    width = 0.8 / len(SCORES)
+    for i, key in enumerate(SCORES):
+        positions = [j + (i - (len(SCORES) - 1) / 2) * width for j in range(len(rows))]
+        bars = axis.bar(positions, [row.get(key) or 0.0 for row in rows], width, label=SCORE_LABELS[key])
+        axis.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
+    axis.set_xticks(range(len(rows)), [row["name"] for row in rows], rotation=15, ha="right")
+    axis.set_ylim(0, 1.25)  # headroom for the legend above the bars
+    axis.set_ylabel("accuracy")
+    axis.set_title(title)
+    axis.legend(fontsize=7, ncols=4, loc="upper left")
+    figure.tight_layout()
+    return figure
+
+
+def history_chart(study_name: str, complete: Sequence[Any]) -> Any:
+    """Objective value of each complete trial (``FrozenTrial``), and the best so far, by trial number."""
+    from matplotlib.figure import Figure
+
+    trials = sorted(complete, key=lambda t: t.number)
+    figure = Figure(figsize=(6, 3.5))
+    axis = figure.subplots()
+    numbers = [t.number for t in trials]
+    values = [t.value for t in trials]
+    axis.scatter(numbers, values, s=12, label="trial")
+    axis.step(numbers, np.maximum.accumulate(values) if values else [], where="post", color="C1", label="best so far")
+    axis.set_xlabel("trial")
+    axis.set_ylabel("selection top-1")
+    axis.set_title(f"optimisation history: {study_name}")
+    axis.legend()
+    figure.tight_layout()
+    return figure
+
+
+def importances(study: Any) -> tuple[dict[str, float], str | None]:
+    """Each searched param's importance to the objective, computed as optuna-dashboard computes it.
+
+    PED-ANOVA (``optuna.importance.PedAnovaImportanceEvaluator``) on the negated objective, the
+    dashboard's choice: ``tinyopt report``, the sweep's MLflow summary and the dashboard then agree.
+
+    Returns:
+        The importances, most important first (normalised to sum 1), and why there are none when
+        the complete trials cannot rank the params (fewer than two, or no param that varies).
+    """
+    import optuna
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if len(complete) < 2:
+        return {}, f"{len(complete)} complete trial(s), at least 2 are needed"
+    try:
+        with warnings.catch_warnings():
+            # The dashboard silences it too: the target below is negated for a maximised study.
+            warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            # Few trials per category ("may be inaccurate"): the plot is a guide, a sweep's output no place for it.
+            warnings.filterwarnings("ignore", category=UserWarning, module="optuna")
+            found = optuna.importance.get_param_importances(
+                study, target=lambda t: -t.value, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+    except (ValueError, RuntimeError) as err:
+        return {}, str(err)
+    if not found:
+        return {}, "no searched param varies across the complete trials"
+    total = sum(found.values())
+    return ({key: value / total for key, value in found.items()} if total > 0 else dict(found)), None
+
+
+def importance_chart(study_name: str, found: Mapping[str, float]) -> Any:
+    """The importances of ``importances`` as a horizontal bar chart."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 0.4 * len(found) + 1.5))
+    axis = figure.subplots()
+    names = list(found)[::-1]
+    axis.barh(names, [found[n] for n in names])
+    axis.set_xlabel(f"importance ({IMPORTANCE_METHOD}, normalised)")
+    axis.set_title(f"parameter importance: {study_name}")
+    figure.tight_layout()
+    return figure
+
+
+def learning_curve(history: Mapping[str, Sequence[float]]) -> Any:
+    """Train vs selection top-1 and loss by epoch (a Keras ``History.history``)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(9, 3.5))
+    epochs = np.arange(1, len(history["loss"]) + 1)
+    for axis, metric, title in zip(figure.subplots(1, 2), ("accuracy", "loss"), ("top-1 accuracy", "loss"),
+                                   strict=True):
+        axis.plot(epochs, history[metric], marker="o", label="train")
+        if f"val_{metric}" in history:
+            axis.plot(epochs, history[f"val_{metric}"], marker="o", label="selection")
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_title(title)
+        axis.legend()
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,122 @@
+"""The names of what a sweep records: Optuna user attrs, MLflow tags, metrics and artifacts.
+
+Every module that writes or reads a trial's record uses these names (the tests too), so that the
+sweep, the ensemble, ``best``, ``export``, ``report`` and ``ui`` agree on them.
+"""
+
+from __future__ import annotations
+
+# Study user attrs.
+APPROACH = "approach"
+CONFIG = "config"
+EXPERIMENT_ID = "mlflow_experiment_id"
+PARENT_RUN_ID = "mlflow_parent_run_id"
+
+# Trial user attrs.
+PARAMS = "params"  # every value the trial ran with, fixed ones included (trial.params holds the searched)
+RUN_ID = "mlflow_run_id"
+RUN_URL = "mlflow_run_url"  # the trial's run in the MLflow UI, shown by optuna-dashboard
+WORKER = "worker"  # {"host", "pid", "started"}: tells whether the process running the trial is still alive
+FAIL_REASON = "fail_reason"
+SECONDS = "seconds"
+# Whether the trial's model was kept when it ended (it was among the study's best ``study.keep_models``);
+# a model that later drops out of them is deleted, and its run's TAG_MODEL_KEPT says "false".
+MODEL_KEPT = "model_kept"
+SEED = "seed"  # what the trial trained with: the sweep's --seed plus the trial number (a refit repeats it)
+BEST_EPOCH = "best_epoch"  # the epoch (from 1) whose weights early stopping kept: what a refit trains for
+# A trial still running at the --timeout deadline: {"epochs": epochs trained, fractional, "selection_top1": ...};
+# it ends pruned.
+DEADLINE_STOP = "stopped_at_deadline"
+SCORES = ("selection_top1", "selection_top5", "test_top1", "test_top5")
+MEMBERS = "members"  # an ensemble trial's members and their weights (see tinyopt.objectives.ensemble)
+UNIFORM = "uniform"  # the scores of the ensemble's uniform vote
+BEST_MEMBER = "best_member"  # the label and scores of the ensemble member with the best selection objective
+LOG_LOSSES = ("selection_log_loss", "test_log_loss")  # scores beside SCORES; an ensemble's objective may be one
+
+# MLflow tags of a trial's run (FAIL_REASON is one too).
+TAG_APPROACH = "approach"
+TAG_STUDY = "study"
+TAG_TRIAL_NUMBER = "trial_number"
+TAG_TRIAL_STATE = "trial_state"
+TAG_DEVICE = "device"
+TAG_BACKEND = "keras_backend"
+TAG_PRECISION = "precision"  # the Keras dtype policy, e.g. mixed_bfloat16
+TAG_JIT_COMPILE = "jit_compile"
+TAG_EVAL_BATCH = "eval_batch_size"
+# built | reused (the frozen layers' activations, see tinyopt.data.activations) | off: <why>
+TAG_ACTIVATION_CACHE = "activation_cache"
+TAG_WORKER = "worker"
+TAG_PARENT = "tinyopt.parent"
+TAG_BEST = "best"  # "true" on the study's current best trial run only
+TAG_MODEL_KEPT = "model_kept"  # "true" | "false"
+TAG_MODEL_URI = "model_uri"  # models:/<id> of the kept model, an MLflow logged model
+TAG_DESCRIPTION = "mlflow.note.content"  # the run's markdown description in the MLflow UI
+# Tags of the parent run.
+TAG_BEST_TRIAL = "best_trial"
+TAG_BEST_RUN = "best_run_id"
+TAG_BEST_RUN_URL = "best_run_url"
+# Tags of a refit's run (``tinyopt best --refit``): the trial whose configuration it retrained, and that trial's run.
+TAG_REFIT_OF = "refit_of_trial"
+TAG_REFIT_OF_RUN = "refit_of_run"
+
+# MLflow params of every run, beside the searched ones: approach, backbone, weights, data and this,
+# the resolved config's digest (the config itself is the config.json artifact).
+CONFIG_HASH = "config_hash"
+# ... and of a refit's run, also in its bundle's params.json: the epochs it trained (the trial's BEST_EPOCH)
+# and the images it trained on (train + selection).
+REFIT_EPOCHS = "refit_epochs"
+TRAIN_IMAGES = "train_images"
+
+# The metric the studies maximise, as Optuna and optuna-dashboard name it.
+OBJECTIVE_NAME = "selection_top1"
+
+# MLflow metrics of a trial's run: per epoch, step = epoch counted from 1.
+TRAIN_LOSS = "train_loss"
+TRAIN_TOP1 = "train_top1"
+TRAIN_TOP5 = "train_top5"
+SELECTION_LOSS = "selection_loss"
+SELECTION_TOP1 = "selection_top1"
+SELECTION_TOP5 = "selection_top5"
+LR = "lr"
+EPOCH_SECONDS = "epoch_seconds"
+IMAGES_PER_SECOND = "images_per_second"
+EPOCH_METRICS = (TRAIN_LOSS, TRAIN_TOP1, TRAIN_TOP5, SELECTION_LOSS, SELECTION_TOP1, SELECTION_TOP5, LR,
+                 EPOCH_SECONDS, IMAGES_PER_SECOND)
+# ... and logged once, at the end: ``final_`` + a score key (``final_selection_top1``, ``final_test_log_loss``).
+FINAL_PREFIX = "final_"
+TRIAL_SECONDS = "trial_seconds"
+
+
+def final(score: str) -> str:
+    """The MLflow metric of a final score: ``final_test_top1`` for ``test_top1``."""
+    return f"{FINAL_PREFIX}{score}"
+
+
+# MLflow metrics of the parent run, re-logged after every trial.
+# step = trial number: the experiment's chart is the optimisation history. "best_" + the study's metric
+# name: this for the approaches, best_minus_selection_log_loss for an ensemble of that objective.
+BEST_SO_FAR = "best_selection_top1"
+COUNT_PREFIX = "trials_"  # trials_complete, trials_pruned, trials_failed, trials_running
+COMPUTE_SECONDS = "compute_seconds"
+
+# MLflow metrics of a trial's run that are not scores.
+PEAK_GPU_MEMORY = "peak_gpu_memory_mb"
+
+# MLflow artifacts of a trial's run.
+PREDICTIONS = "predictions.npz"
+CONFIG_FILE = "config.json"
+CLASSES_FILE = "classes.tsv"
+TRACEBACK_FILE = "traceback.txt"
+LEARNING_CURVE = "learning_curve.png"
+LOGGED_MODEL = "model"  # name of a kept trial's MLflow logged model
+# ... and of the parent run.
+HISTORY = "history.png"
+IMPORTANCE = "importance.png"
+
+# classes.tsv (a trial's run, an exported bundle): a header line, then "index<TAB>wnid<TAB>name" per class.
+CLASSES_COLUMNS = ("index", "wnid", "name")
+
+
+def classes_tsv(classes) -> str:
+    """The text of a ``classes.tsv`` from ``(index, wnid, name)`` rows (``tinyopt.results.export.read_classes`` reads it)."""
+    return "\t".join(CLASSES_COLUMNS) + "\n" + "".join(f"{int(i)}\t{wnid}\t{name}\n" for i, wnid, name in classes)

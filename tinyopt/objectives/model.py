@@ -1,0 +1,425 @@
+"""The objective of the model approaches: build, (train), score and record one trial.
+
+One class serves pretrained, finetune and scratch: an approach module says how to build its model
+and whether it trains (``tinyopt.models.approaches``). Every trial gets a clean Keras session, its own
+MLflow run, and leaves behind the selection and test probabilities the ensemble study reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from tinyopt.core import record, signals
+from tinyopt.core import space as search_space
+from tinyopt.core.errors import TinyoptError, TrialError
+from tinyopt.sweep import recovery
+from tinyopt.train import backend
+from tinyopt.train.metrics import scores
+
+
+class TrialFailed(Exception):
+    """Raised to Optuna for a failed trial whose reason is already recorded (the sweep goes on)."""
+
+
+class Events(Protocol):
+    """What a front end (the rich progress of the CLI) hears from a sweep."""
+
+    def sweep_started(self, device: str, recovered: list[str]) -> None: ...
+
+    def trial_started(self, number: int, epochs: int) -> None: ...
+
+    def epoch_ended(self, number: int, epoch: int, logs: dict[str, float]) -> None: ...
+
+    def trial_ended(self, number: int, state: str, value: float | None, reason: str | None) -> None: ...
+
+
+class QuietEvents:
+    """Events that go nowhere (library use and tests)."""
+
+    def sweep_started(self, device: str, recovered: list[str]) -> None:
+        pass
+
+    def trial_started(self, number: int, epochs: int) -> None:
+        pass
+
+    def epoch_ended(self, number: int, epoch: int, logs: dict[str, float]) -> None:
+        pass
+
+    def trial_ended(self, number: int, state: str, value: float | None, reason: str | None) -> None:
+        pass
+
+
+@dataclass
+class SweepData:
+    """The arrays a sweep trains and scores on; images uint8, labels integer class indices.
+
+    ``cache_dir`` is the data cache they came from, where activations are cached beside them (None:
+    activations are kept in memory only).
+    """
+
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    classes: list[Any]
+    cache_dir: Path | None = None
+    wnids: list[str] = field(init=False)
+    _digests: dict[str, str] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.wnids = [c.wnid for c in self.classes]
+
+    def digest(self, split: str) -> str:
+        """A digest of a split's images and labels (computed once): what cached activations were made of."""
+        from tinyopt.data.activations import digest
+
+        if split not in self._digests:
+            self._digests[split] = digest(*self.splits[split])
+        return self._digests[split]
+
+
+class TrackedObjective:
+    """An objective whose every trial is one MLflow run, closed with the state Optuna gives the trial.
+
+    Subclasses say how a trial's params are chosen (``choose``) and how it is scored (``evaluate``).
+    A ``TrialError`` or any unexpected exception fails only this trial (recorded with its reason
+    and traceback; the sweep goes on); any other ``TinyoptError`` stops the sweep; a pruned trial's
+    run is KILLED, and so is the run of a trial interrupted with Ctrl-C.
+    """
+
+    def __init__(self, config: dict[str, Any], tracker: Any, events: Events | None, device: str):
+        self.config = config
+        self.tracker = tracker
+        self.events = events or QuietEvents()
+        self.device = device
+
+    def choose(self, trial) -> dict[str, Any]:
+        """The trial's params (every value, fixed ones included)."""
+        raise NotImplementedError
+
+    def evaluate(self, trial, params: dict[str, Any], run) -> float:
+        """Score the trial, log its results to ``run`` and return the value Optuna maximises."""
+        raise NotImplementedError
+
+    def epochs(self, params: dict[str, Any]) -> int:
+        """Epochs the trial will train, for progress display (0: no training)."""
+        return 0
+
+    def logged_params(self, trial, params: dict[str, Any]) -> dict[str, Any]:
+        """The params its MLflow run lists: the searched ones (the others are in its config and description)."""
+        return dict(trial.params)
+
+    def headline(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The params its run name shows: ``study.run_name`` of the config."""
+        return headline(self.config, params)
+
+    def __call__(self, trial) -> float:
+        import optuna
+
+        # First of all: from here on, a trial whose process dies is recognised as dead (tinyopt.sweep.recovery).
+        worker = recovery.identity()
+        trial.set_user_attr(record.WORKER, worker)
+        params = self.choose(trial)
+        trial.set_user_attr(record.PARAMS, params)
+        logged = self.logged_params(trial, params)
+        run = self.tracker.start_trial(trial.number, {**params, **logged}, self.config,
+                                       tags={record.TAG_DEVICE: self.device, record.TAG_BACKEND: backend.name(),
+                                             record.TAG_WORKER: f"{worker['host']}:{worker['pid']}"},
+                                       searched=logged, headline=self.headline(params),
+                                       system_metrics=system_metrics(self.config, self.device))
+        trial.set_user_attr(record.RUN_ID, run.run_id)
+        trial.set_user_attr(record.RUN_URL, self.tracker.run_url(run.run_id))
+        started = time.perf_counter()
+        try:
+            with signals.interruptible():
+                self.events.trial_started(trial.number, self.epochs(params))
+                value = self.evaluate(trial, params, run)
+        except optuna.TrialPruned as pruned:
+            run.end("PRUNED")
+            self.events.trial_ended(trial.number, "PRUNED", None, str(pruned))
+            raise
+        except KeyboardInterrupt as stop:
+            # Optuna fails the trial and re-raises; the reason says it was stopped, not broken.
+            reason = f"interrupted by {stop.name}" if isinstance(stop, signals.Interrupted) else "interrupted"
+            trial.set_user_attr(record.FAIL_REASON, reason)
+            run.end("KILLED", reason)
+            self.events.trial_ended(trial.number, "FAIL", None, reason)
+            raise
+        except Exception as err:  # noqa: BLE001 - every failure is recorded; only TinyoptErrors stop
+            reason = _reason(err)
+            run.log_text(traceback.format_exc(), record.TRACEBACK_FILE)
+            run.end("FAIL", reason)
+            trial.set_user_attr(record.FAIL_REASON, reason)
+            self.events.trial_ended(trial.number, "FAIL", None, reason)
+            if isinstance(err, TinyoptError) and not isinstance(err, TrialError):
+                raise
+            raise TrialFailed(reason) from err
+        seconds = time.perf_counter() - started
+        trial.set_user_attr(record.SECONDS, seconds)
+        run.log_metrics({record.TRIAL_SECONDS: seconds})
+        run.end("COMPLETE")
+        self.events.trial_ended(trial.number, "COMPLETE", value, None)
+        return value
+
+
+class ModelObjective(TrackedObjective):
+    """``objective(trial) -> selection top-1`` for one of the model approaches.
+
+    Args:
+        approach: the approach module (``tinyopt.models.approaches.get_approach(name)``).
+        config: the resolved config.
+        data: the splits (``train`` only needed when the approach trains).
+        tracker: a ``tinyopt.track.tracking.Tracker`` with its sweep started.
+        seed: base seed; trial ``n`` runs with ``seed + n``.
+        events: progress listener.
+        device: what ``tinyopt.train.backend.load`` returned, recorded on every run.
+        deadline: ``time.monotonic()`` at which a trial still training stops after its current batch,
+            is scored on selection and ends pruned (``--timeout``); None: no deadline.
+    """
+
+    def __init__(self, approach: Any, config: dict[str, Any], data: SweepData, tracker: Any, seed: int,
+                 events: Events | None = None, device: str = "cpu", deadline: float | None = None):
+        super().__init__(config, tracker, events, device)
+        self.approach = approach
+        self.data = data
+        self.seed = seed
+        self.deadline = deadline
+        self._store = None  # tinyopt.data.activations.Store, made by the first trial that caches
+
+    def choose(self, trial) -> dict[str, Any]:
+        return search_space.suggest(trial, self.config["space"])
+
+    def epochs(self, params: dict[str, Any]) -> int:
+        return int(params.get("epochs", 0)) if self.approach.TRAINS else 0
+
+    def evaluate(self, trial, params: dict[str, Any], run) -> float:
+        # A fresh graph per trial: without it layers and memory pile up across trials.
+        backend.free_memory()
+        backend.reset_peak_memory()
+        trial.set_user_attr(record.SEED, self.seed + trial.number)
+        backend.seed(self.seed + trial.number)
+        return self._run(trial, params, run)
+
+    def _run(self, trial, params: dict[str, Any], run) -> float:
+        from tinyopt.train.feeds import CachedFeed
+        from tinyopt.train.training import build_model, inference_model
+
+        model, policy, batch = build_model(self.approach, params, self.config, self.data.wnids, self.device)
+        feed, cache_note = self._feed(model, params, policy)
+        history: dict[str, list[float]] = {}
+        if self.approach.TRAINS:
+            history = self._fit(trial, feed, params, run, batch)
+        results: dict[str, Any] = {}
+        arrays: dict[str, np.ndarray] = {}
+        for split in ("selection", "test"):
+            y = self.data.splits[split][1]
+            probs = feed.predict(split, batch)
+            results[split] = scores(probs, y)
+            arrays[f"{split}_probs"], arrays[f"{split}_labels"] = probs, np.asarray(y)
+            if not params.get("restrict_200", True):
+                # The 1000-way baseline is scored as the report scored it: argmax over every ImageNet class.
+                results[split]["top1"] = self.approach.full_top1(feed.views(split, batch), wnids=self.data.wnids,
+                                                                 labels=y)
+        # What ran, not what was asked: Keras turns XLA off for a model with a layer that cannot be
+        # compiled (RandomTranslation and RandomZoom, under JAX), with a warning only.
+        tags = {record.TAG_PRECISION: policy, record.TAG_JIT_COMPILE: str((feed.trainee() or model).jit_compile),
+                record.TAG_EVAL_BATCH: batch}
+        if cache_note or isinstance(feed, CachedFeed):
+            tags[record.TAG_ACTIVATION_CACHE] = cache_note or feed.note()
+        run.set_tags(tags)
+        value = results["selection"]["top1"]
+        final = {f"{split}_{name}": v for split, r in results.items() for name, v in r.items()}
+        run.log_metrics({record.final(key): v for key, v in final.items()})
+        peak = backend.peak_memory()
+        if peak is not None:
+            run.log_metrics({record.PEAK_GPU_MEMORY: peak / 2**20})
+        run.log_predictions(arrays)
+        run.log_text(record.classes_tsv((c.index, c.wnid, c.name) for c in self.data.classes), record.CLASSES_FILE)
+        if history:
+            from tinyopt.core.plots import learning_curve
+
+            run.log_figure(lambda: learning_curve(history), record.LEARNING_CURVE)  # drawn in the background
+        for key in record.SCORES:
+            trial.set_user_attr(key, final[key])
+        kept = _in_top(trial, value, int(self.config.get("study", {}).get("keep_models", 1)))
+        if kept:
+            run.log_model(inference_model(model), self.tracker.experiment_id)
+        trial.set_user_attr(record.MODEL_KEPT, kept)
+        return value
+
+    def _feed(self, model, params: dict[str, Any], policy: str):
+        """How the trial's data reaches its model, and its ``activation_cache`` tag when it is not shared.
+
+        A model with frozen layers trains and predicts on their activations, shared with every other
+        trial of the same key, unless the approach or ``train.activation_cache`` says it cannot, or the
+        disk cannot hold them. A model that only reads them (pretrained) reads them once per trial then.
+        """
+        from tinyopt.data.activations import CacheUnavailable, Store, ram_budget
+        from tinyopt.models.backbones import weights_digest
+        from tinyopt.models.blocks import IMAGE_SIZE
+        from tinyopt.train.feeds import CachedFeed, ImageFeed
+
+        uncached = getattr(self.approach, "uncached", None)
+        if uncached is None:
+            return ImageFeed(model, self.data.splits), None
+        model_cfg, train_cfg = self.config.get("model", {}), self.config.get("train", {})
+        why = (uncached(params, model_cfg) if train_cfg.get("activation_cache", True)
+               else "train.activation_cache = false")
+        if why is not None and self.approach.TRAINS:
+            return ImageFeed(model, self.data.splits), f"off: {why}"
+        cut = self.approach.split(model, params, model=model_cfg)
+        # Training draws from every view; a trained model is scored on the images themselves.
+        needs = {"train": cut.views, "selection": 1, "test": 1} if self.approach.TRAINS else \
+            {"selection": cut.views, "test": cut.views}
+        finish = None if cut.suffix is not None else functools.partial(self.approach.outputs, params,
+                                                                       wnids=self.data.wnids)
+
+        def feed(store: Store, key: dict[str, Any]) -> CachedFeed:
+            return CachedFeed(model, self.data.splits, cut, store, key, needs, self.data.digest, finish)
+
+        if why is None:
+            if self._store is None:
+                folder = None if self.data.cache_dir is None else self.data.cache_dir / "activations"
+                self._store = Store(folder, ram_budget(train_cfg.get("activation_cache_gb", "auto")))
+            shared = feed(self._store, {
+                "backbone": model_cfg.get("backbone"), "alpha": model_cfg.get("alpha"),
+                "weights": weights_digest(model_cfg), "input_size": params["input_size"],
+                # Images already at the input size are not resized: every method gives the same pixels.
+                "resize": params["resize"] if params["input_size"] != IMAGE_SIZE else "none",
+                "precision": policy, "keras_backend": backend.name()})
+            try:
+                shared.check_room()
+                return shared, None
+            except CacheUnavailable as err:
+                why = str(err)
+        if finish is None:
+            return ImageFeed(model, self.data.splits), f"off: {why}"
+        # Each view's logits once, for this trial alone.
+        return feed(Store(None, ram_bytes=2**62), {}), f"off: {why}"
+
+    def _fit(self, trial, feed, params: dict[str, Any], run, eval_batch: int) -> dict[str, list[float]]:
+        import keras
+
+        from tinyopt.train.training import compile_model, early_stopping_start, lr_at_epoch
+
+        train_cfg = self.config.get("train", {})
+        model = feed.trainee()
+        compile_model(model, params, train_cfg.get("jit_compile", "auto"))
+        train = feed.batches("train", int(params["batch_size"]), train=True, seed=self.seed + trial.number)
+        selection = feed.batches("selection", eval_batch)
+        stopping = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", restore_best_weights=True,
+                                                 patience=int(train_cfg.get("early_stopping_patience", 3)),
+                                                 start_from_epoch=early_stopping_start(params))
+        # A per-batch hook only with a deadline: Keras calls every batch hook of every step.
+        deadline = None if self.deadline is None else _deadline_stop(self.deadline)
+        callbacks = [
+            keras.callbacks.LearningRateScheduler(lr_at_epoch(params)),
+            keras.callbacks.TerminateOnNaN(),
+            stopping,
+            *([deadline] if deadline is not None else []),
+            _trial_callback(trial, run, self.events, len(self.data.splits["train"][1]), deadline),
+        ]
+        fitted = model.fit(train, validation_data=selection, epochs=int(params["epochs"]), verbose=0, shuffle=False,
+                           callbacks=callbacks)
+        history = fitted.history
+        if any(not np.isfinite(v) for v in history.get("loss", [])):
+            raise TrialError(f"loss became NaN/inf at epoch {len(history['loss'])} "
+                             f"(learning_rate={params['learning_rate']:.3g}); the search will try others")
+        trial.set_user_attr(record.BEST_EPOCH, int(stopping.best_epoch) + 1)
+        return history
+
+
+def headline(config: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The params a run's name shows, from ``study.run_name`` of the config, in its order."""
+    return {key: params[key] for key in config.get("study", {}).get("run_name", []) if key in params}
+
+
+def system_metrics(config: dict[str, Any], device: str) -> bool:
+    """Whether trial runs log MLflow's system metrics: ``train.system_metrics``, ``auto`` meaning with a GPU."""
+    setting = config.get("train", {}).get("system_metrics", "auto")
+    return device != "cpu" if setting == "auto" else bool(setting)
+
+
+def _deadline_stop(deadline: float):
+    """A Keras callback that stops training after the batch during which ``deadline`` (``time.monotonic()``)
+    passes; its ``stopped_at`` is then the fraction of that epoch trained, else None.
+
+    Waiting for the epoch's end could overrun a short deadline by a whole epoch (minutes on a CPU).
+    """
+    import keras
+
+    class DeadlineStop(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.batches, self.stopped_at = 0, None
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.batches += 1
+            if self.stopped_at is None and time.monotonic() >= deadline:
+                self.stopped_at = min(self.batches / (self.params.get("steps") or self.batches), 1.0)
+                self.model.stop_training = True
+
+    return DeadlineStop()
+
+
+def _trial_callback(trial, run, events: Events, train_images: int, deadline: Any = None):
+    """A Keras callback that logs each epoch to MLflow, reports it to Optuna and prunes.
+
+    When ``deadline`` (``_deadline_stop``) stopped the epoch early, Keras still scores the selection
+    split for that partial epoch, which is logged and reported like a full one (at the step of the
+    epoch it interrupted), and the trial ends pruned with ``record.DEADLINE_STOP``.
+    """
+    import keras
+    import optuna
+
+    from tinyopt.train.training import epoch_metrics
+
+    class TrialCallback(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = self.trained = time.perf_counter()
+
+        def on_test_begin(self, logs=None):
+            self.trained = time.perf_counter()  # validation starts: the training part of the epoch ends
+
+        def on_epoch_end(self, epoch, logs=None):
+            metrics = epoch_metrics(logs or {}, self.model, seconds=time.perf_counter() - self.started,
+                                    train_seconds=self.trained - self.started, train_images=train_images)
+            # Step = epochs trained (from 1): the resource Hyperband and successive halving count, and
+            # what the MLflow charts' step axis shows.
+            run.log_metrics(metrics, step=epoch + 1)
+            events.epoch_ended(trial.number, epoch, metrics)
+            if record.SELECTION_TOP1 in metrics:
+                trial.report(metrics[record.SELECTION_TOP1], epoch + 1)
+                if deadline is not None and deadline.stopped_at is not None:
+                    epochs = round(epoch + deadline.stopped_at, 2)
+                    top1 = metrics[record.SELECTION_TOP1]
+                    trial.set_user_attr(record.DEADLINE_STOP, {"epochs": epochs, record.SELECTION_TOP1: top1})
+                    raise optuna.TrialPruned(f"stopped at the --timeout deadline after {epochs:g} epochs "
+                                             f"(selection top-1 {top1:.3f})")
+                # A trial that has trained its last epoch has finished its schedule: it completes, even where
+                # a pruner's rung falls on that epoch (its model and probabilities are then kept).
+                if epoch + 1 < self.params["epochs"] and trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} "
+                                             f"(selection top-1 {metrics[record.SELECTION_TOP1]:.3f})")
+
+    return TrialCallback()
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _in_top(trial, value: float, keep: int) -> bool:
+    """Whether this trial is among the study's best ``keep`` so far, so that its model is worth keeping.
+
+    The study maximises; ties go to the trials that ended first, as in the ensemble's choice of members.
+    """
+    import optuna
+
+    complete = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    values = sorted((t.value for t in complete), reverse=True)
+    return len(values) < keep or value > values[keep - 1]

@@ -1,0 +1,324 @@
+"""The approaches side by side: best trials, trial counts, compute time, plots.
+
+``summarize_studies`` reads every study of an Optuna storage (``tinyopt best`` prints it);
+``write_report`` adds the plots (``tinyopt.core.plots``) and files of ``tinyopt report`` and logs them to
+MLflow, where ``report.html`` shows them inline. Optuna and matplotlib are imported inside the
+functions that use them.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tinyopt.core import record
+from tinyopt.core.config import APPROACHES
+from tinyopt.core.errors import StudyError
+from tinyopt.core.plots import SCORE_LABELS as _SCORE_LABELS
+from tinyopt.core.record import SCORES
+from tinyopt.core.urls import redact
+from tinyopt.stores import storage as storages
+
+STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+
+
+@dataclass
+class BestTrial:
+    """The best complete trial of a study.
+
+    Attributes:
+        number: the trial number.
+        value: the objective value (selection top-1, or minus the log loss for such an ensemble).
+        scores: ``selection_top1``, ``selection_top5``, ``test_top1``, ``test_top5`` where recorded.
+        params: every param of the trial, fixed ones included.
+        run_id: its MLflow run.
+        model_kept: whether that run holds the trained model.
+        members: ensemble only: the ``members`` user attr (see ``tinyopt.objectives.ensemble``).
+        uniform: ensemble only: scores of the uniform vote of the same members.
+        best_member: ensemble only: label and scores of the member with the best selection objective
+            (empty for trials recorded before it was).
+        log_losses: ``selection_log_loss`` and ``test_log_loss`` where recorded.
+    """
+
+    number: int
+    value: float
+    scores: dict[str, float]
+    params: dict[str, Any]
+    run_id: str | None
+    model_kept: bool
+    members: list[dict[str, Any]] = field(default_factory=list)
+    uniform: dict[str, float] = field(default_factory=dict)
+    best_member: dict[str, Any] = field(default_factory=dict)
+    log_losses: dict[str, float] = field(default_factory=dict)
+
+    def _best_member(self) -> dict[str, Any]:
+        # Trials recorded before best_member was took the member of the best selection top-1.
+        return self.best_member or max(self.members, key=lambda m: m["selection_top1"])
+
+    def gains(self) -> dict[str, float]:
+        """Ensemble only: top-1 over the best single member (chosen on selection) and over the uniform vote."""
+        if not self.members:
+            return {}
+        return {f"{split}_top1_over_{what}": self.scores[f"{split}_top1"] - reference[f"{split}_top1"]
+                for split in ("selection", "test")
+                for what, reference in (("best_member", self._best_member()), ("uniform", self.uniform))}
+
+    def versus(self) -> list[tuple[str, dict[str, float]]]:
+        """Ensemble only: the weighted vote, the best member alone and the uniform vote, as (name, scores)."""
+        if not self.members:
+            return []
+        return [("weighted vote", {**self.scores, **self.log_losses}),
+                (f"best member {self._best_member()['label']}", self._best_member()),
+                ("uniform vote", self.uniform)]
+
+
+@dataclass
+class StudySummary:
+    """One study: its trial counts, compute time and best trial (``None`` without a complete trial)."""
+
+    name: str
+    approach: str
+    counts: dict[str, int]
+    compute_seconds: float
+    best: BestTrial | None
+
+
+def _study_order(names: Sequence[str]) -> list[str]:
+    """Approach studies in the usual order (ensemble last), then any others by name."""
+    rank = {approach: i for i, approach in enumerate(APPROACHES)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+
+
+def summarize_studies(storage_url: str, names: Sequence[str] = ()) -> list[StudySummary]:
+    """Summaries of the named studies (default: every study in the storage), approaches first.
+
+    Raises:
+        StudyError: the storage is missing or empty, or a named study is not in it.
+    """
+    return [summarize_study(study) for study in _load_studies(storage_url, names)]
+
+
+def _load_studies(storage_url: str, names: Sequence[str]) -> list[Any]:
+    existing = storages.study_names(storage_url)
+    if not existing:
+        raise StudyError(f"{redact(storage_url)} holds no studies; run `tinyopt sweep APPROACH` first")
+    missing = [n for n in names if n not in existing]
+    if missing:
+        raise StudyError(f"no study named {', '.join(map(repr, missing))} in {redact(storage_url)}; "
+                         f"it holds: {', '.join(_study_order(existing))}")
+    return [storages.load_study(n, storage_url) for n in _study_order(names or existing)]
+
+
+def summarize_study(study: Any) -> StudySummary:
+    """One study's counts by state, compute time and best trial (a sweep's MLflow summary shows them too)."""
+    trials = study.get_trials(deepcopy=False)
+    counts = Counter(t.state.name for t in trials)
+    seconds = sum(t.duration.total_seconds() for t in trials if t.duration is not None)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    best = None
+    if complete:
+        trial = study.best_trial
+        attrs = trial.user_attrs
+        best = BestTrial(
+            number=trial.number, value=trial.value, scores={k: attrs[k] for k in SCORES if k in attrs},
+            params=attrs.get(record.PARAMS, trial.params), run_id=attrs.get(record.RUN_ID),
+            model_kept=bool(attrs.get(record.MODEL_KEPT)), members=attrs.get(record.MEMBERS, []),
+            uniform=attrs.get(record.UNIFORM, {}), best_member=attrs.get(record.BEST_MEMBER, {}),
+            log_losses={k: attrs[k] for k in record.LOG_LOSSES if k in attrs})
+    return StudySummary(name=study.study_name, approach=study.user_attrs.get(record.APPROACH, study.study_name),
+                        counts={state: counts.get(state, 0) for state in STATES}, compute_seconds=seconds,
+                        best=best)
+
+
+@dataclass
+class Report:
+    """What ``write_report`` produced."""
+
+    summaries: list[StudySummary]
+    files: list[Path]
+    notes: list[str]
+    mlflow_run_id: str | None = None
+
+
+def write_report(storage_url: str, tracking_uri: str, out_dir: str | Path, *, log_to_mlflow: bool = True) -> Report:
+    """Compare every study of a storage and write the comparison to ``out_dir``.
+
+    Writes ``report.md``, ``report.html`` (the same, its plots inline) and ``report.json`` (the
+    numbers), ``comparison.png`` (best trial of each study), and per study ``history_<study>.png``
+    and ``importance_<study>.png`` (PED-ANOVA, as optuna-dashboard ranks params); then logs them
+    to one MLflow run of the experiment ``tinyopt/report``, with ``report.html`` for reading there.
+
+    Raises:
+        StudyError: no storage or no studies.
+    """
+    from tinyopt.core import plots
+
+    if log_to_mlflow:
+        from tinyopt.track import tracking
+
+        tracking.check(tracking_uri)  # before the report's files are written, not after
+    studies = _load_studies(storage_url, ())
+    summaries = [summarize_study(study) for study in studies]
+    figures: dict[str, Any] = {}
+    notes: list[str] = []
+    importances: dict[str, dict[str, float]] = {}
+    for study, summary in zip(studies, summaries, strict=True):
+        if summary.best is None:
+            notes.append(f"study {summary.name!r} has no complete trial")
+            continue
+        complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+        figures[f"history_{summary.name}.png"] = plots.history_chart(summary.name, complete)
+        found, why = plots.importances(study)
+        if found:
+            importances[summary.name] = found
+            figures[f"importance_{summary.name}.png"] = plots.importance_chart(summary.name, found)
+        else:
+            notes.append(f"no parameter importance for {summary.name!r} ({why})")
+    rows = [{"name": s.name, **s.best.scores} for s in summaries if s.best]
+    if rows:
+        figures["comparison.png"] = plots.comparison_chart(rows, "best trial of each study")
+    numbers = {"storage": redact(storage_url), "studies": [asdict(s) for s in summaries],
+               "gains": {s.name: s.best.gains() for s in summaries if s.best and s.best.members},
+               "importances": importances, "notes": notes}
+    images = {name: _png(figure) for name, figure in figures.items()}
+    texts = {"report.json": json.dumps(numbers, indent=2, default=str) + "\n",
+             "report.md": _markdown(summaries, notes, figures),
+             "report.html": _html(summaries, notes, images)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / name for name in [*texts, *images]]
+    for name, text in texts.items():
+        (out / name).write_text(text)
+    for name, data in images.items():
+        (out / name).write_bytes(data)
+    run_id = _log(tracking_uri, summaries, texts, figures) if log_to_mlflow else None
+    return Report(summaries, files, notes, run_id)
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+def _log(tracking_uri: str, summaries: Sequence[StudySummary], texts: Mapping[str, str],
+         figures: Mapping[str, Any]) -> str:
+    from tinyopt.track.tracking import Tracker, TrialRun, safe_name
+
+    # The study-level run of a pseudo study "report": each report updates the one latest report run.
+    tracker = Tracker(tracking_uri, "report", "report")
+    run_id = tracker.start_sweep({"studies": [s.name for s in summaries]}, tags={})
+    run = TrialRun(tracker.client, run_id)
+    run.log_metrics({f"{safe_name(s.name)}.{key}": value for s in summaries if s.best
+                     for key, value in {**s.best.scores, **s.best.gains()}.items()})
+    # MLflow shows markdown as text, its image links unresolved: report.html carries the images inline.
+    for name, text in texts.items():
+        if name != "report.md":
+            run.log_text(text, name)
+    for name, figure in figures.items():
+        run.log_figure(figure, name)
+    tracker.end_sweep()
+    return run_id
+
+
+def format_seconds(seconds: float) -> str:
+    """``1h 02m``, ``3m 05s`` or ``12s``."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def gain_label(key: str) -> str:
+    """``selection_top1_over_uniform`` -> ``selection top-1 over uniform``."""
+    return key.replace("_top1_", " top-1 ").replace("_", " ")
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _temperature(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+# The columns of an ensemble's comparison, (score key, label), in the report and `tinyopt best`.
+VERSUS_COLUMNS = (("selection_top1", "selection top-1"), ("test_top1", "test top-1"),
+                  ("selection_log_loss", "selection log loss"), ("test_log_loss", "test log loss"))
+
+
+def versus_lines(best: BestTrial) -> list[str]:
+    """Ensemble only: one line each for the weighted vote, the best member and the uniform vote."""
+    return [f"{name}: " + ", ".join(f"{label} {_score(found.get(key))}" for key, label in VERSUS_COLUMNS)
+            for name, found in best.versus()]
+
+
+_INTRO = "Selection scores chose every model; test scores (the official validation set) are only reported."
+_WEIGHTS = ("Weights are the share of each member in the vote (they sum to 1), as in `tinyopt best` and MLflow. "
+            "Each member is calibrated before the vote: its probabilities p become softmax(log(p) / T), the "
+            "temperature T fitted on the selection split; the members' scores are after calibration.")
+
+
+def _tables(summaries: Sequence[StudySummary]) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
+    """The report's tables, as (title, header, rows, lines after), for both the markdown and the HTML."""
+    header = ["study", "approach", "best trial", *_SCORE_LABELS.values(), "complete", "pruned", "failed", "compute"]
+    rows = []
+    for s in summaries:
+        best = s.best
+        cells = [s.name, s.approach, "-" if best is None else str(best.number)]
+        cells += [_score(best.scores.get(k) if best else None) for k in SCORES]
+        cells += [str(s.counts[state]) for state in ("COMPLETE", "PRUNED", "FAIL")]
+        cells.append(format_seconds(s.compute_seconds))
+        rows.append(cells)
+    tables = [("Studies", header, rows, [])]
+    for s in summaries:
+        if s.best and s.best.members:
+            members = [[m["label"], f"{m['weight']:.3f}", _temperature(m.get("temperature")),
+                        *[_score(m.get(key)) for key, _ in VERSUS_COLUMNS]] for m in s.best.members]
+            members += [[name, "-", "-", *[_score(found.get(key)) for key, _ in VERSUS_COLUMNS]]
+                        for name, found in s.best.versus()]
+            gains = [f"{gain_label(key)}: {value:+.4f}" for key, value in s.best.gains().items()]
+            tables.append((f"Ensemble study {s.name}",
+                           ["member", "weight", "temperature", *[label for _, label in VERSUS_COLUMNS]],
+                           members, [_WEIGHTS, *gains]))
+    return tables
+
+
+def _markdown(summaries: Sequence[StudySummary], notes: Sequence[str], figures: Mapping[str, Any]) -> str:
+    lines = ["# tinyopt report", "", _INTRO]
+    for title, header, rows, after in _tables(summaries):
+        lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines += ["", *[f"- {line}" for line in after]] if after else []
+    lines += ["", "## Plots", "", *[f"![{name}]({name})" for name in figures]]
+    if notes:
+        lines += ["", "## Notes", "", *[f"- {note}" for note in notes]]
+    return "\n".join(lines) + "\n"
+
+
+def _html(summaries: Sequence[StudySummary], notes: Sequence[str], images: Mapping[str, bytes]) -> str:
+    """The report as one HTML page, its plots inline: MLflow's artifact view shows it as a person reads it."""
+    def cells(tag: str, row: Sequence[str]) -> str:
+        return "<tr>" + "".join(f"<{tag}>{html.escape(cell)}</{tag}>" for cell in row) + "</tr>"
+
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>tinyopt report</title><style>"
+             "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}"
+             "</style></head><body>", "<h1>tinyopt report</h1>", f"<p>{html.escape(_INTRO)}</p>"]
+    for title, header, rows, after in _tables(summaries):
+        parts += [f"<h2>{html.escape(title)}</h2><table>", cells("th", header), *[cells("td", r) for r in rows],
+                  "</table>", *[f"<p>{html.escape(line.replace('`', ''))}</p>" for line in after]]
+    parts.append("<h2>Plots</h2>")
+    parts += [f"<h3>{html.escape(name)}</h3><img alt='{html.escape(name)}' "
+              f"src='data:image/png;base64,{base64.b64encode(data).decode()}'>" for name, data in images.items()]
+    if notes:
+        parts += ["<h2>Notes</h2><ul>", *[f"<li>{html.escape(note)}</li>" for note in notes], "</ul>"]
+    return "\n".join([*parts, "</body></html>"]) + "\n"

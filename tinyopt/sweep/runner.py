@@ -1,0 +1,495 @@
+"""Running a sweep: checks first, then the study, its MLflow runs, its trials, and how it stops.
+
+``run_sweep`` is what ``tinyopt sweep`` calls (in each worker process, when there are several). It
+checks everything it can before it creates anything: the config when it loads, the storage and the
+tracking store (reachable, within seconds), the data (prepared once, the slow part), the pretrained
+weights. Only then does it open the study and the MLflow parent run, recover the trials of dead
+workers, and run trials until ``trials``, ``timeout``, ``max_trials``, a signal or the failure
+policy stops it. Rerunning it with the same study name and storage continues the study.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tinyopt.core import record, signals
+from tinyopt.core import space as search_space
+from tinyopt.core.config import load_config
+from tinyopt.core.errors import StudyError
+from tinyopt.core.urls import redact
+from tinyopt.stores import storage as storages
+from tinyopt.train import backend
+
+DEFAULT_STORAGE = storages.DEFAULT_STORAGE
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+
+
+@dataclass
+class SweepResult:
+    """What a sweep reports: counts, the best trials, where to look at them, and how it ended."""
+
+    study_name: str
+    approach: str
+    storage: str
+    counts: dict[str, int]
+    top: list[dict[str, Any]]
+    ui_command: str
+    new_trials: int = 0
+    notes: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)
+    interrupted: str | None = None  # the signal that stopped the sweep, e.g. "SIGTERM"
+    exit_code: int = 0
+
+
+@dataclass
+class Prepared:
+    """A sweep checked and ready: the resolved config, its data and the device trials run on."""
+
+    config: dict[str, Any]
+    data: Any  # tinyopt.objectives.model.SweepData, or for the ensemble its weight search and notes
+    device: str
+
+
+def prepare(approach: str, *, study_name: str | None = None, config_path: str | None = None,
+            overrides: tuple[str, ...] = (), source: str | None = None, cache_dir: str | None = None,
+            storage: str = DEFAULT_STORAGE, tracking_uri: str = DEFAULT_TRACKING_URI, progress: bool = True
+            ) -> Prepared:
+    """Check a sweep without creating a study or a run: config, stores, data, weights, ensemble members.
+
+    Only the data cache may be written: ``tinyopt.data.cache.prepare`` decodes the dataset once (an
+    interrupted or failed prepare leaves the cache as it was).
+
+    Raises:
+        TinyoptError: a bad config value, an unreachable storage or tracking store, bad data or weights,
+            or too few ensemble members.
+    """
+    config = load_config(approach, config_path, overrides)
+    if approach != "ensemble":
+        backend.check()
+        backend.set_gpu_memory(config["train"]["gpu_memory"])
+    storages.check(storage, study_name or approach)
+    from tinyopt.track import tracking  # mlflow: after the config, whose mistakes are found in a blink
+
+    tracking.check(tracking_uri)
+    _check_study_approach(storage, study_name or approach, approach)
+    if approach == "ensemble":
+        from tinyopt.objectives.ensemble import prepare_search
+
+        return Prepared(config, prepare_search(study_name or approach, config, storage, tracking_uri), "cpu (numpy)")
+    data = load_sweep_data(config, source, cache_dir, progress)
+    device = backend.load()
+    if "backbone" in config.get("model", {}):
+        from tinyopt.models import backbones
+
+        backbones.check_weights(config["model"])
+    return Prepared(config, data, device)
+
+
+def _check_study_approach(storage: str, name: str, approach: str) -> None:
+    """Refuse, before anything is created, a study that holds the trials of another approach.
+
+    Raises:
+        StudyError: the study exists and belongs to another approach.
+    """
+    _refuse_other_approach(name, storages.study_attr(storage, name, record.APPROACH), approach)
+
+
+def _refuse_other_approach(name: str, owner: str | None, approach: str) -> None:
+    if owner is not None and owner != approach:
+        raise StudyError(f"study {name!r} holds {owner} trials, not {approach}; pass --study with another name")
+
+
+def load_sweep_data(config: dict[str, Any], source: str | None, cache_dir: str | None, progress: bool):
+    """Prepare (once), verify and load the splits a model approach needs, sliced as ``[data]`` says.
+
+    The cache is checked whole here, before any study or run exists, checksums included
+    (``tinyopt.data.cache.verify``): reading every byte costs about 0.3 s a GB from the page cache and 1 s
+    a GB from disk, about half a second for the full dataset, once per sweep, and the pages it reads
+    are the ones training reads next. A damaged cache or an empty split is then one line, not a
+    traceback from TensorFlow after the study and a FAILED MLflow run were made.
+
+    Raises:
+        DataError: the cache is damaged, or a split holds no images.
+    """
+    from tinyopt.core.errors import DataError
+    from tinyopt.data import cache as data
+    from tinyopt.objectives.model import SweepData
+
+    cache = _prepared_cache(cache_dir) if source is None else None
+    if cache is None:
+        cache = data.prepare(source, cache_dir, progress=progress)  # verifies an existing cache, checksums too
+    data_cfg = config.get("data", {})
+    splits = {}
+    for split in ("train", "selection", "test"):
+        x, y = data.load_split(split, cache)
+        cap = int(data_cfg.get(f"{split}_per_class", 0))
+        if cap:
+            keep = data.stratified_subset(y, per_class=cap, seed=int(data_cfg.get("seed", 0)))
+            x, y = x[keep], y[keep]
+        if not len(y):
+            raise DataError(f"the {split} split of {cache} holds no images, so no trial could run; rebuild it "
+                            f"from a source whose {split} images decode: `{data.rebuild_command(cache)}`")
+        splits[split] = (x, y)
+    return SweepData(splits=splits, classes=data.load_classes(cache), cache_dir=Path(cache).expanduser())
+
+
+def _prepared_cache(cache_dir: str | None):
+    """The cache when it holds a prepared dataset: a sweep without --data uses it as it is.
+
+    Raises:
+        DataError: the dataset there is damaged (rather than a download of the official one over it).
+    """
+    from tinyopt.data import cache as data
+
+    if not data.is_prepared(cache_dir):
+        return None
+    data.verify(cache_dir)
+    return cache_dir if cache_dir is not None else data.default_cache_dir()
+
+
+@dataclass
+class Session:
+    """An opened sweep: the study, where it lives, its tracker and what recovery found."""
+
+    study: Any
+    storage: Any
+    url: str
+    tracker: Any
+    recovered: list[str]
+
+
+def open_sweep(approach: str, name: str, config: dict[str, Any], *, storage: str, tracking_uri: str,
+               seed: int = 0, owner: bool = True, workers: int = 1,
+               first_trial: dict[str, Any] | None = None) -> Session:
+    """Create or load the study and its MLflow parent run, and recover the trials of dead workers.
+
+    Everything happens under the study's lock, so workers that start together on fresh stores
+    create one study, one first trial and one parent run between them.
+
+    Args:
+        owner: this process opens and closes the parent run (a worker of ``--workers`` does not).
+        workers: how many worker processes will share the study (a SQLite study moves to a journal file).
+        first_trial: the params of the study's first trial, enqueued when it has no trial yet
+            (default: the defaults of the config's ``[space]``).
+
+    Raises:
+        StudyError: the study belongs to another approach, or a store cannot be opened.
+    """
+    import optuna
+
+    from tinyopt.sweep import recovery, sampling
+    from tinyopt.track.tracking import Tracker
+
+    study_cfg = config.get("study", {})
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with storages.study_lock(storage, name):
+        # MLflow first: a tracking store that cannot be opened leaves no study behind.
+        tracker = Tracker(tracking_uri, name, approach)
+        url = (storages.move_to_journal(storage, name) if storages.needs_journal(storage, workers)
+               else storages.home(storage, name))
+        interval = int(study_cfg.get("heartbeat_interval", 60))
+        opened = storages.open_storage(url, interval,
+                                       on_stale=lambda trial: recovery.close_stale(tracker, trial, 2 * interval))
+        pruner = sampling.make_pruner(study_cfg, sampling.max_epochs(config.get("space", {})))
+        study = optuna.create_study(study_name=name, storage=opened, pruner=pruner, direction="maximize",
+                                    load_if_exists=True)
+        study.sampler = sampling.make_sampler(study_cfg, seed)
+        owner_approach = study.user_attrs.get(record.APPROACH)
+        _refuse_other_approach(name, owner_approach, approach)  # checked again: another command may have made it
+        if owner_approach is None:
+            study.set_user_attr(record.APPROACH, approach)
+        with storages.optuna_experimental():
+            study.set_metric_names([_objective_name(config)])  # optuna-dashboard's name for the value
+        if not study.get_trials(deepcopy=False):
+            # The first trial is a known-sane baseline for TPE to beat: the defaults of the space, or the
+            # ensemble's greedy weights (tinyopt.objectives.voting.greedy_weights), so its best is at least theirs.
+            if first_trial is None and config.get("space"):
+                first_trial = search_space.searched(config["space"], search_space.defaults(config["space"]))
+            if first_trial:
+                study.enqueue_trial(first_trial)
+        study.set_user_attr(record.CONFIG, config)
+        study.set_user_attr(record.EXPERIMENT_ID, tracker.experiment_id)
+        parent = tracker.start_sweep(config, tags={"storage": redact(storage), record.TAG_BACKEND: backend.name()},
+                                     reopen=owner)
+        study.set_user_attr(record.PARENT_RUN_ID, parent)
+        recovered = recovery.recover(study, opened, tracker)
+    return Session(study, opened, url, tracker, recovered)
+
+
+def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None, max_trials: int | None = None,
+              source: str | None = None, cache_dir: str | None = None, config_path: str | None = None,
+              overrides: tuple[str, ...] = (), study_name: str | None = None, storage: str = DEFAULT_STORAGE,
+              tracking_uri: str = DEFAULT_TRACKING_URI, seed: int = 0, events: Any = None, progress: bool = True,
+              owner: bool = True) -> SweepResult:
+    """Run (or continue) the study of one approach and record every trial in MLflow.
+
+    SIGINT and SIGTERM end it cleanly: the running trial is failed with the reason, every MLflow run
+    of this process is closed, and the result says which signal stopped it (``exit_code`` 130/143).
+
+    Args:
+        approach: ``pretrained``, ``finetune``, ``scratch`` or ``ensemble``.
+        trials: number of trials this process adds; ``None`` runs until ``timeout``.
+        timeout: seconds from this call (data preparation included) at which the sweep ends: no trial starts
+            after it, and a trial still training stops after its current batch and ends pruned.
+        max_trials: start no trial once the study holds this many finished or running trials,
+            counted over every worker of every machine.
+        source: dataset source for ``tinyopt.data.cache.prepare`` (URL, zip or folder).
+        cache_dir: dataset cache folder.
+        config_path: a config file merged onto ``sweeps/<approach>.toml``.
+        overrides: ``key=value`` overrides.
+        study_name: defaults to the approach.
+        storage: Optuna storage URL.
+        tracking_uri: MLflow tracking URI.
+        seed: seeds the sampler and every trial.
+        events: progress listener (see ``tinyopt.objectives.model.Events``).
+        progress: show the data preparation progress bar.
+        owner: open and close the parent run; False in the workers of ``tinyopt sweep --workers``.
+
+    Raises:
+        TinyoptError: bad config, data, storage or weights; too many consecutive failed trials; or
+            every trial of this run failed.
+    """
+    from tinyopt.objectives.model import ModelObjective, QuietEvents, TrialFailed
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    events = events or QuietEvents()
+    name = study_name or approach
+    prepared = prepare(approach, study_name=name, config_path=config_path, overrides=overrides, source=source,
+                       cache_dir=cache_dir, storage=storage, tracking_uri=tracking_uri, progress=progress)
+    config = prepared.config
+    with signals.deferred(), _quiet_trial_failures():
+        session = open_sweep(approach, name, config, storage=storage, tracking_uri=tracking_uri, seed=seed,
+                             owner=owner,
+                             first_trial=prepared.data[0].greedy_params() if approach == "ensemble" else None)
+        study, tracker = session.study, session.tracker
+        policy = _FailurePolicy(int(config.get("study", {}).get("max_consecutive_failures", 5)))
+        cap = _TrialCap(study, max_trials, lambda: storages.study_lock(storage, name))
+        ran: list[int] = []
+        objective = None
+        status, stopped, all_failed = "FAILED", None, False
+        try:
+            shown = prepared.device if approach == "ensemble" else f"{prepared.device} (Keras {backend.name()} backend)"
+            events.sweep_started(shown, session.recovered)
+            if approach == "ensemble":
+                from tinyopt.objectives.ensemble import EnsembleObjective
+
+                search, skipped = prepared.data
+                objective = EnsembleObjective(search, config, tracker, events, notes=skipped)
+            else:
+                from tinyopt.models import approaches
+
+                objective = ModelObjective(approaches.get_approach(approach), config, prepared.data, tracker,
+                                           seed, events, prepared.device, deadline)
+
+            def counted(trial) -> float:
+                cap.release()  # the trial exists now: other workers may count it
+                ran.append(trial.number)
+                return objective(trial)
+
+            signals.raise_pending()
+            # What is loaded by now (Keras, TensorFlow, MLflow, the data) lives as long as the sweep:
+            # kept out of the collector's scans, the full collection each trial's clear_session runs
+            # takes milliseconds instead of about a second.
+            gc.freeze()
+            command = _command()
+
+            def summarize_in_mlflow(study, trial) -> None:
+                from tinyopt.results.report import summarize_study
+
+                tracker.update_summary(study, summarize_study(study), trial.number, command)
+
+            if cap.acquire():
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                study.optimize(counted, n_trials=trials, timeout=left, catch=(TrialFailed,),
+                               callbacks=[policy, cap, summarize_in_mlflow, _stop_on_signal])
+            stopped, all_failed = signals.pending(), _all_failed(study, ran)
+            status = "KILLED" if stopped else "FAILED" if policy.stopped or all_failed else "FINISHED"
+        except signals.Interrupted as err:
+            stopped, status = err, "KILLED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            cap.release()
+            if owner:
+                tracker.end_sweep(status)
+    result = summarize(study, storage, tracking_uri, new_trials=len(ran))
+    result.notes = list(getattr(objective, "notes", [])) + deadline_notes(study, ran)
+    result.recovered = session.recovered
+    if stopped is not None:
+        result.interrupted, result.exit_code = stopped.name, stopped.exit_code
+        return result
+    if policy.stopped:
+        raise StudyError(f"stopped after {policy.limit} consecutive failed trials (last: {policy.last_reason}); "
+                         "see the FAILED runs in MLflow, fix the config, and rerun to continue the study")
+    if all_failed:
+        raise StudyError(f"all {len(ran)} trials of this run failed (last: {_reason(study, ran[-1])}); "
+                         "see the FAILED runs in MLflow, fix the cause, and rerun to continue the study")
+    return result
+
+
+def deadline_notes(study: Any, numbers: list[int]) -> list[str]:
+    """One note per trial of ``numbers`` that the ``--timeout`` deadline stopped."""
+    notes = []
+    trials = study.get_trials(deepcopy=False)
+    for number in numbers:
+        stop = trials[number].user_attrs.get(record.DEADLINE_STOP)
+        if stop:
+            notes.append(f"trial {number} was still training at the --timeout deadline: stopped after "
+                         f"{stop['epochs']:g} epochs and recorded as pruned "
+                         f"(selection top-1 {stop[record.SELECTION_TOP1]:.3f} then)")
+    return notes
+
+
+def _objective_name(config: dict[str, Any]) -> str:
+    """What the study's value is: selection top-1, or minus the selection log loss for such an ensemble."""
+    if config.get("ensemble", {}).get("objective") == "log_loss":
+        return "minus_selection_log_loss"
+    return record.OBJECTIVE_NAME
+
+
+def _command() -> str:
+    """The command line that runs this sweep, as the parent run's description shows it (secrets hidden)."""
+    program = "tinyopt" if sys.argv and sys.argv[0].endswith(("tinyopt", "tinyopt/__main__.py")) else sys.argv[0]
+    return redact(shlex.join([program, *sys.argv[1:]]))
+
+
+def _all_failed(study, numbers: list[int]) -> bool:
+    import optuna
+
+    trials = study.get_trials(deepcopy=False)
+    return bool(numbers) and all(trials[n].state == optuna.trial.TrialState.FAIL for n in numbers)
+
+
+def _reason(study, number: int) -> str:
+    return study.get_trials(deepcopy=False)[number].user_attrs.get(record.FAIL_REASON, "unknown")
+
+
+def _stop_on_signal(study, _trial) -> None:
+    """Start no trial after a deferred SIGINT/SIGTERM: the one that was running has ended."""
+    if signals.pending():
+        study.stop()
+
+
+@contextlib.contextmanager
+def _quiet_trial_failures():
+    """Drop Optuna's "Trial N failed" warning and its traceback while trials run.
+
+    tinyopt reports a failure itself: one line in the terminal, the reason and the traceback in the
+    trial's MLflow run. (An interrupted trial would otherwise print a KeyboardInterrupt traceback.)
+    """
+
+    class _Filter(logging.Filter):
+        def filter(self, log: logging.LogRecord) -> bool:
+            return " failed with " not in log.getMessage()
+
+    logger = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
+    dropped = _Filter()
+    logger.addFilter(dropped)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropped)
+
+
+class _TrialCap:
+    """``--max-trials``: no trial starts once the study holds ``limit`` finished or running trials.
+
+    Optuna's ``MaxTrialsCallback`` counts after each trial ends, so K workers that pass the check
+    together overshoot by up to K - 1. Here the count and the creation of the next trial happen
+    under the study's lock (a file lock, or an advisory lock in the database, shared by every
+    machine): the lock is taken when a trial ends (Optuna calls this object as a callback), and
+    released once the next trial exists (``release`` at the top of the objective).
+    """
+
+    def __init__(self, study: Any, limit: int | None, lock: Callable[[], Any]):
+        self.study = study
+        self.limit = limit
+        self._lock = lock
+        self._held: Any = None
+
+    def acquire(self) -> bool:
+        """Take the lock and say whether another trial may start (releasing the lock if not)."""
+        import optuna
+
+        if self.limit is None:
+            return True
+        self._held = self._lock()
+        self._held.__enter__()
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                  optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING)
+        if len(self.study.get_trials(deepcopy=False, states=states)) < self.limit:
+            return True
+        self.release()
+        return False
+
+    def release(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            held.__exit__(None, None, None)
+
+    def __call__(self, study, _trial) -> None:
+        if not self.acquire():
+            study.stop()
+
+
+class _FailurePolicy:
+    """Stops the study after ``limit`` failed trials in a row: something is wrong with every trial."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_a_row = 0
+        self.stopped = False
+        self.last_reason = ""
+
+    def __call__(self, study, trial) -> None:
+        import optuna
+
+        if trial.state != optuna.trial.TrialState.FAIL:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.last_reason = trial.user_attrs.get(record.FAIL_REASON, "unknown")
+        if self.limit and self.in_a_row >= self.limit:
+            self.stopped = True
+            study.stop()
+
+
+def _shown_params(trial) -> dict[str, Any]:
+    """The searched params as a person reads them: an ensemble's weights as shares of the vote (sum 1)."""
+    from tinyopt.objectives.ensemble import WEIGHT_PREFIX
+
+    members = trial.user_attrs.get(record.MEMBERS)
+    if members:
+        return {f"{WEIGHT_PREFIX}{m['label']}": round(m["weight"], 3) for m in members}
+    return trial.params
+
+
+def summarize(study, storage: str, tracking_uri: str, new_trials: int = 0, top: int = 5) -> SweepResult:
+    """Counts by state and the ``top`` best complete trials of a study."""
+    import optuna
+
+    from tinyopt.track.tracking import ui_command
+
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name: 0 for state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                                          optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING)}
+    for trial in trials:
+        if trial.state.name in counts:
+            counts[trial.state.name] += 1
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = sorted(complete, key=lambda t: t.value, reverse=True)[:top]
+    rows = [{"number": t.number, "value": t.value, "test_top1": t.user_attrs.get("test_top1"),
+             "params": _shown_params(t), "run_id": t.user_attrs.get(record.RUN_ID)} for t in best]
+    return SweepResult(study_name=study.study_name, approach=study.user_attrs.get(record.APPROACH, ""),
+                       storage=redact(storage), counts=counts, top=rows, ui_command=ui_command(tracking_uri),
+                       new_trials=new_trials)
