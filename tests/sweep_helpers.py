@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tinyopt.stores import storage
-from tinyopt.track import tracking
+from tinyopt.track import names as run_names
 
 POSTGRES = os.environ.get("TINYOPT_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -83,7 +83,7 @@ def wait_for_training(url, name, process, timeout=240):
 
 def runs_of(stores, study):
     client = MlflowClient(stores["tracking_uri"])
-    experiment = client.get_experiment_by_name(tracking.experiment_name(study))
+    experiment = client.get_experiment_by_name(run_names.experiment_name(study))
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = {int(r.data.tags["trial_number"]): r for r in runs if "mlflow.parentRunId" in r.data.tags}

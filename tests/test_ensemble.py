@@ -291,6 +291,7 @@ def test_select_members_takes_best_k_of_each_study(tmp_path):
 def test_ensemble_sweep_enqueues_the_greedy_weights_first(tmp_path, members_and_predictions):
     """The runner's first ensemble trial is the greedy one, so the study's best is at least the greedy vote."""
     from tinyopt.sweep.runner import run_sweep
+    from tinyopt.track import store as mlflow_store
     from tinyopt.track import tracking
 
     _, predictions = members_and_predictions
@@ -315,7 +316,7 @@ def test_ensemble_sweep_enqueues_the_greedy_weights_first(tmp_path, members_and_
     assert first.value == pytest.approx(search.value(search.evaluate(search.greedy)))
     assert study.best_value >= first.value
     assert first.user_attrs[record.BEST_MEMBER]["label"] == "good-0"
-    run = tracking.get_run(first.user_attrs[record.RUN_ID], stores["tracking_uri"])
+    run = mlflow_store.get_run(first.user_attrs[record.RUN_ID], stores["tracking_uri"])
     assert run.data.metrics[record.final("best_member_test_top1")] == pytest.approx(
         search.member_scores[0]["test_top1"], abs=5e-5)
     assert run.data.metrics[record.final("uniform_selection_log_loss")] == pytest.approx(

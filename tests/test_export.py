@@ -14,6 +14,7 @@ import pytest
 
 from tinyopt.core.errors import TinyoptError
 from tinyopt.objectives import voting
+from tinyopt.results import bundle as bundles
 from tinyopt.results import export
 
 pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlow
@@ -43,7 +44,7 @@ def images():
 
 
 def _write(dst, model, **kwargs):
-    return export.write_bundle(dst, model=model, classes=CLASSES, params={"lr": 0.01, "optimizer": "adam"},
+    return bundles.write_bundle(dst, model=model, classes=CLASSES, params={"lr": 0.01, "optimizer": "adam"},
                                metrics={"selection_top1": 0.5, "test_top1": 0.25}, description=DESCRIPTION,
                                **kwargs)
 
@@ -72,7 +73,7 @@ def test_ensemble_bundle_loads_and_predicts_without_tinyopt(tmp_path, members, i
     assert np.abs(expected - uncalibrated).max() > 1e-3, "fixture: the temperatures must change the vote"
     np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), expected, rtol=1e-5, atol=1e-7)
 
-    assert export.read_classes(bundle / "classes.tsv") == CLASSES
+    assert bundles.read_classes(bundle / "classes.tsv") == CLASSES
     assert json.loads((bundle / "params.json").read_text()) == {"lr": 0.01, "optimizer": "adam"}
     assert json.loads((bundle / "metrics.json").read_text()) == {"selection_top1": 0.5, "test_top1": 0.25}
     readme = (bundle / "MODEL.md").read_text()
@@ -132,7 +133,7 @@ def test_a_folder_with_a_keras_model_but_no_provenance_is_not_a_bundle(tmp_path,
     dst.mkdir()
     members[0].save(dst / "model.keras")
     with pytest.raises(TinyoptError, match="has no provenance.json, so it is not a bundle tinyopt wrote"):
-        export.check_destination(dst, overwrite=True)
+        bundles.check_destination(dst, overwrite=True)
 
 
 def test_a_bundle_missing_some_files_is_still_replaced(tmp_path, members):
@@ -179,7 +180,7 @@ def test_failed_write_leaves_nothing(tmp_path, members):
 
 def test_classes_must_match_the_model_output(tmp_path, members):
     with pytest.raises(TinyoptError, match="outputs 3 probabilities but 2 classes"):
-        export.write_bundle(tmp_path / "out", model=members[0], classes=CLASSES[:2], params={}, metrics={},
+        bundles.write_bundle(tmp_path / "out", model=members[0], classes=CLASSES[:2], params={}, metrics={},
                             description=DESCRIPTION)
 
 
@@ -190,10 +191,10 @@ def test_read_classes_rejects_malformed_files(tmp_path, text, problem):
     path = tmp_path / "classes.tsv"
     path.write_text(text)
     with pytest.raises(TinyoptError, match=problem):
-        export.read_classes(path)
+        bundles.read_classes(path)
 
 
 def test_read_classes_without_header(tmp_path):
     path = tmp_path / "classes.tsv"
     path.write_text("0\tn01443537\tgoldfish\n1\tn01629819\tsalamander\n")
-    assert export.read_classes(path) == [(0, "n01443537", "goldfish"), (1, "n01629819", "salamander")]
+    assert bundles.read_classes(path) == [(0, "n01443537", "goldfish"), (1, "n01629819", "salamander")]

@@ -25,8 +25,10 @@ from PIL import Image
 
 from tinyopt.core import record
 from tinyopt.core.errors import StudyError, TinyoptError
+from tinyopt.results import bundle as bundles
 from tinyopt.results import export
 from tinyopt.results.predict import load_bundle
+from tinyopt.track import store as mlflow_store
 from tinyopt.track import tracking
 
 pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlow
@@ -45,7 +47,7 @@ def _model(seed: int) -> keras.Model:
 
 
 def _write(dst: Path, seed: int = 0) -> Path:
-    return export.write_bundle(dst, model=_model(seed), classes=CLASSES, params={"width": 8}, metrics=SCORES,
+    return bundles.write_bundle(dst, model=_model(seed), classes=CLASSES, params={"width": 8}, metrics=SCORES,
                                description=DESCRIPTION)
 
 
@@ -183,7 +185,7 @@ def test_load_bundle_names_the_file_and_what_is_wrong(copy, damage):
         load_bundle(copy)
     message = str(raised.value)
     assert "\n" not in message, message
-    assert f"{copy / name}" in message and problem in message and export.BUNDLE_FIX in message, message
+    assert f"{copy / name}" in message and problem in message and bundles.BUNDLE_FIX in message, message
 
 
 def test_load_bundle_loads_the_bundle_it_checks(bundle):
@@ -267,7 +269,7 @@ def _stored_files(stores) -> dict[str, Path]:
 
 def _read_back(what: str, stores, tmp_path):
     if what == "predictions":
-        return tracking.load_predictions(stores["damaged_run_id"], stores["tracking_uri"])
+        return mlflow_store.load_predictions(stores["damaged_run_id"], stores["tracking_uri"])
     return export._run_model(stores["damaged_run_id"], stores["tracking_uri"], tmp_path)
 
 

@@ -312,7 +312,7 @@ CROSS_BACKEND = {
 
 def test_a_bundle_predicts_the_same_on_the_other_backend(tmp_path):
     """Every approach's model, exported on this backend, loads and predicts within 1e-4 on the other one."""
-    from tinyopt.results import export
+    from tinyopt.results import bundle as bundles
 
     this = keras.backend.backend()
     other = "jax" if this == "tensorflow" else "tensorflow"
@@ -324,7 +324,7 @@ def test_a_bundle_predicts_the_same_on_the_other_backend(tmp_path):
         keras.utils.set_random_seed(1)
         model = get_approach(approach).build(_params(approach, **override), model=SMALL, wnids=WNIDS)
         expected[approach] = model.predict(images, verbose=0)
-        export.write_bundle(tmp_path / approach, model=model, classes=[(i, w, w) for i, w in enumerate(WNIDS)],
+        bundles.write_bundle(tmp_path / approach, model=model, classes=[(i, w, w) for i, w in enumerate(WNIDS)],
                             params=override, metrics={}, description={"title": approach, "what": "", "how_chosen": ""})
     script = textwrap.dedent(f"""
         import json, keras, numpy as np

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tinyopt.cli import cli
 from tinyopt.core.errors import TinyoptError
-from tinyopt.results import export
+from tinyopt.results import bundle as bundles
 from tinyopt.results.predict import predict_images
 
 pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlow
@@ -26,7 +26,7 @@ def bundle(tmp_path_factory):
     image = keras.Input((64, 64, 3), dtype="uint8")
     x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(image))
     model = keras.Model(image, keras.layers.Dense(len(CLASSES), activation="softmax")(x))
-    return export.write_bundle(tmp_path_factory.mktemp("predict") / "bundle", model=model, classes=CLASSES,
+    return bundles.write_bundle(tmp_path_factory.mktemp("predict") / "bundle", model=model, classes=CLASSES,
                                params={}, metrics={}, description={"title": "t", "what": "w", "how_chosen": "h"})
 
 

@@ -18,7 +18,7 @@ from tinyopt.core import record
 from tinyopt.data import cache as data
 from tinyopt.results import refit
 from tinyopt.sweep import runner
-from tinyopt.track import tracking
+from tinyopt.track import names as run_names
 
 
 def _stores(root):
@@ -49,7 +49,7 @@ def refitted(tiny_folder, tmp_path_factory):
 
 def _refit_runs(stores, study):
     client = MlflowClient(stores["tracking_uri"])
-    experiment = client.get_experiment_by_name(tracking.experiment_name(study))
+    experiment = client.get_experiment_by_name(run_names.experiment_name(study))
     return client, client.search_runs([experiment.experiment_id], f"tags.`{record.TAG_REFIT_OF}` != ''")
 
 
@@ -74,7 +74,7 @@ def test_refit_is_a_run_of_the_study_trained_on_train_and_selection(refitted):
     assert run.data.params[record.REFIT_EPOCHS] == str(epochs)
     for name, value in trial.params.items():
         assert run.data.params[name] == str(value)
-    assert run.data.params[record.CONFIG_HASH] == tracking.config_hash(study.user_attrs[record.CONFIG])
+    assert run.data.params[record.CONFIG_HASH] == run_names.config_hash(study.user_attrs[record.CONFIG])
     # Its model is kept as the trials keep theirs.
     assert run.data.tags[record.TAG_MODEL_KEPT] == "true" and len(run.outputs.model_outputs) == 1
     # The terminal shows its test scores beside the trial's, and its run.

@@ -20,10 +20,13 @@ from PIL import Image
 from tinyopt.cli import cli
 from tinyopt.core import record
 from tinyopt.objectives import voting
-from tinyopt.results import export, report
+from tinyopt.results import bundle as bundles
+from tinyopt.results import report
 from tinyopt.results.predict import predict_images
 from tinyopt.stores.storage import open_storage
 from tinyopt.sweep.runner import run_sweep
+from tinyopt.track import names as run_names
+from tinyopt.track import store as mlflow_store
 from tinyopt.track import tracking
 from tinyopt.train.metrics import scores
 
@@ -128,18 +131,18 @@ def test_ensemble_sweep_records_the_contract(store):
     assert set(best.user_attrs[record.UNIFORM]) == {*report.SCORES, *record.LOG_LOSSES}
     assert best.user_attrs[record.BEST_MEMBER]["label"] in {m["label"] for m in members}
     assert best.user_attrs["model_kept"] is False
-    run = tracking.get_run(best.user_attrs["mlflow_run_id"], store["tracking_uri"])
+    run = mlflow_store.get_run(best.user_attrs["mlflow_run_id"], store["tracking_uri"])
     assert run.info.status == "FINISHED"
     # Weights read the same everywhere: each member's share of the vote, in MLflow as in the members attr.
     for member in members:
         share = float(run.data.params[f"weight_{member['label']}"])
         assert share == pytest.approx(member["weight"], abs=5e-4)
-        assert f"{member['label']}={tracking.short_value(share)}" in run.info.run_name
+        assert f"{member['label']}={run_names.short_value(share)}" in run.info.run_name
     assert run.data.metrics[record.final("test_top1")] == pytest.approx(best.user_attrs["test_top1"], abs=5e-5)
-    rows = json.loads(tracking.download_artifact(run.info.run_id, "ensemble_members.json", store["tracking_uri"],
+    rows = json.loads(mlflow_store.download_artifact(run.info.run_id, "ensemble_members.json", store["tracking_uri"],
                                                  store["root"] / "dl").read_text())
     assert [r["name"] for r in rows][-2:] == ["uniform vote", "weighted vote"]
-    assert tracking.download_artifact(run.info.run_id, "ensemble_comparison.png", store["tracking_uri"],
+    assert mlflow_store.download_artifact(run.info.run_id, "ensemble_comparison.png", store["tracking_uri"],
                                       store["root"] / "dl").stat().st_size > 0
 
 
@@ -161,7 +164,7 @@ def test_exported_approach_predicts_what_its_trial_recorded(store, tmp_path):
     assert result.exit_code == 0, result.output
     best = _study(store, "finetune").best_trial
     assert f"exported finetune trial {best.number}" in result.output
-    recorded = tracking.load_predictions(best.user_attrs["mlflow_run_id"], store["tracking_uri"])["test_probs"]
+    recorded = mlflow_store.load_predictions(best.user_attrs["mlflow_run_id"], store["tracking_uri"])["test_probs"]
     predicted = predict_images(tmp_path / "bundle", store["pngs"], top=3)
     for row, prediction in zip(recorded[: len(predicted)], predicted, strict=True):
         np.testing.assert_allclose([p for _, _, p in prediction.top], np.sort(row)[::-1], rtol=1e-5)
@@ -182,7 +185,7 @@ def test_exported_ensemble_is_the_weighted_vote_of_the_kept_models(store, tmp_pa
     result = _invoke(["best", "ensemble", "--export", str(tmp_path / "bundle"), *_options(store)])
     assert result.exit_code == 0, result.output
     members = _study(store, "ensemble").best_trial.user_attrs[record.MEMBERS]
-    recorded = [tracking.load_predictions(m["run_id"], store["tracking_uri"])["test_probs"] for m in members]
+    recorded = [mlflow_store.load_predictions(m["run_id"], store["tracking_uri"])["test_probs"] for m in members]
     assert any(abs(m["temperature"] - 1) > 0.01 for m in members if m["weight"] > 0)
     calibrated = [voting.calibrate(p, m["temperature"]) for p, m in zip(recorded, members, strict=True)]
     expected = voting.soft_vote(calibrated, [m["weight"] for m in members])
@@ -191,7 +194,7 @@ def test_exported_ensemble_is_the_weighted_vote_of_the_kept_models(store, tmp_pa
     np.testing.assert_allclose(model.predict(pixels, verbose=0), expected[:4], rtol=1e-5, atol=1e-7)
     params = json.loads((tmp_path / "bundle" / "params.json").read_text())
     assert [m["params"]["epochs"] for m in params["members"]] == [2, 2, 2]
-    assert export.read_classes(tmp_path / "bundle" / "classes.tsv")[0] == (0, "n01443537", "goldfish")
+    assert bundles.read_classes(tmp_path / "bundle" / "classes.tsv")[0] == (0, "n01443537", "goldfish")
 
 
 def test_best_export_refuses_a_non_empty_folder(store, tmp_path):
@@ -233,12 +236,12 @@ def test_report_files_hold_the_numbers_of_the_studies(store, tmp_path):
     markdown = (tmp_path / "report.md").read_text()
     finetune = _study(store, "finetune").best_trial.user_attrs
     assert f"| {finetune['test_top1']:.4f} |" in markdown and "| 3 | 1 | 1 | 1m 06s |" in markdown
-    run = tracking.get_run(result.mlflow_run_id, store["tracking_uri"])
+    run = mlflow_store.get_run(result.mlflow_run_id, store["tracking_uri"])
     assert run.data.metrics["finetune.test_top1"] == pytest.approx(finetune["test_top1"], abs=5e-5)
-    assert tracking.download_artifact(result.mlflow_run_id, "comparison.png", store["tracking_uri"],
+    assert mlflow_store.download_artifact(result.mlflow_run_id, "comparison.png", store["tracking_uri"],
                                       tmp_path / "dl").stat().st_size > 0
     # What MLflow shows is the HTML, every plot inline (its markdown view would not resolve image links).
-    page = tracking.download_artifact(result.mlflow_run_id, "report.html", store["tracking_uri"],
+    page = mlflow_store.download_artifact(result.mlflow_run_id, "report.html", store["tracking_uri"],
                                       tmp_path / "dl").read_text()
     pngs = [name for name in expected_files if name.endswith(".png")]
     assert page.count("src='data:image/png;base64,") == len(pngs)

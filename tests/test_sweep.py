@@ -13,7 +13,8 @@ from tinyopt.core import record
 from tinyopt.core.errors import StudyError
 from tinyopt.objectives.model import QuietEvents
 from tinyopt.sweep import runner, sampling
-from tinyopt.track import tracking
+from tinyopt.track import names as run_names
+from tinyopt.track import store as mlflow_store
 
 
 @pytest.fixture
@@ -66,7 +67,7 @@ def test_sweep_records_every_trial_in_mlflow(approach, stores, tiny_folder, cach
         assert {"approach", "data", record.CONFIG_HASH} <= identifying and len(run.data.params) <= 20
         for name, value in trial.params.items():
             assert run.data.params[name] == str(value)
-        assert run.data.params[record.CONFIG_HASH] == tracking.config_hash(study.user_attrs["config"])
+        assert run.data.params[record.CONFIG_HASH] == run_names.config_hash(study.user_attrs["config"])
         # Named after the trial and the params study.run_name lists; every value in the description.
         assert run.info.run_name.startswith(f"t{trial.number}")
         description = run.data.tags[record.TAG_DESCRIPTION]
@@ -140,7 +141,7 @@ def test_predictions_and_kept_model_reproduce_the_trial(stores, tiny_folder, cac
     sweep("scratch", stores, tiny_folder, cache_root, 1)
     trial = load_study(stores, "scratch").trials[0]
     run_id = trial.user_attrs["mlflow_run_id"]
-    saved = tracking.load_predictions(run_id, stores["tracking_uri"])
+    saved = mlflow_store.load_predictions(run_id, stores["tracking_uri"])
     cache = data.prepare(str(tiny_folder), str(cache_root), progress=False)
     x_sel, y_sel = data.load_split("selection", cache)
     _, y_test = data.load_split("test", cache)
@@ -148,7 +149,7 @@ def test_predictions_and_kept_model_reproduce_the_trial(stores, tiny_folder, cac
     np.testing.assert_array_equal(saved["selection_labels"], y_sel)
     np.testing.assert_array_equal(saved["test_labels"], y_test)
     assert np.mean(saved["selection_probs"].argmax(1) == y_sel) == pytest.approx(trial.value)
-    model = keras.models.load_model(tracking.download_model(run_id, stores["tracking_uri"], cache_root / run_id))
+    model = keras.models.load_model(mlflow_store.download_model(run_id, stores["tracking_uri"], cache_root / run_id))
     predicted = model.predict(np.asarray(x_sel), verbose=0)
     assert isinstance(predicted, np.ndarray) and predicted.shape == saved["selection_probs"].shape
     np.testing.assert_allclose(predicted, saved["selection_probs"], atol=1e-5)
@@ -316,9 +317,9 @@ def test_the_models_of_the_best_k_trials_are_kept(stores, tiny_folder, cache_roo
     for number, run in children.items():
         assert (run.outputs.model_outputs[0].model_id in live) == (number in kept), number
         assert (record.TAG_MODEL_URI in run.data.tags) == (number in kept)
-    assert tracking.download_model(children[3].info.run_id, stores["tracking_uri"], cache_root / "kept").is_file()
+    assert mlflow_store.download_model(children[3].info.run_id, stores["tracking_uri"], cache_root / "kept").is_file()
     with pytest.raises(StudyError, match="kept no model"):
-        tracking.download_model(children[0].info.run_id, stores["tracking_uri"], cache_root / "dropped")
+        mlflow_store.download_model(children[0].info.run_id, stores["tracking_uri"], cache_root / "dropped")
 
 
 def test_a_trial_training_at_the_deadline_stops_and_is_pruned(stores, tiny_folder, cache_root):

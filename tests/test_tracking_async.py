@@ -15,7 +15,9 @@ from matplotlib.figure import Figure
 
 from tinyopt.core import record
 from tinyopt.core.errors import StudyError
-from tinyopt.track import tracking
+from tinyopt.track import names as run_names
+from tinyopt.track import runs, tracking
+from tinyopt.track import store as mlflow_store
 
 ARRAYS = {"selection_probs": np.full((4, 3), 1 / 3, dtype=np.float32), "selection_labels": np.arange(4) % 3}
 
@@ -26,7 +28,7 @@ def _tracker(tmp_path) -> tracking.Tracker:
     return tracker
 
 
-def _trial(tracker: tracking.Tracker, number: int) -> tracking.TrialRun:
+def _trial(tracker: tracking.Tracker, number: int) -> runs.TrialRun:
     return tracker.start_trial(number, {"learning_rate": 0.1}, {"approach": "scratch"}, tags={})
 
 
@@ -86,7 +88,7 @@ def test_a_trial_run_is_closed_after_everything_it_logged_and_the_trial_does_not
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(0, 3.0), (1, 2.0), (2, 1.0)]
     assert _artifacts(tracker, run.run_id) == {record.CONFIG_FILE, record.LEARNING_CURVE, record.PREDICTIONS,
                                                record.CLASSES_FILE}
-    saved = tracking.load_predictions(run.run_id, tracker.tracking_uri)
+    saved = mlflow_store.load_predictions(run.run_id, tracker.tracking_uri)
     for key, value in ARRAYS.items():
         np.testing.assert_array_equal(saved[key], value)
 
@@ -104,7 +106,7 @@ def test_the_model_is_saved_before_the_trial_goes_on(tmp_path):
     release.set()
     run.end("COMPLETE")
     tracker.end_sweep()
-    reloaded = keras.saving.load_model(tracking.download_model(run.run_id, tracker.tracking_uri, tmp_path / "dl"))
+    reloaded = keras.saving.load_model(mlflow_store.download_model(run.run_id, tracker.tracking_uri, tmp_path / "dl"))
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), expected, rtol=1e-6)
 
 
@@ -142,7 +144,7 @@ def test_a_failed_upload_stops_the_sweep_by_the_trial_after_next(tmp_path, monke
 def test_a_run_without_a_background_thread_raises_at_once(tmp_path, monkeypatch):
     tracker = _tracker(tmp_path)
     _failing_upload(tracker, monkeypatch, tracker.parent_run_id, record.PREDICTIONS)
-    run = tracking.TrialRun(tracker.client, tracker.parent_run_id)  # as report and recovery use it
+    run = runs.TrialRun(tracker.client, tracker.parent_run_id)  # as report and recovery use it
     with pytest.raises(OSError, match="No space left"):
         run.log_predictions(ARRAYS)
 
@@ -156,7 +158,7 @@ def test_a_run_without_a_background_thread_raises_at_once(tmp_path, monkeypatch)
     ({}, "t12"),
 ])
 def test_a_trial_run_is_named_after_its_telling_params(headline, name):
-    assert tracking.run_name(12, headline) == name
+    assert run_names.run_name(12, headline) == name
 
 
 def test_metrics_keep_four_significant_digits(tmp_path):

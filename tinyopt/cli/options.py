@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-# runner.py imports nothing heavy at module level, so --help stays fast.
-from tinyopt.sweep.runner import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
+from tinyopt.core.urls import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
 
 
 def cache_option(func):

@@ -58,7 +58,7 @@ def best(studies, export_dir, force, register_name, refit, source, cache_dir, st
     if not refit and (source or cache_dir):
         raise click.UsageError("--data and --cache are for --refit: the data it retrains on")
     if export_dir:
-        from tinyopt.results.export import check_destination
+        from tinyopt.results.bundle import check_destination
 
         check_destination(export_dir, force)  # a refused folder is one line, before the table and any work
     summaries = summarize_studies(storage, studies)
@@ -104,9 +104,9 @@ def best(studies, export_dir, force, register_name, refit, source, cache_dir, st
         console.print(f"exported [bold]{winner.name}[/] trial {winner.best.number} to {bundle}", highlight=False)
         run_id = winner.best.run_id
     if register_name:
-        from tinyopt.track import tracking
+        from tinyopt.track import store
 
-        version = tracking.register_model(bundle, register_name, tracking_uri, run_id=run_id)
+        version = store.register_model(bundle, register_name, tracking_uri, run_id=run_id)
         console.print(f"registered as {register_name} version {version}", highlight=False)
 
 
@@ -210,15 +210,15 @@ def ui(storage, tracking_uri, host, port, dashboard, dashboard_port) -> None:
     run's page has its metric charts and plots. With --dashboard, optuna-dashboard runs beside it
     on the Optuna studies. Ctrl-C (or SIGTERM) stops both and exits 0: it is how a UI session ends.
     """
-    from pathlib import Path
 
-    from tinyopt.core.urls import redact
+    from tinyopt.core.urls import redact, sqlite_path
     from tinyopt.stores import servers
 
-    if not tracking_uri.startswith("sqlite:///"):
+    local = sqlite_path(tracking_uri)
+    if local is None:
         raise TinyoptError(f"{redact(tracking_uri)} is an MLflow server: open it in a browser")
-    if not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
-        raise TinyoptError(f"no MLflow store at {tracking_uri.removeprefix('sqlite:///')}; "
+    if not local.is_file():
+        raise TinyoptError(f"no MLflow store at {local}; "
                            "run `tinyopt sweep APPROACH` first or pass --tracking-uri")
     if dashboard and dashboard_port == port:
         raise click.UsageError(f"--dashboard-port and --port are both {port}: give each server its own")
@@ -228,10 +228,10 @@ def ui(storage, tracking_uri, host, port, dashboard, dashboard_port) -> None:
 
         servers.check_free(host, dashboard_port, "--dashboard-port")
         open_existing(storage)  # a missing or unreachable storage is an error now, not a dashboard that dies
-    from tinyopt.track import tracking
+    from tinyopt.track import views
 
     # Before the server starts: a store that cannot be read fails at once, not once the server is up.
-    studies = tracking.experiment_urls(tracking_uri, f"http://{host}:{port}")
+    studies = views.experiment_urls(tracking_uri, f"http://{host}:{port}")
     try:
         with servers.running() as running:
             lines = [f"MLflow UI on {running.mlflow(tracking_uri, host, port)}; the runs of each study:"]

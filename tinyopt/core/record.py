@@ -118,5 +118,5 @@ CLASSES_COLUMNS = ("index", "wnid", "name")
 
 
 def classes_tsv(classes) -> str:
-    """The text of a ``classes.tsv`` from ``(index, wnid, name)`` rows (``tinyopt.results.export.read_classes`` reads it)."""
+    """The text of a ``classes.tsv`` from ``(index, wnid, name)`` rows (``tinyopt.results.bundle.read_classes``)."""
     return "\t".join(CLASSES_COLUMNS) + "\n" + "".join(f"{int(i)}\t{wnid}\t{name}\n" for i, wnid, name in classes)

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
+
+# The embedded stores a command uses when given none: the Optuna study storage and the MLflow tracking store.
+DEFAULT_STORAGE = "sqlite:///studies/tinyopt.db"
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+_SQLITE = "sqlite:///"
 
 _CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^/\s]*)@", re.I)
 _QUERY_SECRET = re.compile(r"(?P<key>[?&](?:password|passwd|token|secret|api_key)=)[^&\s]*", re.I)
@@ -18,3 +24,8 @@ def first_line(err: BaseException) -> str:
     """The first line of an error's message, secrets hidden (its type name if it has no message)."""
     text = str(err).strip()
     return redact(text.splitlines()[0]) if text else type(err).__name__
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///FILE`` URL (relative to the working folder unless absolute), else None."""
+    return Path(url.removeprefix(_SQLITE)) if url.startswith(_SQLITE) else None

@@ -12,7 +12,7 @@ from tinyopt.core.errors import DataError
 @cache
 def imagenet_wnids() -> tuple[str, ...]:
     """The 1000 ILSVRC-2012 wnids in Keras output order: item k names output k."""
-    text = resources.files("tinyopt.data.cache").joinpath("imagenet1k_wnids.txt").read_text()
+    text = resources.files("tinyopt.data").joinpath("imagenet1k_wnids.txt").read_text()
     return tuple(text.split())
 
 

@@ -281,9 +281,9 @@ def select_members(storage: str, studies: Sequence[str], top_k: int = 1, min_mem
 def load_weight_search(members: Sequence[Member], tracking_uri: str, objective: str = "log_loss",
                        greedy_rounds: int = 50) -> WeightSearch:
     """Read the members' saved probabilities from MLflow and build the ensemble objective."""
-    from tinyopt.track import tracking
+    from tinyopt.track import store
 
-    predictions = [tracking.load_predictions(m.run_id, tracking_uri) for m in members]
+    predictions = [store.load_predictions(m.run_id, tracking_uri) for m in members]
     return WeightSearch(members, predictions, objective, greedy_rounds)
 
 

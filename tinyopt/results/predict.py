@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from tinyopt.core.errors import TinyoptError
-from tinyopt.results.export import BUNDLE_FIX, CLASSES_FILE, MODEL_FILE, load_model_file, read_classes
+from tinyopt.results.bundle import BUNDLE_FIX, CLASSES_FILE, MODEL_FILE, load_model_file, read_classes
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Prediction:
 
 
 def load_bundle(bundle_dir: str | Path) -> tuple[Any, list[tuple[int, str, str]]]:
-    """The Keras model and the classes of a bundle written by ``tinyopt.results.export.write_bundle``.
+    """The Keras model and the classes of a bundle written by ``tinyopt.results.bundle.write_bundle``.
 
     Raises:
         TinyoptError: the folder is not a bundle, or its model or classes cannot be loaded or do not fit

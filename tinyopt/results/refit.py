@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,9 @@ import numpy as np
 
 from tinyopt.core import record, signals
 from tinyopt.core.errors import DataError, StudyError, TinyoptError
-from tinyopt.core.urls import first_line, redact
+from tinyopt.core.summary import StudySummary
+from tinyopt.core.urls import first_line, redact, sqlite_path
+from tinyopt.results.bundle import WHAT, check_destination, write_bundle
 from tinyopt.stores import storage as storages
 
 TRAINED_ON = ("train", "selection")
@@ -102,7 +104,7 @@ def refit_best(summary: Any, *, storage_url: str, tracking_uri: str, source: str
         tracking_uri: the MLflow store of its sweep.
         source: dataset source, as for ``tinyopt sweep --data`` (None: the prepared cache).
         cache_dir: dataset cache folder, as for ``tinyopt sweep --cache``.
-        export_dir: write the refit model as a bundle there (``tinyopt.results.export.export_refit``).
+        export_dir: write the refit model as a bundle there (``export_refit``).
         overwrite: replace a non-empty ``export_dir``.
         progress: show the data preparation progress bar.
         echo: hears a line when training starts and after every epoch.
@@ -117,7 +119,6 @@ def refit_best(summary: Any, *, storage_url: str, tracking_uri: str, source: str
         TinyoptError: the export folder is taken, or the refit failed (its run says why).
     """
     from tinyopt.objectives.model import headline
-    from tinyopt.results.export import check_destination
     from tinyopt.track import tracking
     from tinyopt.train import backend
 
@@ -167,7 +168,6 @@ def refit_best(summary: Any, *, storage_url: str, tracking_uri: str, source: str
                 run.log_text(record.classes_tsv(classes), record.CLASSES_FILE)
                 run.log_model(model, tracker.experiment_id)
                 if export_dir is not None:
-                    from tinyopt.results.export import export_refit
 
                     refit.bundle = export_refit(summary, refit, export_dir, model=model, classes=classes,
                                                 storage_url=storage_url, tracking_uri=tracking_uri,
@@ -213,11 +213,12 @@ def _trainer(summary: Any, config: dict[str, Any]) -> Any:
 
 def _check_store(tracking_uri: str) -> None:
     """The tracking store must be the sweep's: opening a missing SQLite store would create an empty one."""
-    from tinyopt.track import tracking
+    from tinyopt.track import store
 
-    tracking.check(tracking_uri)
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
-        raise StudyError(f"no MLflow store at {tracking_uri.removeprefix('sqlite:///')}; pass the --tracking-uri "
+    store.check(tracking_uri)
+    local = sqlite_path(tracking_uri)
+    if local is not None and not local.is_file():
+        raise StudyError(f"no MLflow store at {local}; pass the --tracking-uri "
                          "the study was swept with")
 
 
@@ -225,13 +226,13 @@ def _load_data(config: dict[str, Any], trial: Any, tracking_uri: str, source: st
                progress: bool) -> Any:
     """The splits as the sweep loaded them, checked against the labels the trial saved with its predictions."""
     from tinyopt.sweep.runner import load_sweep_data
-    from tinyopt.track import tracking
+    from tinyopt.track import store
 
     data = load_sweep_data(config, source, cache_dir, progress)
     run_id = trial.user_attrs.get(record.RUN_ID)
     if run_id is None:
         raise StudyError(f"trial {trial.number} has no MLflow run; the study was not swept by tinyopt")
-    saved = tracking.load_predictions(run_id, tracking_uri)
+    saved = store.load_predictions(run_id, tracking_uri)
     for split in ("selection", "test"):
         if not np.array_equal(saved[f"{split}_labels"], data.splits[split][1]):
             where = redact(source) if source else cache_dir or "the default cache"
@@ -293,3 +294,46 @@ def _epoch_logger(run: Any, refit: Refit, echo: Callable[[str], None]) -> Any:
                  f"top-1 {metrics.get(record.TRAIN_TOP1, float('nan')):.4f} ({seconds:.0f} s)")
 
     return EpochLogger()
+
+
+def export_refit(summary: StudySummary, refit: Refit, dst: str | Path, *, model: Any,
+                 classes: Sequence[Sequence[Any]], storage_url: str, tracking_uri: str,
+                 overwrite: bool = False) -> Path:
+    """Write the bundle of a refit of a study's best trial (``tinyopt.results.refit``).
+
+    ``params.json`` holds the trial's params with ``refit_epochs`` and ``train_images``,
+    ``metrics.json`` the refit's test scores, and MODEL.md says how it was trained and what the
+    trial it repeats scored.
+
+    Args:
+        summary: the study (``tinyopt.results.report.summarize_studies``).
+        refit: what the refit did (``tinyopt.results.refit.refit_best``).
+        dst: the bundle folder (see ``write_bundle``).
+        model: the refit model, uncompiled.
+        classes: ``(index, wnid, name)`` per output column, in index order.
+        storage_url: the Optuna storage of the study.
+        tracking_uri: the MLflow store holding the refit's run.
+        overwrite: replace a non-empty ``dst``.
+    """
+    from tinyopt.train import backend
+
+    counts = summary.counts
+    trial_scores = ", ".join(f"{key.replace('_', ' ')} {value:.4f}" for key, value in refit.trial_scores.items())
+    description = {
+        "title": f"tinyopt {summary.approach}: study {summary.name}, trial {refit.trial}, refit",
+        "what": (f"{WHAT.get(summary.approach, f'A model of the {summary.approach} approach.')} Refit on the "
+                 f"train and selection splits together ({refit.train_images} images) for {refit.epochs_text}, as "
+                 f"early stopping chose for trial {refit.trial}: no images were held out to stop it."),
+        "how_chosen": (f"The configuration of the best of {counts['COMPLETE']} complete trials "
+                       f"({counts['PRUNED']} pruned, {counts['FAIL']} failed) of an Optuna study, ranked on the "
+                       "selection split: a stratified slice of the training images held out from training. That "
+                       f"trial, trained on the train split alone, scored {trial_scores}; this model trained on "
+                       "the selection split too, so only its test scores are reported."),
+        "provenance": {"Optuna storage": redact(storage_url), "study": summary.name, "trial": refit.trial,
+                       "MLflow tracking URI": redact(tracking_uri), "MLflow run": refit.run_id,
+                       "MLflow run of the trial": refit.trial_run_id, "seed": refit.seed,
+                       "Keras backend of the training": backend.name()},
+    }
+    params = {**refit.params, record.REFIT_EPOCHS: refit.epochs, record.TRAIN_IMAGES: refit.train_images}
+    return write_bundle(dst, model=model, classes=classes, params=params, metrics=refit.scores,
+                        description=description, overwrite=overwrite)

@@ -29,9 +29,8 @@ from typing import Any
 
 from tinyopt.core.errors import StudyError
 from tinyopt.core.locks import file_lock
-from tinyopt.core.urls import first_line, redact
+from tinyopt.core.urls import first_line, redact, sqlite_path
 
-DEFAULT_STORAGE = "sqlite:///studies/tinyopt.db"
 CONNECT_TIMEOUT = 10  # seconds: an unreachable database fails fast, well before a sweep starts
 _SQLITE_BUSY_TIMEOUT = 60  # seconds a writer waits for the file lock before "database is locked"
 _DATABASES = ("postgresql", "mysql")
@@ -48,7 +47,7 @@ def _scheme(url: str) -> str:
 def _file(url: str) -> Path | None:
     """The file of a SQLite or journal URL; None for a database server."""
     if url.startswith("sqlite:///"):
-        return Path(url.removeprefix("sqlite:///"))
+        return sqlite_path(url)
     if url.startswith("journal:"):
         return Path(url.removeprefix("journal:"))
     return None

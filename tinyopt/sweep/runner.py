@@ -17,7 +17,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,29 +25,11 @@ from tinyopt.core import record, signals
 from tinyopt.core import space as search_space
 from tinyopt.core.config import load_config
 from tinyopt.core.errors import StudyError
-from tinyopt.core.urls import redact
+from tinyopt.core.summary import summarize_study
+from tinyopt.core.urls import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, redact
 from tinyopt.stores import storage as storages
+from tinyopt.sweep.summary import SweepResult, log_summary, summarize
 from tinyopt.train import backend
-
-DEFAULT_STORAGE = storages.DEFAULT_STORAGE
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-
-
-@dataclass
-class SweepResult:
-    """What a sweep reports: counts, the best trials, where to look at them, and how it ended."""
-
-    study_name: str
-    approach: str
-    storage: str
-    counts: dict[str, int]
-    top: list[dict[str, Any]]
-    ui_command: str
-    new_trials: int = 0
-    notes: list[str] = field(default_factory=list)
-    recovered: list[str] = field(default_factory=list)
-    interrupted: str | None = None  # the signal that stopped the sweep, e.g. "SIGTERM"
-    exit_code: int = 0
 
 
 @dataclass
@@ -77,9 +59,9 @@ def prepare(approach: str, *, study_name: str | None = None, config_path: str | 
         backend.check()
         backend.set_gpu_memory(config["train"]["gpu_memory"])
     storages.check(storage, study_name or approach)
-    from tinyopt.track import tracking  # mlflow: after the config, whose mistakes are found in a blink
+    from tinyopt.track import store  # mlflow: after the config, whose mistakes are found in a blink
 
-    tracking.check(tracking_uri)
+    store.check(tracking_uri)
     _check_study_approach(storage, study_name or approach, approach)
     if approach == "ensemble":
         from tinyopt.objectives.ensemble import prepare_search
@@ -303,9 +285,7 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
             command = _command()
 
             def summarize_in_mlflow(study, trial) -> None:
-                from tinyopt.results.report import summarize_study
-
-                tracker.update_summary(study, summarize_study(study), trial.number, command)
+                log_summary(tracker, study, summarize_study(study), trial.number, command)
 
             if cap.acquire():
                 left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -462,34 +442,3 @@ class _FailurePolicy:
         if self.limit and self.in_a_row >= self.limit:
             self.stopped = True
             study.stop()
-
-
-def _shown_params(trial) -> dict[str, Any]:
-    """The searched params as a person reads them: an ensemble's weights as shares of the vote (sum 1)."""
-    from tinyopt.objectives.ensemble import WEIGHT_PREFIX
-
-    members = trial.user_attrs.get(record.MEMBERS)
-    if members:
-        return {f"{WEIGHT_PREFIX}{m['label']}": round(m["weight"], 3) for m in members}
-    return trial.params
-
-
-def summarize(study, storage: str, tracking_uri: str, new_trials: int = 0, top: int = 5) -> SweepResult:
-    """Counts by state and the ``top`` best complete trials of a study."""
-    import optuna
-
-    from tinyopt.track.tracking import ui_command
-
-    trials = study.get_trials(deepcopy=False)
-    counts = {state.name: 0 for state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                                          optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING)}
-    for trial in trials:
-        if trial.state.name in counts:
-            counts[trial.state.name] += 1
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    best = sorted(complete, key=lambda t: t.value, reverse=True)[:top]
-    rows = [{"number": t.number, "value": t.value, "test_top1": t.user_attrs.get("test_top1"),
-             "params": _shown_params(t), "run_id": t.user_attrs.get(record.RUN_ID)} for t in best]
-    return SweepResult(study_name=study.study_name, approach=study.user_attrs.get(record.APPROACH, ""),
-                       storage=redact(storage), counts=counts, top=rows, ui_command=ui_command(tracking_uri),
-                       new_trials=new_trials)

@@ -30,7 +30,7 @@ from typing import Any
 
 from tinyopt.core import record, signals
 from tinyopt.core.errors import ConfigError, TinyoptError
-from tinyopt.core.urls import first_line
+from tinyopt.core.urls import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, first_line
 from tinyopt.stores import storage as storages
 from tinyopt.sweep import recovery, runner
 from tinyopt.train import backend
@@ -58,8 +58,8 @@ class SweepArgs:
     config_path: str | None = None
     overrides: tuple[str, ...] = ()
     study_name: str | None = None
-    storage: str = runner.DEFAULT_STORAGE
-    tracking_uri: str = runner.DEFAULT_TRACKING_URI
+    storage: str = DEFAULT_STORAGE
+    tracking_uri: str = DEFAULT_TRACKING_URI
     seed: int = 0
     trials_per_process: int = 0
     workers: int = 1

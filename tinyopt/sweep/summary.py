@@ -1,0 +1,136 @@
+"""The sweep's summary on its MLflow parent run, brought up to date after every trial, and the models it keeps.
+
+What a reviewer reads first in the MLflow UI: the best selection top-1 so far by trial number, the
+trial counts and compute time, the best trial's link, the history and importance plots, a
+description; and the retention of the kept models (the best ``study.keep_models`` complete trials).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tinyopt.core import record
+from tinyopt.core.summary import StudySummary
+from tinyopt.core.urls import redact
+from tinyopt.track.names import STATE_NAMES, TAG_LIMIT, markdown_table, objective_name, run_path, ui_command
+
+if TYPE_CHECKING:  # the tracker's module loads mlflow, which a sweep's --help and start-up do without
+    from tinyopt.track.tracking import Tracker
+
+
+@dataclass
+class SweepResult:
+    """What a sweep reports: counts, the best trials, where to look at them, and how it ended."""
+
+    study_name: str
+    approach: str
+    storage: str
+    counts: dict[str, int]
+    top: list[dict[str, Any]]
+    ui_command: str
+    new_trials: int = 0
+    notes: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)
+    interrupted: str | None = None  # the signal that stopped the sweep, e.g. "SIGTERM"
+    exit_code: int = 0
+
+
+def log_summary(tracker: Tracker, study: Any, summary: StudySummary, number: int, command: str) -> None:
+    """Bring the parent run up to date after trial ``number`` ended: the sweep's summary.
+
+    Logs the best selection top-1 so far at step ``number`` (the experiment's chart view is the
+    optimisation history), the trial counts and compute time, tags and links the best trial (and
+    moves the ``best`` tag to its run), redraws the history and importance plots and rewrites the
+    description, and deletes the kept models of complete trials no longer among the best
+    ``study.keep_models``. Read from the study and its ``summary`` (``tinyopt.results.report.summarize_study``)
+    here; stored in the background, like a trial's logging.
+    """
+    from tinyopt.core import plots
+
+    counts, best = summary.counts, summary.best
+    metrics = {f"{record.COUNT_PREFIX}{name}": counts.get(state, 0) for state, name in STATE_NAMES.items()}
+    metrics[record.COMPUTE_SECONDS] = summary.compute_seconds
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    tags: dict[str, Any] = {}
+    if best is not None:
+        metrics[f"best_{objective_name(study)}"] = best.value
+        tags = {record.TAG_BEST_TRIAL: best.number, record.TAG_BEST_RUN: best.run_id or "-",
+                record.TAG_BEST_RUN_URL: tracker.run_url(best.run_id) if best.run_id else "-"}
+    importances, why = plots.importances(study)
+    tags[record.TAG_DESCRIPTION] = _summary_text(tracker, study, command, counts, metrics, best, importances,
+                                                      why)[:TAG_LIMIT]
+    parent = tracker.parent_run()
+    parent.log_metrics(metrics, step=number)
+    parent.set_tags(tags)
+    parent.log_figure(lambda: plots.history_chart(study.study_name, complete), record.HISTORY)
+    if importances:
+        parent.log_figure(lambda: plots.importance_chart(study.study_name, importances), record.IMPORTANCE)
+    if best is not None and best.run_id:
+        parent.call(record.TAG_BEST, tracker.move_best_tag, best.run_id)
+    keep = study.user_attrs.get(record.CONFIG, {}).get("study", {}).get("keep_models")
+    if keep:
+        # Only complete trials are ranked: a trial still running may have stored a model it keeps.
+        ranked = sorted(complete, key=lambda t: -t.value)
+        dropped = {t.user_attrs[record.RUN_ID] for t in ranked[keep:] if t.user_attrs.get(record.MODEL_KEPT)}
+        if dropped:
+            parent.call("deletion of models out of the top", tracker.drop_models, dropped)
+
+
+def _summary_text(tracker: Tracker, study: Any, command: str, counts: dict[str, int], metrics: dict[str, float],
+                  best: Any, importances: dict[str, float], why: str | None) -> str:
+    """The parent run's description, in markdown: the command, what is searched, the best trial."""
+    from tinyopt.core import space as search_space
+
+    config = study.user_attrs.get(record.CONFIG, {})
+    space = config.get("space", {})
+    searched = [name for name, entry in space.items() if search_space.is_distribution(entry)]
+    lines = [f"**Sweep of study `{study.study_name}`** ({config.get('approach', tracker.approach)}), "
+             f"command: `{redact(command)}`", "",
+             f"Searched: {', '.join(searched) or 'the ensemble weights'}. "
+             f"The objective is {objective_name(study).replace('_', ' ')}; test scores are only reported.", "",
+             "Trials: " + ", ".join(f"{counts.get(state, 0)} {name}" for state, name in STATE_NAMES.items())
+             + f"; compute {metrics[record.COMPUTE_SECONDS] / 60:.1f} min.", ""]
+    if best is None:
+        return "\n".join([*lines, "No complete trial yet."])
+    link = f"[run {best.run_id[:8]}]({run_path(tracker.experiment_id, best.run_id)})" if best.run_id else "no run"
+    lines += [f"**Best: trial {best.number}** ({link}), selection top-1 {best.value:.4f}"
+              + "".join(f", {key.replace('_', ' ')} {value:.4f}" for key, value in best.scores.items()
+                        if key != "selection_top1"), "",
+              *markdown_table(best.params)]
+    if importances:
+        lines += ["", "Importance (PED-ANOVA, as in optuna-dashboard): "
+                  + ", ".join(f"{key} {value:.2f}" for key, value in importances.items())]
+    elif why:
+        lines += ["", f"No importance yet: {why}."]
+    return "\n".join(lines)
+
+
+def _shown_params(trial) -> dict[str, Any]:
+    """The searched params as a person reads them: an ensemble's weights as shares of the vote (sum 1)."""
+    from tinyopt.objectives.ensemble import WEIGHT_PREFIX
+
+    members = trial.user_attrs.get(record.MEMBERS)
+    if members:
+        return {f"{WEIGHT_PREFIX}{m['label']}": round(m["weight"], 3) for m in members}
+    return trial.params
+
+
+def summarize(study, storage: str, tracking_uri: str, new_trials: int = 0, top: int = 5) -> SweepResult:
+    """Counts by state and the ``top`` best complete trials of a study."""
+    import optuna
+
+
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name: 0 for state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                                          optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING)}
+    for trial in trials:
+        if trial.state.name in counts:
+            counts[trial.state.name] += 1
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = sorted(complete, key=lambda t: t.value, reverse=True)[:top]
+    rows = [{"number": t.number, "value": t.value, "test_top1": t.user_attrs.get("test_top1"),
+             "params": _shown_params(t), "run_id": t.user_attrs.get(record.RUN_ID)} for t in best]
+    return SweepResult(study_name=study.study_name, approach=study.user_attrs.get(record.APPROACH, ""),
+                       storage=redact(storage), counts=counts, top=rows, ui_command=ui_command(tracking_uri),
+                       new_trials=new_trials)

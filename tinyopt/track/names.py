@@ -1,0 +1,108 @@
+"""What MLflow shows of a sweep, named: run names, identifying params, experiment names, run links.
+
+Pure functions, without mlflow: the ensemble names its members' weight params with ``safe_name`` and
+the sweep summary writes its links, neither of which needs MLflow loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from tinyopt.core import record
+from tinyopt.core.urls import redact, sqlite_path
+
+# Where `tinyopt ui` serves an embedded store: the links an Optuna trial carries to its run.
+DEFAULT_UI = "http://127.0.0.1:5000"
+TAG_LIMIT = 8000  # MLflow rejects longer tag values (a run's description is one)
+_UNSAFE = re.compile(r"[^\w.\-]")  # MLflow accepts only these characters in param and metric names
+_SHORT_KEYS = {"learning_rate": "lr", "weight_decay": "wd", "batch_size": "bs", "label_smoothing": "ls",
+               "trainable_stages": "train_stages", "input_size": "px"}
+STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
+
+
+def safe_name(text: str) -> str:
+    """``text`` with every character MLflow rejects in param and metric names replaced by ``_``."""
+    return _UNSAFE.sub("_", text)
+
+
+def short_value(value: Any) -> str:
+    """A value as a run name shows it: ``3e-4``, ``0.25``, ``160``, ``adamw``, ``True``."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
+            mantissa, exponent = f"{value:.1e}".split("e")
+            return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def run_name(number: int, headline: dict[str, Any]) -> str:
+    """``t12 stages=2 adamw lr=3e-4``: the trial number, then its telling params (a word alone is its own label)."""
+    parts = [f"t{number}"]
+    for key, value in headline.items():
+        shown = short_value(value)
+        # A word names itself (adamw, bicubic); "none" would not say of what.
+        alone = isinstance(value, str) and value != "none"
+        parts.append(shown if alone else f"{_SHORT_KEYS.get(key, key)}={shown}")
+    return " ".join(parts)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A short digest of the resolved config: equal hashes, equal configs (the config itself is ``config.json``)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The few params that say what a run is, beside the searched ones: approach, backbone, weights, data slice."""
+    model, data = config.get("model", {}), config.get("data", {})
+    found: dict[str, Any] = {"approach": config.get("approach", "")}
+    if "backbone" in model:
+        found["backbone"] = f"{model['backbone']}" + (f" alpha={model['alpha']}" if model["backbone"] == "mobilenet"
+                                                      else "")
+    if "weights" in model:
+        found["weights"] = Path(str(model["weights"])).name  # a path says where, its name says which
+    if data:
+        caps = [f"{split}={data.get(f'{split}_per_class', 0) or 'all'}" for split in ("train", "selection", "test")]
+        found["data"] = "per class " + " ".join(caps)
+    if "ensemble" in config:
+        found["members_of"] = ",".join(config["ensemble"].get("studies", []))
+    found[record.CONFIG_HASH] = config_hash(config)
+    return found
+
+
+def markdown_table(params: dict[str, Any]) -> list[str]:
+    rows = [f"| {key} | {short_value(value)} |" for key, value in params.items()]
+    return ["| param | value |", "| --- | --- |", *rows]
+
+
+
+def experiment_name(study_name: str) -> str:
+    """The MLflow experiment that holds a study's runs."""
+    return f"tinyopt/{study_name}"
+
+
+
+def objective_name(study: Any) -> str:
+    """The name of the study's value (``selection_top1``, ``minus_selection_log_loss``), as the runner set it."""
+    return (study.metric_names or [record.OBJECTIVE_NAME])[0]
+
+
+def run_path(experiment_id: str, run_id: str) -> str:
+    """A run's page within the MLflow UI, relative to its address (a description's links work on any host)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The shell command that opens the MLflow UI on this store (credentials hidden)."""
+    if sqlite_path(tracking_uri) is None:
+        return f"open {redact(tracking_uri)} in a browser"
+    return f"tinyopt ui --tracking-uri {tracking_uri}"
+
+
+# tinyopt's view of an experiment's runs table, kept in an experiment tag as the MLflow UI keeps a
+# view saved from its Views menu: without it the table shows no metric and folds the trials under
+# their parent. Sorted by the best-so-far metric, which only the parent has, the runs come flat:
+# the parent first, then every trial, newest first. An MLflow that reads no such view ignores the
