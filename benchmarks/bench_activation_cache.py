@@ -61,7 +61,7 @@ def _trial(source: str, cache: str, workdir: Path, name: str, overrides: list[st
     import optuna
 
     from tinyopt.sweep.runner import run_sweep
-    from tinyopt.track.tracking import get_run
+    from tinyopt.track.store import get_run
 
     storage, tracking = f"sqlite:///{workdir}/{name}.db", f"sqlite:///{workdir}/mlruns-{name}/mlflow.db"
     run_sweep("finetune", trials=1, source=source, cache_dir=cache, storage=storage, tracking_uri=tracking,
@@ -83,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from tinyopt.core.config import load_config
-    from tinyopt.sweep.runner import load_sweep_data
+    from tinyopt.data.splits import load_sweep_data
 
     with tempfile.TemporaryDirectory() as tmp:
         data_cache = str(Path(tmp) / "data")

@@ -55,13 +55,13 @@ def main() -> None:
     import optuna
 
     from tinyopt.core import record
-    from tinyopt.data import cache as data
+    from tinyopt.data import build
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.keep or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         cache = Path(tmp) / "data"
-        data.prepare(args.data, cache, progress=False)
+        build.prepare(args.data, cache, progress=False)
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         started = time.perf_counter()
         logs = {a: open(workdir / f"{a}.log", "w") for a in (*APPROACHES, "ensemble")}  # noqa: SIM115

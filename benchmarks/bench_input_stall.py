@@ -79,9 +79,9 @@ def _case(name: str, data: str, weights: str, cache: str, repeats: int) -> float
 
     from tinyopt.core import space as search_space
     from tinyopt.core.config import load_config
+    from tinyopt.data.splits import load_sweep_data
     from tinyopt.models.approaches import get_approach
     from tinyopt.objectives.model import ModelObjective
-    from tinyopt.sweep.runner import load_sweep_data
     from tinyopt.train import backend
     from tinyopt.train.training import compile_model
 

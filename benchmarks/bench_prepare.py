@@ -33,12 +33,13 @@ def _timed(func):
 
 
 def _bench_prepare(source: Path, workdir: Path, repeats: int) -> tuple[float, int, Path]:
+    from tinyopt.data import build
     from tinyopt.data import cache as data
 
     best = float("inf")
     for attempt in range(repeats):
         cache = workdir / f"cache-{attempt}"
-        seconds, _ = _timed(lambda cache=cache: data.prepare(source, cache, progress=False))
+        seconds, _ = _timed(lambda cache=cache: build.prepare(source, cache, progress=False))
         best = min(best, seconds)
     images = sum(data.info(cache)["splits"].values())
     return best, images, cache

@@ -42,7 +42,7 @@ PRESET = ROOT / "sweeps" / "cpu" / "scratch.toml"
 def _splits(cache: Path) -> dict:
     """The preset's train and test images, sliced as the sweep slices them."""
     from tinyopt.core.config import load_config
-    from tinyopt.sweep.runner import load_sweep_data
+    from tinyopt.data.splits import load_sweep_data
 
     return load_sweep_data(load_config("scratch", PRESET), None, str(cache), False).splits
 
@@ -147,11 +147,11 @@ def main() -> None:
         baseline(Path(args.baseline_worker[0]), args.budget, Path(args.baseline_worker[1]))
         return
 
-    from tinyopt.data import cache as data
+    from tinyopt.data import build
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "data"
-        data.prepare(args.data, cache, progress=False)
+        build.prepare(args.data, cache, progress=False)
         print(f"budget {args.budget:.0f} s per arm; preset {PRESET.relative_to(ROOT)}", flush=True)
         hand = swept = None
         cores = (0, 1) if args.side_by_side else (None, None)

@@ -79,11 +79,11 @@ def main() -> None:
     args = parser.parse_args()
     approaches = args.approaches or (["finetune", "scratch"] if args.group == "pruning" else ["finetune", "pretrained"])
 
-    from tinyopt.data import cache as data
+    from tinyopt.data import build
 
     with tempfile.TemporaryDirectory() as tmp:
         data_cache = Path(tmp) / "data"
-        data.prepare(args.data, data_cache, progress=False)
+        build.prepare(args.data, data_cache, progress=False)
         for approach in approaches:
             print(f"{approach}: {args.trials} trials of sweeps/cpu/{approach}.toml, seed {args.seed}", flush=True)
             first = None

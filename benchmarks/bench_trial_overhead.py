@@ -75,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from tinyopt.core.config import load_config
-    from tinyopt.sweep.runner import load_sweep_data
+    from tinyopt.data.splits import load_sweep_data
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or str(Path(tmp) / "cache")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tinyopt.data import build
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixtures import make_tiny_imagenet, zip_folder  # noqa: E402
@@ -49,9 +51,9 @@ def tiny_zip(tiny_folder, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cache(tiny_folder, tmp_path_factory) -> Path:
     """A prepared cache of ``tiny_folder`` with default options; read-only for tests."""
-    from tinyopt.data import cache as data
+    from tinyopt.data import build
 
-    return data.prepare(tiny_folder, tmp_path_factory.mktemp("tiny_cache"), progress=False)
+    return build.prepare(tiny_folder, tmp_path_factory.mktemp("tiny_cache"), progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -63,9 +65,8 @@ def dev_zip() -> Path:
 @pytest.fixture(scope="session")
 def dev_cache(dev_zip, tmp_path_factory) -> Path:
     """A prepared cache of the dev zip with default options; read-only for tests."""
-    from tinyopt.data import cache as data
 
-    return data.prepare(dev_zip, tmp_path_factory.mktemp("dev_cache"), progress=False)
+    return build.prepare(dev_zip, tmp_path_factory.mktemp("dev_cache"), progress=False)
 
 
 @pytest.fixture(scope="session")

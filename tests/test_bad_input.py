@@ -18,7 +18,7 @@ import pytest
 from fault_helpers import snapshot
 from mlflow import MlflowClient
 
-from tinyopt.data import cache as data
+from tinyopt.data import build
 
 # (case id, extra arguments, fragment of the one line printed); <wrong_weights>, <broken_toml>,
 # <not_a_zip> and <no_layout> are files made below.
@@ -109,7 +109,7 @@ def stores(tmp_path_factory, tiny_folder, silent_port):
                                               user_attrs={"mlflow_run_id": run.info.run_id},
                                               distributions={"x": optuna.distributions.FloatDistribution(0, 2)}))
     cache = root / "cache"
-    data.prepare(tiny_folder, cache, progress=False)
+    build.prepare(tiny_folder, cache, progress=False)
     files = {"wrong_weights": root / "wrong_weights.h5", "broken_toml": root / "broken.toml",
              "not_a_zip": root / "not_a_zip.zip", "no_layout": root / "no_layout"}
     files["wrong_weights"].write_bytes(b"not an HDF5 file")

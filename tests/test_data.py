@@ -15,6 +15,7 @@ from fixtures import FIXTURE_WNIDS, make_tiny_imagenet, zip_folder
 from PIL import Image
 
 from tinyopt.core.errors import ConfigError, DataError
+from tinyopt.data import build
 from tinyopt.data import cache as data
 
 TRAIN_PER_CLASS, VAL_PER_CLASS = 30, 6  # make_tiny_imagenet's defaults
@@ -82,7 +83,7 @@ def test_grayscale_and_cmyk_become_rgb(tiny_cache):
 @pytest.mark.parametrize("form", ["zip", "folder", "parent"])
 def test_zip_folder_and_parent_give_the_same_cache(form, tiny_folder, tiny_zip, tiny_cache, tmp_path):
     source = {"zip": tiny_zip, "folder": tiny_folder, "parent": tiny_folder.parent}[form]
-    cache = data.prepare(source, tmp_path / "cache", progress=False)
+    cache = build.prepare(source, tmp_path / "cache", progress=False)
     _assert_same_arrays(cache, tiny_cache)
     assert data.load_classes(cache) == data.load_classes(tiny_cache)
 
@@ -90,21 +91,21 @@ def test_zip_folder_and_parent_give_the_same_cache(form, tiny_folder, tiny_zip, 
 @pytest.fixture
 def two_workers(monkeypatch):
     """Make the tiny fixture worth two worker processes and many chunks."""
-    monkeypatch.setattr(data, "_MIN_IMAGES_PER_WORKER", 10)
+    monkeypatch.setattr(build, "_MIN_IMAGES_PER_WORKER", 10)
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(data, "_CHUNK_IMAGES", 16)
+    monkeypatch.setattr(build, "_CHUNK_IMAGES", 16)
 
 
 def test_worker_processes_give_the_same_cache(two_workers, tiny_zip, tiny_cache, tmp_path, monkeypatch):
     pools = []
-    real_chunks = data._decoded_chunks
+    real_chunks = build._decoded_chunks
 
     def recording(args, chunks, workers):
         pools.append(workers)
         return real_chunks(args, chunks, workers)
 
-    monkeypatch.setattr(data, "_decoded_chunks", recording)
-    _assert_same_arrays(data.prepare(tiny_zip, tmp_path, progress=False), tiny_cache)
+    monkeypatch.setattr(build, "_decoded_chunks", recording)
+    _assert_same_arrays(build.prepare(tiny_zip, tmp_path, progress=False), tiny_cache)
     assert pools == [2]
 
 
@@ -122,42 +123,42 @@ def test_decoding_finishes_in_process_when_workers_die(two_workers, tiny_zip, ti
             return False
 
         def map(self, func, chunks):
-            decoder = data._Decoder(*self.initargs)
+            decoder = build._Decoder(*self.initargs)
             yield decoder(chunks[0])
             decoder.close()
             raise BrokenProcessPool("a worker died")
 
-    monkeypatch.setattr(data, "ProcessPoolExecutor", DyingPool)
-    _assert_same_arrays(data.prepare(tiny_zip, tmp_path, progress=False), tiny_cache)
+    monkeypatch.setattr(build, "ProcessPoolExecutor", DyingPool)
+    _assert_same_arrays(build.prepare(tiny_zip, tmp_path, progress=False), tiny_cache)
 
 
 def test_a_script_without_a_main_guard_still_prepares(tiny_folder, tmp_path):
     # Spawned workers re-import the script; its top-level prepare() must fail fast there, not deadlock.
     script = tmp_path / "unguarded.py"
-    script.write_text("from tinyopt.data import cache as data\n"
-                      "data._MIN_IMAGES_PER_WORKER = 10\n"
-                      "data.os.sched_getaffinity = lambda pid: {0, 1}\n"
-                      f"data.prepare({str(tiny_folder)!r}, {str(tmp_path / 'cache')!r}, progress=False)\n")
+    script.write_text("from tinyopt.data import build\n"
+                      "build._MIN_IMAGES_PER_WORKER = 10\n"
+                      "build.os.sched_getaffinity = lambda pid: {0, 1}\n"
+                      f"build.prepare({str(tiny_folder)!r}, {str(tmp_path / 'cache')!r}, progress=False)\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "__name__ == '__main__'" in done.stderr
     assert data.info(tmp_path / "cache")["splits"]["test"] == len(FIXTURE_WNIDS) * VAL_PER_CLASS
 
 def test_prepare_again_is_a_no_op(tiny_folder, tmp_path, monkeypatch):
-    cache = data.prepare(tiny_folder, tmp_path, progress=False)
+    cache = build.prepare(tiny_folder, tmp_path, progress=False)
     before = data.info(cache)
 
     def must_not_decode(*args, **kwargs):
         raise AssertionError("prepared the same source twice")
 
-    monkeypatch.setattr(data, "_write_arrays", must_not_decode)
-    assert data.prepare(tiny_folder, tmp_path, progress=False) == cache
+    monkeypatch.setattr(build, "_write_arrays", must_not_decode)
+    assert build.prepare(tiny_folder, tmp_path, progress=False) == cache
     assert data.info(cache) == before
 
 
 def test_other_options_rebuild_with_another_selection(tiny_folder, tiny_cache, tmp_path):
     shutil.copytree(tiny_cache, tmp_path, dirs_exist_ok=True)
-    data.prepare(tiny_folder, tmp_path, seed=1, progress=False)
+    build.prepare(tiny_folder, tmp_path, seed=1, progress=False)
     assert data.info(tmp_path)["fingerprint"] != data.info(tiny_cache)["fingerprint"]
     assert data.info(tmp_path)["options"]["seed"] == 1
     sel_new, sel_old = data.load_split("selection", tmp_path)[0], data.load_split("selection", tiny_cache)[0]
@@ -170,7 +171,7 @@ def test_interrupted_prepare_keeps_the_old_cache_and_a_rerun_completes(tiny_fold
     (tmp_path / ".prepared.partial-killed").mkdir()  # what a killed run leaves behind
     good = data.info(tmp_path)
     calls = []
-    real_decode = data._decode_image
+    real_decode = build._decode_image
 
     def interrupted(payload):
         calls.append(1)
@@ -178,13 +179,13 @@ def test_interrupted_prepare_keeps_the_old_cache_and_a_rerun_completes(tiny_fold
             raise KeyboardInterrupt
         return real_decode(payload)
 
-    monkeypatch.setattr(data, "_decode_image", interrupted)
+    monkeypatch.setattr(build, "_decode_image", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        data.prepare(tiny_folder, tmp_path, seed=2, progress=False)
+        build.prepare(tiny_folder, tmp_path, seed=2, progress=False)
     assert data.info(tmp_path) == good
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "prepared"]
-    monkeypatch.setattr(data, "_decode_image", real_decode)
-    data.prepare(tiny_folder, tmp_path, seed=2, progress=False)
+    monkeypatch.setattr(build, "_decode_image", real_decode)
+    build.prepare(tiny_folder, tmp_path, seed=2, progress=False)
     assert data.info(tmp_path)["options"]["seed"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "prepared"]
 
@@ -192,7 +193,7 @@ def test_interrupted_prepare_keeps_the_old_cache_and_a_rerun_completes(tiny_fold
 def test_a_dataset_caught_mid_swap_is_put_back(tiny_cache, tmp_path):
     shutil.copytree(tiny_cache / "prepared", tmp_path / ".prepared.old-abc")
     with pytest.raises(DataError):
-        data.prepare(tmp_path / "no-such-source", tmp_path, progress=False)
+        build.prepare(tmp_path / "no-such-source", tmp_path, progress=False)
     assert data.info(tmp_path)["fingerprint"] == data.info(tiny_cache)["fingerprint"]
 
 
@@ -295,7 +296,7 @@ def test_bad_source_is_one_clear_error_and_leaves_the_cache_alone(case, with_goo
     if with_good_cache:
         shutil.copytree(tiny_cache, cache)
     with pytest.raises(DataError, match=message) as caught:
-        data.prepare(source, cache, progress=False)
+        build.prepare(source, cache, progress=False)
     assert "\n" not in str(caught.value)
     assert str(source.name) in str(caught.value) or "tiny-imagenet-200" in str(caught.value)
     if with_good_cache:
@@ -307,14 +308,14 @@ def test_bad_source_is_one_clear_error_and_leaves_the_cache_alone(case, with_goo
 
 def test_zip_md5_mismatch_is_an_error_and_keeps_the_users_zip(tiny_zip, tmp_path):
     with pytest.raises(DataError, match=f"has md5 .*expected {'0' * 32}"):
-        data.prepare(tiny_zip, tmp_path, md5="0" * 32, progress=False)
+        build.prepare(tiny_zip, tmp_path, md5="0" * 32, progress=False)
     assert tiny_zip.is_file() and not (tmp_path / "prepared").exists()
 
 
 def test_skip_bad_skips_and_counts_undecodable_images(tiny_folder, tmp_path):
     folder = _corrupt_jpeg(tiny_folder, None, tmp_path)
     (folder / "val" / "images" / "val_5.JPEG").write_bytes(b"not a jpeg at all")
-    cache = data.prepare(folder, tmp_path / "cache", skip_bad=True, progress=False)
+    cache = build.prepare(folder, tmp_path / "cache", skip_bad=True, progress=False)
     summary = data.info(cache)
     assert summary["skipped"] == 2
     assert summary["splits"]["test"] == len(FIXTURE_WNIDS) * VAL_PER_CLASS - 1
@@ -332,12 +333,12 @@ def test_odd_sized_image_is_named(tiny_folder, tmp_path):
     folder = _copy(tiny_folder, tmp_path)
     Image.new("RGB", (32, 32)).save(folder / "val" / "images" / "val_0.JPEG")
     with pytest.raises(DataError, match=r"val_0\.JPEG cannot be decoded .*32x32, expected 64x64"):
-        data.prepare(folder, tmp_path / "cache", progress=False)
+        build.prepare(folder, tmp_path / "cache", progress=False)
 
 
 def test_selection_fraction_must_be_a_fraction(tiny_folder, tmp_path):
     with pytest.raises(ConfigError, match="selection fraction"):
-        data.prepare(tiny_folder, tmp_path, selection_fraction=1.0, progress=False)
+        build.prepare(tiny_folder, tmp_path, selection_fraction=1.0, progress=False)
 
 
 def test_loading_without_a_prepared_cache_says_how_to_fix_it(tmp_path):
@@ -355,7 +356,7 @@ def test_default_cache_dir_honours_env(monkeypatch, tmp_path):
 
 
 def test_zip_reading_does_not_extract(tiny_zip, tmp_path):
-    data.prepare(tiny_zip, tmp_path, progress=False)
+    build.prepare(tiny_zip, tmp_path, progress=False)
     assert not list(tmp_path.rglob("*.JPEG"))
     with zipfile.ZipFile(tiny_zip) as archive:
         assert any(name.endswith(".JPEG") for name in archive.namelist())

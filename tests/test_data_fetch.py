@@ -12,8 +12,8 @@ import pytest
 from fixtures import zip_folder
 
 from tinyopt.core.errors import DataError
+from tinyopt.data import build, fetch
 from tinyopt.data import cache as data
-from tinyopt.data import fetch
 
 CUT_AFTER = 5000
 
@@ -112,19 +112,19 @@ def test_missing_url_is_one_clear_error(server, tmp_path):
 
 def test_prepare_from_url_then_again_without_the_network(server, tiny_cache, tmp_path):
     server.cuts_left = 1
-    cache = data.prepare(server.url, tmp_path, md5=server.md5, progress=False)
+    cache = build.prepare(server.url, tmp_path, md5=server.md5, progress=False)
     for split in data.SPLITS:
         np.testing.assert_array_equal(data.load_split(split, cache)[0], data.load_split(split, tiny_cache)[0])
     assert data.info(cache)["source"] == server.url
     server.files.clear()
     seen = len(server.requests)
-    data.prepare(server.url, tmp_path, md5=server.md5, progress=False)
+    build.prepare(server.url, tmp_path, md5=server.md5, progress=False)
     assert len(server.requests) == seen
 
 
 def test_prepare_with_a_wrong_md5_leaves_no_cache_and_no_download(server, tmp_path):
     with pytest.raises(DataError, match="md5"):
-        data.prepare(server.url, tmp_path, md5="0" * 32, progress=False)
+        build.prepare(server.url, tmp_path, md5="0" * 32, progress=False)
     assert not (tmp_path / "prepared").exists()
     assert list((tmp_path / "downloads").iterdir()) == []
 
@@ -138,7 +138,7 @@ def test_the_official_url_is_the_default_and_its_md5_is_checked(tmp_path, monkey
 
     monkeypatch.setattr(fetch, "download", offline)
     with pytest.raises(DataError, match="offline"):
-        data.prepare(cache_dir=tmp_path, progress=False)
+        build.prepare(cache_dir=tmp_path, progress=False)
     assert calls == [(data.DEFAULT_URL, "90528d7ca1a48142e341f4ef8d21d0de")]
 
 

@@ -22,9 +22,9 @@ from fixtures import FIXTURE_WNIDS
 
 from tinyopt.cli import cli
 from tinyopt.core.errors import DataError
+from tinyopt.data import build, splits
 from tinyopt.data import cache as data
 from tinyopt.data.activations import Split, Store
-from tinyopt.sweep import runner
 
 
 def _copy(cache: Path, tmp_path: Path) -> Path:
@@ -156,7 +156,7 @@ def test_a_dataset_a_sweep_cannot_use_is_refused(spoil, options, message, tiny_f
     spoil(source)
     cache = _copy(tiny_cache, tmp_path)
     with pytest.raises(DataError, match=re.escape(message)):
-        data.prepare(source, cache, progress=False, **options)
+        build.prepare(source, cache, progress=False, **options)
     _assert_same_dataset(cache, tiny_cache)
     assert not list(cache.glob(".prepared.*"))
 
@@ -166,9 +166,9 @@ def test_a_source_without_val_images_fails_before_decoding(tiny_folder, tmp_path
     shutil.rmtree(source / "val" / "images")
     (source / "val" / "images").mkdir()
     (source / "val" / "val_annotations.txt").write_text("")
-    monkeypatch.setattr(data, "_write_arrays", lambda *args: pytest.fail("decoded a source it must refuse"))
+    monkeypatch.setattr(build, "_write_arrays", lambda *args: pytest.fail("decoded a source it must refuse"))
     with pytest.raises(DataError, match="val/images/ leaves the test split empty: the source has none"):
-        data.prepare(source, tmp_path / "cache", progress=False)
+        build.prepare(source, tmp_path / "cache", progress=False)
     assert not (tmp_path / "cache").exists()
 
 
@@ -182,16 +182,16 @@ def test_a_sweep_refuses_an_empty_split_before_it_creates_anything(per_class, ti
     _edit_meta(prepared, files=None, splits=data.info(tiny_cache)["splits"] | {"test": 0})
     config = {"data": {"test_per_class": per_class}}
     with pytest.raises(DataError, match=f"the test split of {cache} holds no images.*tinyopt data prepare --force"):
-        runner.load_sweep_data(config, None, str(cache), progress=False)
+        splits.load_sweep_data(config, None, str(cache), progress=False)
 
 
 def test_a_sweep_checks_every_byte_before_it_starts_and_repairs_with_its_source(tiny_folder, tiny_cache, tmp_path):
     cache = _copy(tiny_cache, tmp_path)
     _flip_last_byte(cache / "prepared" / "selection_y.npy")
     with pytest.raises(DataError, match="selection_y.npy fails its checksum"):
-        runner.load_sweep_data({}, None, str(cache), progress=False)
+        splits.load_sweep_data({}, None, str(cache), progress=False)
     # Given its source, a sweep prepares: the damaged cache is rebuilt, not used.
-    loaded = runner.load_sweep_data({}, str(tiny_folder), str(cache), progress=False)
+    loaded = splits.load_sweep_data({}, str(tiny_folder), str(cache), progress=False)
     np.testing.assert_array_equal(loaded.splits["selection"][1], data.load_split("selection", tiny_cache)[1])
 
 
@@ -200,15 +200,15 @@ def test_a_cache_prepared_before_checksums_still_loads_and_is_kept(tiny_folder, 
     _as_landed(cache / "prepared")
     assert "files" not in data.verify(cache)
     _assert_same_dataset(cache, tiny_cache)
-    monkeypatch.setattr(data, "_write_arrays", lambda *args: pytest.fail("rebuilt an intact cache"))
-    data.prepare(tiny_folder, cache, progress=False)
+    monkeypatch.setattr(build, "_write_arrays", lambda *args: pytest.fail("rebuilt an intact cache"))
+    build.prepare(tiny_folder, cache, progress=False)
 
 
 def test_force_rebuilds_an_intact_cache(tiny_folder, tiny_cache, tmp_path, monkeypatch):
     cache = _copy(tiny_cache, tmp_path)
     decoded = []
-    real_write = data._write_arrays
-    monkeypatch.setattr(data, "_write_arrays", lambda *args: decoded.append(1) or real_write(*args))
+    real_write = build._write_arrays
+    monkeypatch.setattr(build, "_write_arrays", lambda *args: decoded.append(1) or real_write(*args))
     command = ["data", "prepare", "--data", str(tiny_folder), "--cache", str(cache)]
     assert CliRunner().invoke(cli, command).exit_code == 0
     assert decoded == []

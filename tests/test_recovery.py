@@ -12,6 +12,7 @@ import optuna
 import pytest
 from sweep_helpers import POSTGRES, drop_postgres_study, needs_postgres
 
+from tinyopt.core import worker as workers
 from tinyopt.core.record import FAIL_REASON, RUN_ID, WORKER
 from tinyopt.stores import storage
 from tinyopt.sweep import recovery
@@ -53,8 +54,8 @@ def _running(study, worker, run_id="run-1"):
 
 
 def test_identity_names_this_process():
-    me = recovery.identity()
-    assert me["pid"] == os.getpid() and not recovery.is_dead(me)
+    me = workers.identity()
+    assert me["pid"] == os.getpid() and not workers.is_dead(me)
 
 
 @pytest.mark.parametrize("worker, dead", [
@@ -64,21 +65,21 @@ def test_identity_names_this_process():
     (lambda me: {**me, "host": "another-machine", "pid": _dead_pid()}, False),  # cannot be known from here
 ])
 def test_is_dead(worker, dead):
-    assert recovery.is_dead(worker(recovery.identity())) is dead
+    assert workers.is_dead(worker(workers.identity())) is dead
 
 
 def test_a_dead_workers_trial_is_failed_retried_and_its_run_closed(opened):
     study = optuna.create_study(study_name="scratch", storage=opened, direction="maximize")
     tracker = _Tracker()
     pid = _dead_pid()
-    dead = _running(study, {**recovery.identity(), "pid": pid}, "run-dead")
-    alive = _running(study, recovery.identity(), "run-alive")
+    dead = _running(study, {**workers.identity(), "pid": pid}, "run-dead")
+    alive = _running(study, workers.identity(), "run-alive")
     messages = recovery.recover(study, opened, tracker)
     trials = study.get_trials(deepcopy=False)
     assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "WAITING"]
     assert trials[2].params == trials[dead.number].params and trials[2].system_attrs["failed_trial"] == dead.number
     assert messages == [f"recovered trial {dead.number}: left RUNNING (its worker, pid {pid} on "
-                        f"{recovery.identity()['host']}, is gone); failed, queued again as trial 2"]
+                        f"{workers.identity()['host']}, is gone); failed, queued again as trial 2"]
     assert [run for run, _ in tracker.closed] == ["run-dead"] and "is gone" in tracker.closed[0][1]
     assert recovery.recover(study, opened, tracker) == []  # nothing twice
     assert alive.number == 1
@@ -99,7 +100,7 @@ def test_a_trial_failed_by_a_heartbeat_check_has_its_run_closed_there(tmp_path):
         study = optuna.create_study(study_name=name, storage=opened, direction="maximize")
         run_id = MlflowClient(tracker.tracking_uri).create_run(tracker.experiment_id).info.run_id
         with pytest.warns(UserWarning, match="Heartbeat"):  # Optuna's: we ask outside optimize, as a worker would not
-            trial = _running(study, {**recovery.identity(), "host": "another-machine"}, run_id)
+            trial = _running(study, {**workers.identity(), "host": "another-machine"}, run_id)
         opened.record_heartbeat(trial._trial_id)
         time.sleep(3)  # two intervals and more without a heartbeat
         with storage.optuna_experimental():

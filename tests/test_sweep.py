@@ -136,13 +136,14 @@ def test_gpu_settings_can_be_forced_on_a_cpu(stores, tiny_folder, cache_root, mo
 def test_predictions_and_kept_model_reproduce_the_trial(stores, tiny_folder, cache_root):
     import keras
 
+    from tinyopt.data import build
     from tinyopt.data import cache as data
 
     sweep("scratch", stores, tiny_folder, cache_root, 1)
     trial = load_study(stores, "scratch").trials[0]
     run_id = trial.user_attrs["mlflow_run_id"]
     saved = mlflow_store.load_predictions(run_id, stores["tracking_uri"])
-    cache = data.prepare(str(tiny_folder), str(cache_root), progress=False)
+    cache = build.prepare(str(tiny_folder), str(cache_root), progress=False)
     x_sel, y_sel = data.load_split("selection", cache)
     _, y_test = data.load_split("test", cache)
     assert saved["selection_probs"].shape == (len(y_sel), 5) and saved["selection_probs"].dtype == np.float32
@@ -299,9 +300,10 @@ def test_the_models_of_the_best_k_trials_are_kept(stores, tiny_folder, cache_roo
             found["top1"] = next(chosen)
         return found
 
+    from tinyopt.data import build
     from tinyopt.data import cache as data
 
-    cache = data.prepare(str(tiny_folder), str(cache_root), progress=False)
+    cache = build.prepare(str(tiny_folder), str(cache_root), progress=False)
     selection_size = len(data.load_split("selection", cache)[1])
     monkeypatch.setattr(objectives, "scores", scores)
     sweep("scratch", stores, tiny_folder, cache_root, 4, "study.keep_models=2")

@@ -91,10 +91,10 @@ def shared_stores(request, tmp_path):
 
 @pytest.mark.slow
 def test_max_trials_is_honoured_by_three_independent_commands(study, tiny_folder, tmp_path, shared_stores):
-    from tinyopt.data import cache as data
+    from tinyopt.data import build
 
     storage_url, tracking_uri = shared_stores
-    data.prepare(str(tiny_folder), str(tmp_path / "cache"), progress=False)  # as on machines with their own copy
+    build.prepare(str(tiny_folder), str(tmp_path / "cache"), progress=False)  # as on machines with their own copy
     commands = [start_sweep(["--trials", 10, "--max-trials", 4,
                              *_args(study, storage_url, tracking_uri, tiny_folder, tmp_path)]) for _ in range(3)]
     outputs = [command.communicate(timeout=600)[0] for command in commands]

@@ -43,8 +43,25 @@ class _Group(click.Group):
             sys.exit(stop.exit_code)
 
 
+def version() -> str:
+    """The installed distribution's version (package metadata), else ``tinyopt.__version__`` (a bare source tree)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("tinyopt")
+    except metadata.PackageNotFoundError:
+        return __version__
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"tinyopt {version()}")
+        ctx.exit()
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="tinyopt")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print `tinyopt VERSION` and exit.")
 def cli() -> None:
     """Hyperparameter sweeps for Tiny ImageNet, every trial tracked in MLflow.
 

@@ -28,9 +28,10 @@ def prepare(source, cache_dir, skip_bad, selection_fraction, seed, md5, force) -
     Running it again with the same source and options does nothing while the cache is intact, and
     rebuilds a damaged one; an interrupted run resumes its download and leaves any earlier cache intact.
     """
+    from tinyopt.data import build
     from tinyopt.data import cache as dataset
 
-    cache = dataset.prepare(source, cache_dir, skip_bad=skip_bad, selection_fraction=selection_fraction,
+    cache = build.prepare(source, cache_dir, skip_bad=skip_bad, selection_fraction=selection_fraction,
                             seed=seed, md5=md5, force=force)
     _show(dataset.info(cache, checksums=False))  # prepare has just checked or written every byte
 

@@ -8,7 +8,8 @@ import click
 
 from tinyopt.cli.options import cache_option, data_option, storage_options
 from tinyopt.core import record
-from tinyopt.core.config import APPROACHES
+from tinyopt.core.config import APPROACHES, preset_path
+from tinyopt.core.errors import ConfigError
 
 # workers.py imports nothing heavy at module level, so --help stays fast.
 from tinyopt.sweep.workers import TRIALS_PER_PROCESS
@@ -74,8 +75,11 @@ def _trial_line(number: int, state: str, value: float | None, reason: str | None
                    "of every machine (for workers started by hand on several machines).")
 @data_option
 @cache_option
+@click.option("--preset", default=None, metavar="NAME",
+              help="Packaged preset merged onto the defaults before --config: --preset cpu takes the CPU-sized "
+                   "sweeps/cpu/APPROACH.toml (pretrained, finetune, scratch).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="Config file merged onto sweeps/APPROACH.toml (e.g. sweeps/cpu/APPROACH.toml).")
+              help="Config file merged onto the defaults (sweeps/APPROACH.toml) and the --preset.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override one config value, e.g. --set model.weights=none (repeatable).")
 @click.option("--study", "study_name", default=None, help="Study name (default: the approach).")
@@ -92,13 +96,18 @@ def _trial_line(number: int, state: str, value: float | None, reason: str | None
                    f"per trained model, so one process grows with every trial; a fresh one costs about 10 s.")
 @click.option("--worker", "is_worker", is_flag=True, hidden=True,
               help="Run as a worker of a supervising `tinyopt sweep` (plain lines; it owns the parent run).")
-def sweep(approach, trials, timeout, max_trials, source, cache_dir, config_path, overrides, study_name, storage,
-          tracking_uri, seed, workers, gpus, trials_per_process, is_worker) -> None:
+def sweep(approach, trials, timeout, max_trials, source, cache_dir, preset, config_path, overrides, study_name,
+          storage, tracking_uri, seed, workers, gpus, trials_per_process, is_worker) -> None:
     """Run (or continue) the Optuna study of APPROACH, one MLflow run per trial.
 
     Rerunning the same command adds trials to the same study. SIGINT (Ctrl-C) and SIGTERM stop it
     cleanly: the running trial is recorded as failed, every MLflow run is closed, exit code 130/143.
     """
+    if preset is not None:
+        try:
+            preset_path(approach, preset)
+        except ConfigError as err:  # a name click could not check: a usage error, like an unknown APPROACH
+            raise click.BadParameter(str(err), param_hint="'--preset'") from err
     from rich.console import Console
 
     from tinyopt.sweep.workers import SweepArgs, default_trials_per_process, parse_gpus
@@ -111,7 +120,7 @@ def sweep(approach, trials, timeout, max_trials, source, cache_dir, config_path,
         trials_per_process = default_trials_per_process(approach)
     gpu_ids, workers = parse_gpus(gpus, workers)
     args = SweepArgs(approach, trials, timeout, max_trials, source, cache_dir, config_path, tuple(overrides),
-                     study_name, storage, tracking_uri, seed, trials_per_process, workers, gpu_ids)
+                     study_name, storage, tracking_uri, seed, trials_per_process, workers, gpu_ids, preset)
     console = Console()
     if is_worker:
         result = _run(args, _LineEvents(), owner=False)
@@ -149,7 +158,7 @@ def _run(args, events, owner: bool = True):
     return run_sweep(args.approach, trials=args.trials, timeout=args.timeout, max_trials=args.max_trials,
                      source=args.source, cache_dir=args.cache_dir, config_path=args.config_path,
                      overrides=args.overrides, study_name=args.study_name, storage=args.storage,
-                     tracking_uri=args.tracking_uri, seed=args.seed, events=events, owner=owner)
+                     tracking_uri=args.tracking_uri, seed=args.seed, events=events, owner=owner, preset=args.preset)
 
 
 def _render(console, result) -> None:

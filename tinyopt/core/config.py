@@ -1,16 +1,20 @@
 """Sweep configuration: TOML files, ``--set`` overrides, and the resolved config that gets logged.
 
-``sweeps/<approach>.toml`` holds every setting of an approach with its default. A ``--config`` file
-(such as the CPU presets in ``sweeps/cpu/``) is merged onto it, so it states only what differs, and
-``--set key=value`` overrides come last. Every key must exist in the default file, and every value
-must have the type of its default and obey ``tinyopt.core.schema``: a typo is an error before any
-training, never a silently ignored setting or a failed trial.
+``sweeps/<approach>.toml`` holds every setting of an approach with its default. A preset
+(``--preset cpu``: ``sweeps/cpu/<approach>.toml``) and then a ``--config`` file are merged onto it, so
+each states only what differs, and ``--set key=value`` overrides come last. Every key must exist in
+the default file, and every value must have the type of its default and obey ``tinyopt.core.schema``:
+a typo is an error before any training, never a silently ignored setting or a failed trial.
+
+The defaults and presets are the package's own copy of ``sweeps/`` (see ``sweeps_dir``), never a
+``sweeps/`` folder of the working directory.
 """
 
 from __future__ import annotations
 
 import copy
 import tomllib
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +25,49 @@ APPROACHES = ("pretrained", "finetune", "scratch", "ensemble")
 
 
 def sweeps_dir() -> Path:
-    """The ``sweeps/`` folder: the one in the working directory, else the one beside the package."""
-    local = Path.cwd() / "sweeps"
-    if local.is_dir():
-        return local
-    return Path(__file__).resolve().parent.parent / "sweeps"
+    """The package's ``sweeps/`` folder: each approach's defaults and the presets, one subfolder each.
+
+    A wheel carries the top-level ``sweeps/`` folder of the source tree as ``tinyopt/sweeps/``
+    (pyproject.toml maps the package ``tinyopt.sweeps`` onto it). An editable install or a source tree
+    holds no ``tinyopt/sweeps/``: there the folder is ``sweeps/`` beside the package, the files a wheel
+    would carry. The folder is found from the package itself, not imported as ``tinyopt.sweeps``:
+    setuptools' editable installs do not import a package mapped outside its parent's folder that has
+    no ``__init__.py`` (setuptools 65 to 80 alike), and a ``sweeps/`` of the working directory is never read.
+    """
+    package = Path(str(resources.files("tinyopt")))  # installs are never zipped (pip unpacks wheels)
+    packaged = package / "sweeps"
+    return packaged if packaged.is_dir() else package.parent / "sweeps"
 
 
 def default_config_path(approach: str) -> Path:
-    """Path of ``sweeps/<approach>.toml``."""
+    """Path of the package's ``sweeps/<approach>.toml``."""
     if approach not in APPROACHES:
         raise ConfigError(f"unknown approach {approach!r}; choose one of: {', '.join(APPROACHES)}")
     return sweeps_dir() / f"{approach}.toml"
+
+
+def presets(approach: str | None = None) -> list[str]:
+    """The names of the packaged presets (subfolders of ``sweeps/``), of those with a file for ``approach`` if given."""
+    folder = sweeps_dir()
+    names = sorted(path.name for path in folder.iterdir() if path.is_dir() and any(path.glob("*.toml")))
+    return [name for name in names if approach is None or (folder / name / f"{approach}.toml").is_file()]
+
+
+def preset_path(approach: str, preset: str) -> Path:
+    """Path of the packaged ``sweeps/<preset>/<approach>.toml``.
+
+    Raises:
+        ConfigError: no such preset, or the preset holds no file for ``approach`` (one line naming the presets).
+    """
+    default_config_path(approach)  # an unknown approach is named as such
+    names = presets()
+    if preset not in names:
+        raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(names) or 'none'}")
+    path = sweeps_dir() / preset / f"{approach}.toml"
+    if not path.is_file():
+        raise ConfigError(f"preset {preset!r} has no {approach} config; presets for {approach}: "
+                          f"{', '.join(presets(approach)) or 'none'}")
+    return path
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -102,27 +137,30 @@ def set_key(config: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_config(approach: str, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
-                ) -> dict[str, Any]:
-    """Load the resolved config of one approach.
+def load_config(approach: str, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                preset: str | None = None) -> dict[str, Any]:
+    """Load the resolved config of one approach: defaults, then the preset, the file, the overrides.
 
     Args:
         approach: ``pretrained``, ``finetune``, ``scratch`` or ``ensemble``.
-        path: a config file; defaults to ``sweeps/<approach>.toml``.
+        path: a config file merged onto the defaults (``sweeps/<approach>.toml``) and the preset.
         overrides: ``key=value`` strings from ``--set``, applied last, in order.
+        preset: a packaged preset (``cpu``: ``sweeps/cpu/<approach>.toml``) merged onto the defaults first.
 
     Returns:
         The resolved config as plain nested dicts.
 
     Raises:
         ConfigError: unknown keys, a malformed override or search space, a value of the wrong type, an
-            unknown name, a number out of range, a missing file; or ImageNet weights that do not exist.
+            unknown name, a number out of range, a missing file, an unknown preset; or ImageNet weights that
+            do not exist.
     """
     defaults = _read_toml(default_config_path(approach))
     config = copy.deepcopy(defaults)
-    if path is not None:
-        update = _read_toml(Path(path))
-        _check_keys(update, defaults, str(path))
+    layers = [preset_path(approach, preset)] if preset is not None else []
+    for layer in [*layers, *([Path(path)] if path is not None else [])]:
+        update = _read_toml(layer)
+        _check_keys(update, defaults, str(layer))
         _merge(config, update)
     for item in overrides:
         key, sep, text = item.partition("=")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import functools
 import time
 import traceback
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,7 +17,8 @@ import numpy as np
 from tinyopt.core import record, signals
 from tinyopt.core import space as search_space
 from tinyopt.core.errors import TinyoptError, TrialError
-from tinyopt.sweep import recovery
+from tinyopt.core.worker import identity as worker_identity
+from tinyopt.data.splits import SweepData
 from tinyopt.train import backend
 from tinyopt.train.metrics import scores
 
@@ -54,32 +53,6 @@ class QuietEvents:
 
     def trial_ended(self, number: int, state: str, value: float | None, reason: str | None) -> None:
         pass
-
-
-@dataclass
-class SweepData:
-    """The arrays a sweep trains and scores on; images uint8, labels integer class indices.
-
-    ``cache_dir`` is the data cache they came from, where activations are cached beside them (None:
-    activations are kept in memory only).
-    """
-
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]
-    classes: list[Any]
-    cache_dir: Path | None = None
-    wnids: list[str] = field(init=False)
-    _digests: dict[str, str] = field(init=False, default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.wnids = [c.wnid for c in self.classes]
-
-    def digest(self, split: str) -> str:
-        """A digest of a split's images and labels (computed once): what cached activations were made of."""
-        from tinyopt.data.activations import digest
-
-        if split not in self._digests:
-            self._digests[split] = digest(*self.splits[split])
-        return self._digests[split]
 
 
 class TrackedObjective:
@@ -121,7 +94,7 @@ class TrackedObjective:
         import optuna
 
         # First of all: from here on, a trial whose process dies is recognised as dead (tinyopt.sweep.recovery).
-        worker = recovery.identity()
+        worker = worker_identity()
         trial.set_user_attr(record.WORKER, worker)
         params = self.choose(trial)
         trial.set_user_attr(record.PARAMS, params)

@@ -225,7 +225,7 @@ def _check_store(tracking_uri: str) -> None:
 def _load_data(config: dict[str, Any], trial: Any, tracking_uri: str, source: str | None, cache_dir: str | None,
                progress: bool) -> Any:
     """The splits as the sweep loaded them, checked against the labels the trial saved with its predictions."""
-    from tinyopt.sweep.runner import load_sweep_data
+    from tinyopt.data.splits import load_sweep_data
     from tinyopt.track import store
 
     data = load_sweep_data(config, source, cache_dir, progress)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import sqlite3
 import urllib.parse
 import uuid
 import warnings
@@ -30,18 +28,17 @@ from typing import Any
 from tinyopt.core.errors import StudyError
 from tinyopt.core.locks import file_lock
 from tinyopt.core.urls import first_line, redact, sqlite_path
+from tinyopt.stores.checks import (
+    CONNECT_TIMEOUT,
+    DATABASES,
+    SQLITE_BUSY_TIMEOUT,
+    check_file,
+    probe_database,
+    read_sqlite,
+    scheme,
+)
 
-CONNECT_TIMEOUT = 10  # seconds: an unreachable database fails fast, well before a sweep starts
-_SQLITE_BUSY_TIMEOUT = 60  # seconds a writer waits for the file lock before "database is locked"
-_DATABASES = ("postgresql", "mysql")
 _FIX = "check --storage (sqlite:///FILE.db, postgresql+psycopg://USER@HOST/DB or journal:PATH)"
-
-
-def _scheme(url: str) -> str:
-    """``sqlite``, ``journal``, ``postgresql``, ``mysql``, or what else the URL starts with."""
-    if url.startswith("journal:"):
-        return "journal"
-    return url.split(":", 1)[0].split("+", 1)[0].lower()
 
 
 def _file(url: str) -> Path | None:
@@ -51,11 +48,6 @@ def _file(url: str) -> Path | None:
     if url.startswith("journal:"):
         return Path(url.removeprefix("journal:"))
     return None
-
-
-def is_database(url: str) -> bool:
-    """Whether the URL names a database server (several machines may share it)."""
-    return _scheme(url) in _DATABASES
 
 
 def check(url: str, study_name: str | None = None) -> None:
@@ -69,71 +61,17 @@ def check(url: str, study_name: str | None = None) -> None:
         StudyError: an unsupported URL, a path that cannot hold the file, a damaged or read-only file,
             a missing database driver or a database that does not answer within ``CONNECT_TIMEOUT`` seconds.
     """
-    scheme = _scheme(url)
+    kind = scheme(url)
     path = _file(url)
     if path is not None:
-        check_file(path, "the Optuna storage", _FIX, writable=True, read=_reader(scheme))
+        check_file(path, "the Optuna storage", _FIX, writable=True, read=_reader(kind))
         moved = _workers_journal(url, study_name) if study_name is not None else None
         if moved is not None and moved.exists():
             check_file(moved, "the Optuna storage", _FIX, writable=True, read=_read_journal)
         return
-    if scheme not in _DATABASES:
+    if kind not in DATABASES:
         raise StudyError(f"unsupported storage URL {redact(url)!r}; {_FIX}")
     probe_database(url, "the Optuna storage", _FIX)
-
-
-def check_file(path: Path, what: str, fix: str, *, writable: bool, read: Callable[[Path], None]) -> None:
-    """Check a store kept in one file (Optuna's or MLflow's) before anything is created or changed in it.
-
-    A file that does not exist yet needs a folder that can hold it; one that exists must be a file
-    that ``read`` can read to its end (a damaged SQLite page, a garbage header, a broken journal line
-    raise there) and, when tinyopt will write it, writable along with its folder (SQLite writes its
-    journal beside the file).
-
-    Args:
-        path: the file.
-        what: the store, as a message names it (``the Optuna storage``, ``the MLflow store``).
-        fix: how to name another store, for a path that cannot be one.
-        writable: the command will write to it.
-        read: reads the whole file, raising if it is damaged.
-
-    Raises:
-        StudyError: one line naming the file, what is wrong with it and the fix.
-    """
-    if path.is_dir():
-        raise StudyError(f"{what} {path} is a folder; {fix}")
-    if not path.exists():
-        parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
-        if not parent.is_dir():
-            raise StudyError(f"{what} {path} cannot be created: {parent} is not a folder; {fix}")
-        if writable and not os.access(parent, os.W_OK | os.X_OK):
-            raise StudyError(f"{what} {path} cannot be created: the folder {parent} is not writable; "
-                             f"make it writable, or {fix}")
-        return
-    if not os.access(path, os.R_OK):
-        raise StudyError(f"{what} {path} cannot be read (permission denied); make it readable (chmod u+r) "
-                         "or choose another path")
-    try:
-        read(path)
-    except Exception as err:  # noqa: BLE001 - sqlite3, JSON and Optuna each raise their own
-        raise StudyError(f"{what} {path} is damaged ({first_line(err)}); restore it from a copy, or move it "
-                         "aside to start afresh") from err
-    if writable:
-        for needed in (path, path.parent):
-            if not os.access(needed, os.W_OK):
-                raise StudyError(f"{what} {path} cannot be written: {needed} is read-only; make it writable "
-                                 f"(chmod u+w {needed}) or choose another path")
-
-
-def read_sqlite(path: Path) -> None:
-    """Read every page of a SQLite file (``PRAGMA quick_check``), raising if one is damaged."""
-    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=_SQLITE_BUSY_TIMEOUT)
-    try:
-        found = [row[0] for row in connection.execute("PRAGMA quick_check")]
-    finally:
-        connection.close()
-    if found != ["ok"]:
-        raise sqlite3.DatabaseError("; ".join(map(str, found[:3])))
 
 
 def _read_journal(path: Path) -> None:
@@ -141,31 +79,8 @@ def _read_journal(path: Path) -> None:
     _journal(path).get_all_studies()
 
 
-def _reader(scheme: str) -> Callable[[Path], None]:
-    return _read_journal if scheme == "journal" else read_sqlite
-
-
-def probe_database(url: str, what: str, fix: str) -> None:
-    """Connect to a database server and run ``SELECT 1``, within ``CONNECT_TIMEOUT`` seconds.
-
-    Raises:
-        StudyError: a missing driver, or a server that refuses or does not answer; ``what`` and
-            ``fix`` complete the message.
-    """
-    import sqlalchemy
-
-    try:
-        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT},
-                                          poolclass=sqlalchemy.pool.NullPool)
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT 1"))
-        engine.dispose()
-    except ImportError as err:
-        fix = "pip install 'tinyopt[postgres]'" if _scheme(url) == "postgresql" else "install the driver the URL names"
-        raise StudyError(f"{what} {redact(url)} needs a database driver that is not installed ({err}); {fix}"
-                         ) from err
-    except Exception as err:  # noqa: BLE001 - drivers raise their own types for refused or unknown hosts
-        raise StudyError(f"cannot reach {what} {redact(url)} ({first_line(err)}); {fix}") from err
+def _reader(kind: str) -> Callable[[Path], None]:
+    return _read_journal if kind == "journal" else read_sqlite
 
 
 def open_storage(url: str, heartbeat_interval: int = 60, on_stale: Callable[[Any], None] | None = None) -> Any:
@@ -183,16 +98,16 @@ def open_storage(url: str, heartbeat_interval: int = 60, on_stale: Callable[[Any
     import optuna
     import sqlalchemy.exc
 
-    scheme = _scheme(url)
+    kind = scheme(url)
     path = _file(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    if scheme == "journal":
+    if kind == "journal":
         return _journal(path)
     kwargs: dict[str, Any] = {}
-    if scheme == "sqlite":
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": _SQLITE_BUSY_TIMEOUT}}
-    elif scheme in _DATABASES:
+    if kind == "sqlite":
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
+    elif kind in DATABASES:
         kwargs = {
             "heartbeat_interval": heartbeat_interval,
             "grace_period": 2 * heartbeat_interval,
@@ -247,7 +162,7 @@ def open_existing(url: str) -> Any:
         return open_storage(url)
     if not path.is_file():
         raise StudyError(f"no Optuna storage at {path}; run `tinyopt sweep APPROACH` first or pass --storage")
-    check_file(path, "the Optuna storage", _FIX, writable=False, read=_reader(_scheme(url)))
+    check_file(path, "the Optuna storage", _FIX, writable=False, read=_reader(scheme(url)))
     # A sweep may be creating this file's tables right now, under its lock (see study_lock): opening it
     # meanwhile would create them a second time. (No lock file: no tinyopt sweep ever made this file.)
     lock = _lock_file(path)
@@ -258,7 +173,7 @@ def open_existing(url: str) -> Any:
 def _workers_folder(url: str) -> Path | None:
     """The folder of a SQLite storage's workers' journals, one file per study (None for other storages)."""
     path = _file(url)
-    return path.parent / f"{path.name}.workers" if path is not None and _scheme(url) == "sqlite" else None
+    return path.parent / f"{path.name}.workers" if path is not None and scheme(url) == "sqlite" else None
 
 
 def _workers_journal(url: str, study_name: str) -> Path | None:
@@ -275,7 +190,7 @@ def home(url: str, study_name: str) -> str:
 
 def needs_journal(url: str, workers: int) -> bool:
     """Whether K workers on this URL should share a journal file instead (SQLite serves one process)."""
-    return workers > 1 and _scheme(url) == "sqlite"
+    return workers > 1 and scheme(url) == "sqlite"
 
 
 def move_to_journal(url: str, study_name: str) -> str:
@@ -393,7 +308,7 @@ def study_lock(url: str, study_name: str) -> Iterator[None]:
     import sqlalchemy
 
     digest = hashlib.sha256(f"tinyopt:{study_name}".encode()).digest()
-    if _scheme(url) == "postgresql":  # advisory locks take a 64-bit key; MySQL's named locks, a short name
+    if scheme(url) == "postgresql":  # advisory locks take a 64-bit key; MySQL's named locks, a short name
         take, give, key = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)", int.from_bytes(
             digest[:8], "big", signed=True)
     else:

@@ -19,43 +19,11 @@ with the status of the trial's state.
 
 from __future__ import annotations
 
-import os
-import socket
-from pathlib import Path
 from typing import Any
 
 from tinyopt.core import record
+from tinyopt.core.worker import is_dead
 from tinyopt.stores.storage import optuna_experimental, retry_callback
-
-
-def identity() -> dict[str, Any]:
-    """This process, as recorded on the trials it runs."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
-
-
-def _start_time(pid: int) -> int | None:
-    """When the process started (clock ticks since boot, Linux), so that a reused pid is not mistaken for it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The second field, the command name, may hold spaces and parentheses: count from its end.
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def is_dead(worker: dict[str, Any]) -> bool:
-    """Whether the process that ran a trial is known to be gone (only a process of this machine can be known)."""
-    if worker.get("host") != socket.gethostname():
-        return False
-    pid = int(worker["pid"])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, under another user
-        return False
-    started = _start_time(pid)
-    return started is not None and worker.get("started") is not None and started != worker["started"]
 
 
 def recover(study: Any, storage: Any, tracker: Any, when: str = "when the next sweep started") -> list[str]:

@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tinyopt.core import record, signals
@@ -27,6 +26,7 @@ from tinyopt.core.config import load_config
 from tinyopt.core.errors import StudyError
 from tinyopt.core.summary import summarize_study
 from tinyopt.core.urls import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, redact
+from tinyopt.data.splits import load_sweep_data
 from tinyopt.stores import storage as storages
 from tinyopt.sweep.summary import SweepResult, log_summary, summarize
 from tinyopt.train import backend
@@ -37,14 +37,14 @@ class Prepared:
     """A sweep checked and ready: the resolved config, its data and the device trials run on."""
 
     config: dict[str, Any]
-    data: Any  # tinyopt.objectives.model.SweepData, or for the ensemble its weight search and notes
+    data: Any  # tinyopt.data.splits.SweepData, or for the ensemble its weight search and notes
     device: str
 
 
 def prepare(approach: str, *, study_name: str | None = None, config_path: str | None = None,
             overrides: tuple[str, ...] = (), source: str | None = None, cache_dir: str | None = None,
-            storage: str = DEFAULT_STORAGE, tracking_uri: str = DEFAULT_TRACKING_URI, progress: bool = True
-            ) -> Prepared:
+            storage: str = DEFAULT_STORAGE, tracking_uri: str = DEFAULT_TRACKING_URI, progress: bool = True,
+            preset: str | None = None) -> Prepared:
     """Check a sweep without creating a study or a run: config, stores, data, weights, ensemble members.
 
     Only the data cache may be written: ``tinyopt.data.cache.prepare`` decodes the dataset once (an
@@ -54,7 +54,7 @@ def prepare(approach: str, *, study_name: str | None = None, config_path: str | 
         TinyoptError: a bad config value, an unreachable storage or tracking store, bad data or weights,
             or too few ensemble members.
     """
-    config = load_config(approach, config_path, overrides)
+    config = load_config(approach, config_path, overrides, preset=preset)
     if approach != "ensemble":
         backend.check()
         backend.set_gpu_memory(config["train"]["gpu_memory"])
@@ -88,54 +88,6 @@ def _check_study_approach(storage: str, name: str, approach: str) -> None:
 def _refuse_other_approach(name: str, owner: str | None, approach: str) -> None:
     if owner is not None and owner != approach:
         raise StudyError(f"study {name!r} holds {owner} trials, not {approach}; pass --study with another name")
-
-
-def load_sweep_data(config: dict[str, Any], source: str | None, cache_dir: str | None, progress: bool):
-    """Prepare (once), verify and load the splits a model approach needs, sliced as ``[data]`` says.
-
-    The cache is checked whole here, before any study or run exists, checksums included
-    (``tinyopt.data.cache.verify``): reading every byte costs about 0.3 s a GB from the page cache and 1 s
-    a GB from disk, about half a second for the full dataset, once per sweep, and the pages it reads
-    are the ones training reads next. A damaged cache or an empty split is then one line, not a
-    traceback from TensorFlow after the study and a FAILED MLflow run were made.
-
-    Raises:
-        DataError: the cache is damaged, or a split holds no images.
-    """
-    from tinyopt.core.errors import DataError
-    from tinyopt.data import cache as data
-    from tinyopt.objectives.model import SweepData
-
-    cache = _prepared_cache(cache_dir) if source is None else None
-    if cache is None:
-        cache = data.prepare(source, cache_dir, progress=progress)  # verifies an existing cache, checksums too
-    data_cfg = config.get("data", {})
-    splits = {}
-    for split in ("train", "selection", "test"):
-        x, y = data.load_split(split, cache)
-        cap = int(data_cfg.get(f"{split}_per_class", 0))
-        if cap:
-            keep = data.stratified_subset(y, per_class=cap, seed=int(data_cfg.get("seed", 0)))
-            x, y = x[keep], y[keep]
-        if not len(y):
-            raise DataError(f"the {split} split of {cache} holds no images, so no trial could run; rebuild it "
-                            f"from a source whose {split} images decode: `{data.rebuild_command(cache)}`")
-        splits[split] = (x, y)
-    return SweepData(splits=splits, classes=data.load_classes(cache), cache_dir=Path(cache).expanduser())
-
-
-def _prepared_cache(cache_dir: str | None):
-    """The cache when it holds a prepared dataset: a sweep without --data uses it as it is.
-
-    Raises:
-        DataError: the dataset there is damaged (rather than a download of the official one over it).
-    """
-    from tinyopt.data import cache as data
-
-    if not data.is_prepared(cache_dir):
-        return None
-    data.verify(cache_dir)
-    return cache_dir if cache_dir is not None else data.default_cache_dir()
 
 
 @dataclass
@@ -211,7 +163,7 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
               source: str | None = None, cache_dir: str | None = None, config_path: str | None = None,
               overrides: tuple[str, ...] = (), study_name: str | None = None, storage: str = DEFAULT_STORAGE,
               tracking_uri: str = DEFAULT_TRACKING_URI, seed: int = 0, events: Any = None, progress: bool = True,
-              owner: bool = True) -> SweepResult:
+              owner: bool = True, preset: str | None = None) -> SweepResult:
     """Run (or continue) the study of one approach and record every trial in MLflow.
 
     SIGINT and SIGTERM end it cleanly: the running trial is failed with the reason, every MLflow run
@@ -226,7 +178,7 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
             counted over every worker of every machine.
         source: dataset source for ``tinyopt.data.cache.prepare`` (URL, zip or folder).
         cache_dir: dataset cache folder.
-        config_path: a config file merged onto ``sweeps/<approach>.toml``.
+        config_path: a config file merged onto ``sweeps/<approach>.toml`` and the preset.
         overrides: ``key=value`` overrides.
         study_name: defaults to the approach.
         storage: Optuna storage URL.
@@ -235,6 +187,7 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
         events: progress listener (see ``tinyopt.objectives.model.Events``).
         progress: show the data preparation progress bar.
         owner: open and close the parent run; False in the workers of ``tinyopt sweep --workers``.
+        preset: a packaged preset (``cpu``: ``sweeps/cpu/<approach>.toml``) merged before ``config_path``.
 
     Raises:
         TinyoptError: bad config, data, storage or weights; too many consecutive failed trials; or
@@ -246,7 +199,8 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
     events = events or QuietEvents()
     name = study_name or approach
     prepared = prepare(approach, study_name=name, config_path=config_path, overrides=overrides, source=source,
-                       cache_dir=cache_dir, storage=storage, tracking_uri=tracking_uri, progress=progress)
+                       cache_dir=cache_dir, storage=storage, tracking_uri=tracking_uri, progress=progress,
+                       preset=preset)
     config = prepared.config
     with signals.deferred(), _quiet_trial_failures():
         session = open_sweep(approach, name, config, storage=storage, tracking_uri=tracking_uri, seed=seed,

@@ -31,6 +31,7 @@ from typing import Any
 from tinyopt.core import record, signals
 from tinyopt.core.errors import ConfigError, TinyoptError
 from tinyopt.core.urls import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, first_line
+from tinyopt.core.worker import identity as worker_identity
 from tinyopt.stores import storage as storages
 from tinyopt.sweep import recovery, runner
 from tinyopt.train import backend
@@ -64,6 +65,7 @@ class SweepArgs:
     trials_per_process: int = 0
     workers: int = 1
     gpus: list[str] = field(default_factory=list)
+    preset: str | None = None
 
     @property
     def name(self) -> str:
@@ -108,7 +110,7 @@ def _worker_command(args: SweepArgs, trials: int | None, timeout: float | None) 
                "--storage", args.storage, "--tracking-uri", args.tracking_uri, "--study", args.name]
     # The supervisor prepared the data: workers read the cache without hashing the source again.
     for flag, value in (("--trials", trials), ("--timeout", timeout), ("--max-trials", args.max_trials),
-                        ("--cache", args.cache_dir), ("--config", args.config_path)):
+                        ("--cache", args.cache_dir), ("--preset", args.preset), ("--config", args.config_path)):
         if value is not None:
             command += [flag, str(value)]
     for item in args.overrides:
@@ -239,7 +241,7 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
     """
     deadline = time.monotonic() + args.timeout if args.timeout is not None else None
     prepared = runner.prepare(args.approach, study_name=args.name, config_path=args.config_path,
-                              overrides=args.overrides,
+                              overrides=args.overrides, preset=args.preset,
                               source=args.source, cache_dir=args.cache_dir, storage=args.storage,
                               tracking_uri=args.tracking_uri, progress=progress)
     if args.gpus:
@@ -295,6 +297,6 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
 
 def _trials_of(study: Any, pids: set[int], *states: Any) -> list[int]:
     """The numbers of the study's trials that these processes of this machine ran (in these states, if given)."""
-    host = recovery.identity()["host"]
+    host = worker_identity()["host"]
     return [t.number for t in study.get_trials(deepcopy=False, states=states or None)
             if (w := t.user_attrs.get(record.WORKER) or {}).get("host") == host and w.get("pid") in pids]

@@ -24,7 +24,7 @@ from tinyopt.core.damage import MLFLOW_FIX, damage_message
 from tinyopt.core.errors import StudyError
 from tinyopt.core.locks import file_lock
 from tinyopt.core.urls import first_line, redact, sqlite_path
-from tinyopt.stores.storage import check_file, is_database, probe_database, read_sqlite
+from tinyopt.stores.checks import check_file, is_database, probe_database, read_sqlite
 from tinyopt.track.names import experiment_name
 
 # MLflow's INFO lines (database migrations, run links) would interleave with the sweep's progress.
