@@ -241,3 +241,38 @@ def test_pruners_judge_from_the_first_epoch_after_the_warmup_and_halving_keeps_o
 
     assert len(kept(4)) < len(kept(2)) < len(values)
     assert 0.60 in kept(4) and 0.05 not in kept(2)  # the best goes on, the worst does not
+
+
+def test_preset_is_merged_onto_the_defaults_before_the_config_file_and_the_overrides(tmp_path):
+    default, cpu = load_config("scratch"), load_config("scratch", preset="cpu")
+    assert default["train"]["mixed_precision"] == "auto" and cpu["train"]["mixed_precision"] == "bfloat16"
+    assert cpu == load_config("scratch", sweeps_dir() / "cpu" / "scratch.toml")
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[train]\nmixed_precision = "off"\n[space]\nstages = 3\n')
+    config = load_config("scratch", mine, ["space.stages=2"], preset="cpu")
+    assert config["train"]["mixed_precision"] == "off"  # the file over the preset
+    assert config["space"]["stages"] == 2  # --set over the file
+    assert config["space"]["epochs"] == cpu["space"]["epochs"] != default["space"]["epochs"]  # the preset's
+
+
+def test_unknown_preset_is_a_one_line_error_naming_the_presets():
+    from tinyopt.core.config import presets
+
+    assert "cpu" in presets() and "cpu" in presets("scratch") and "cpu" not in presets("ensemble")
+    for approach, preset, fragment in (("scratch", "nosuch", "unknown preset 'nosuch'; presets: "),
+                                       ("ensemble", "cpu", "preset 'cpu' has no ensemble config")):
+        with pytest.raises(ConfigError) as err:
+            load_config(approach, preset=preset)
+        assert fragment in str(err.value) and "cpu" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_defaults_and_presets_come_from_the_package_not_the_working_directory(tmp_path, monkeypatch):
+    expected = load_config("scratch"), load_config("scratch", preset="cpu")
+    for name in ("scratch.toml", "cpu/scratch.toml", "mine/scratch.toml"):
+        (tmp_path / "sweeps" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sweeps" / name).write_text("[space]\nstages = 6\n")
+    monkeypatch.chdir(tmp_path)
+    assert sweeps_dir() != tmp_path / "sweeps"
+    assert (load_config("scratch"), load_config("scratch", preset="cpu")) == expected
+    with pytest.raises(ConfigError, match="unknown preset 'mine'"):
+        load_config("scratch", preset="mine")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import click
 
 from tinyopt.cli.options import cache_option, data_option
+from tinyopt.core.urls import redact
+from tinyopt.data import build
+from tinyopt.data import cache as dataset
 
 
 @click.group()
@@ -28,8 +31,6 @@ def prepare(source, cache_dir, skip_bad, selection_fraction, seed, md5, force) -
     Running it again with the same source and options does nothing while the cache is intact, and
     rebuilds a damaged one; an interrupted run resumes its download and leaves any earlier cache intact.
     """
-    from tinyopt.data import build
-    from tinyopt.data import cache as dataset
 
     cache = build.prepare(source, cache_dir, skip_bad=skip_bad, selection_fraction=selection_fraction,
                             seed=seed, md5=md5, force=force)
@@ -44,7 +45,6 @@ def info(cache_dir) -> None:
     A damaged cache (a file missing, truncated or changed since it was prepared) is an error that
     names the file and the command that rebuilds it.
     """
-    from tinyopt.data import cache as dataset
 
     _show(dataset.info(cache_dir))
 
@@ -54,7 +54,6 @@ def _show(summary: dict) -> None:
     from rich.filesize import decimal
     from rich.table import Table
 
-    from tinyopt.core.urls import redact
 
     table = Table(title="Tiny ImageNet cache", show_header=False)
     table.add_column(style="bold")

@@ -8,6 +8,14 @@ import click
 
 from tinyopt.cli.options import cache_option, data_option, storage_options
 from tinyopt.core.errors import TinyoptError
+from tinyopt.core.urls import redact, sqlite_path
+from tinyopt.results.bundle import check_destination
+from tinyopt.results.export import export_best
+from tinyopt.results.predict import predict_images
+from tinyopt.results.refit import refit_best
+from tinyopt.results.report import SCORES, format_seconds, gain_label, summarize_studies, versus_lines, write_report
+from tinyopt.stores import servers
+from tinyopt.stores.storage import open_existing
 
 
 def _score(value: float | None) -> str:
@@ -51,14 +59,12 @@ def best(studies, export_dir, force, register_name, refit, source, cache_dir, st
     from rich.console import Console
     from rich.table import Table
 
-    from tinyopt.results.report import summarize_studies, versus_lines
 
     if register_name and not export_dir:
         raise click.UsageError("--register needs --export DIR: the registered model is the exported bundle")
     if not refit and (source or cache_dir):
         raise click.UsageError("--data and --cache are for --refit: the data it retrains on")
     if export_dir:
-        from tinyopt.results.bundle import check_destination
 
         check_destination(export_dir, force)  # a refused folder is one line, before the table and any work
     summaries = summarize_studies(storage, studies)
@@ -88,7 +94,6 @@ def best(studies, export_dir, force, register_name, refit, source, cache_dir, st
                            "run `tinyopt sweep APPROACH` first")
     winner = max(ranked, key=lambda s: s.best.scores.get("selection_top1", float("-inf")))
     if refit:
-        from tinyopt.results.refit import refit_best
 
         done = refit_best(winner, storage_url=storage, tracking_uri=tracking_uri, source=source, cache_dir=cache_dir,
                           export_dir=export_dir, overwrite=force,
@@ -96,7 +101,6 @@ def best(studies, export_dir, force, register_name, refit, source, cache_dir, st
         _render_refit(console, done)
         bundle, run_id = done.bundle, done.run_id
     else:
-        from tinyopt.results.export import export_best
 
         with console.status(f"exporting {winner.name} trial {winner.best.number}"):
             bundle = export_best(winner, export_dir, storage_url=storage, tracking_uri=tracking_uri,
@@ -139,7 +143,6 @@ def predict(bundle, images, top, as_json) -> None:
 
     Images of any size are converted to RGB and resized (bilinear) to the model's input.
     """
-    from tinyopt.results.predict import predict_images
 
     results = predict_images(bundle, images, top=top)
     if as_json:
@@ -172,7 +175,6 @@ def report(out_dir, storage, tracking_uri) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tinyopt.results.report import SCORES, format_seconds, gain_label, versus_lines, write_report
 
     console = Console()
     with console.status("reading the studies and drawing the plots"):
@@ -211,8 +213,6 @@ def ui(storage, tracking_uri, host, port, dashboard, dashboard_port) -> None:
     on the Optuna studies. Ctrl-C (or SIGTERM) stops both and exits 0: it is how a UI session ends.
     """
 
-    from tinyopt.core.urls import redact, sqlite_path
-    from tinyopt.stores import servers
 
     local = sqlite_path(tracking_uri)
     if local is None:
@@ -224,7 +224,6 @@ def ui(storage, tracking_uri, host, port, dashboard, dashboard_port) -> None:
         raise click.UsageError(f"--dashboard-port and --port are both {port}: give each server its own")
     servers.check_free(host, port, "--port")
     if dashboard:
-        from tinyopt.stores.storage import open_existing
 
         servers.check_free(host, dashboard_port, "--dashboard-port")
         open_existing(storage)  # a missing or unreachable storage is an error now, not a dashboard that dies

@@ -10,9 +10,10 @@ from tinyopt.cli.options import cache_option, data_option, storage_options
 from tinyopt.core import record
 from tinyopt.core.config import APPROACHES, preset_path
 from tinyopt.core.errors import ConfigError
+from tinyopt.sweep.runner import run_sweep
 
 # workers.py imports nothing heavy at module level, so --help stays fast.
-from tinyopt.sweep.workers import TRIALS_PER_PROCESS
+from tinyopt.sweep.workers import TRIALS_PER_PROCESS, SweepArgs, default_trials_per_process, parse_gpus, supervise
 
 
 class _RichEvents:
@@ -110,7 +111,6 @@ def sweep(approach, trials, timeout, max_trials, source, cache_dir, preset, conf
             raise click.BadParameter(str(err), param_hint="'--preset'") from err
     from rich.console import Console
 
-    from tinyopt.sweep.workers import SweepArgs, default_trials_per_process, parse_gpus
 
     if trials is None and timeout is None:
         trials = 10
@@ -125,7 +125,6 @@ def sweep(approach, trials, timeout, max_trials, source, cache_dir, preset, conf
     if is_worker:
         result = _run(args, _LineEvents(), owner=False)
     elif workers > 1 or gpu_ids or (trials_per_process and (trials is None or trials > trials_per_process)):
-        from tinyopt.sweep.workers import supervise
 
         result = supervise(args, lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
         _render(console, result)
@@ -153,7 +152,6 @@ def _seconds_since_start() -> float:
 
 
 def _run(args, events, owner: bool = True):
-    from tinyopt.sweep.runner import run_sweep
 
     return run_sweep(args.approach, trials=args.trials, timeout=args.timeout, max_trials=args.max_trials,
                      source=args.source, cache_dir=args.cache_dir, config_path=args.config_path,

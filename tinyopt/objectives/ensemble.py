@@ -54,9 +54,11 @@ import numpy as np
 
 from tinyopt.core import record
 from tinyopt.core.errors import ConfigError, DataError, StudyError, TrialError
+from tinyopt.core.plots import comparison_chart
 from tinyopt.core.schema import ENSEMBLE_OBJECTIVES as OBJECTIVES
 from tinyopt.objectives.model import TrackedObjective
 from tinyopt.objectives.voting import calibrate, fit_temperature, greedy_weights, normalise_weights, stacked_vote
+from tinyopt.stores import storage as storages
 from tinyopt.train.metrics import scores
 
 WEIGHT_PREFIX = "weight_"
@@ -250,7 +252,6 @@ def select_members(storage: str, studies: Sequence[str], top_k: int = 1, min_mem
     """
     import optuna
 
-    from tinyopt.stores import storage as storages
 
     members: list[Member] = []
     skipped: list[str] = []
@@ -330,7 +331,6 @@ class EnsembleObjective(TrackedObjective):
         return {key.removeprefix(WEIGHT_PREFIX): share for key, share in self._shares(params).items()}
 
     def evaluate(self, trial: Any, params: dict[str, Any], run: Any) -> float:
-        from tinyopt.core.plots import comparison_chart
 
         trial.set_user_attr(record.MODEL_KEPT, False)
         weights = [params[m.param] for m in self.search.members]

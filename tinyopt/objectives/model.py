@@ -17,10 +17,21 @@ import numpy as np
 from tinyopt.core import record, signals
 from tinyopt.core import space as search_space
 from tinyopt.core.errors import TinyoptError, TrialError
+from tinyopt.core.plots import learning_curve
 from tinyopt.core.worker import identity as worker_identity
+from tinyopt.data.activations import CacheUnavailable, Store, ram_budget
 from tinyopt.data.splits import SweepData
+from tinyopt.objectives.callbacks import deadline_stop, trial_callback
 from tinyopt.train import backend
+from tinyopt.train.feeds import CachedFeed, ImageFeed
 from tinyopt.train.metrics import scores
+from tinyopt.train.training import (
+    build_model,
+    compile_model,
+    early_stopping_start,
+    inference_model,
+    lr_at_epoch,
+)
 
 
 class TrialFailed(Exception):
@@ -178,8 +189,6 @@ class ModelObjective(TrackedObjective):
         return self._run(trial, params, run)
 
     def _run(self, trial, params: dict[str, Any], run) -> float:
-        from tinyopt.train.feeds import CachedFeed
-        from tinyopt.train.training import build_model, inference_model
 
         model, policy, batch = build_model(self.approach, params, self.config, self.data.wnids, self.device)
         feed, cache_note = self._feed(model, params, policy)
@@ -213,7 +222,6 @@ class ModelObjective(TrackedObjective):
         run.log_predictions(arrays)
         run.log_text(record.classes_tsv((c.index, c.wnid, c.name) for c in self.data.classes), record.CLASSES_FILE)
         if history:
-            from tinyopt.core.plots import learning_curve
 
             run.log_figure(lambda: learning_curve(history), record.LEARNING_CURVE)  # drawn in the background
         for key in record.SCORES:
@@ -231,10 +239,8 @@ class ModelObjective(TrackedObjective):
         trial of the same key, unless the approach or ``train.activation_cache`` says it cannot, or the
         disk cannot hold them. A model that only reads them (pretrained) reads them once per trial then.
         """
-        from tinyopt.data.activations import CacheUnavailable, Store, ram_budget
         from tinyopt.models.backbones import weights_digest
         from tinyopt.models.blocks import IMAGE_SIZE
-        from tinyopt.train.feeds import CachedFeed, ImageFeed
 
         uncached = getattr(self.approach, "uncached", None)
         if uncached is None:
@@ -277,7 +283,6 @@ class ModelObjective(TrackedObjective):
     def _fit(self, trial, feed, params: dict[str, Any], run, eval_batch: int) -> dict[str, list[float]]:
         import keras
 
-        from tinyopt.train.training import compile_model, early_stopping_start, lr_at_epoch
 
         train_cfg = self.config.get("train", {})
         model = feed.trainee()
@@ -288,13 +293,13 @@ class ModelObjective(TrackedObjective):
                                                  patience=int(train_cfg.get("early_stopping_patience", 3)),
                                                  start_from_epoch=early_stopping_start(params))
         # A per-batch hook only with a deadline: Keras calls every batch hook of every step.
-        deadline = None if self.deadline is None else _deadline_stop(self.deadline)
+        deadline = None if self.deadline is None else deadline_stop(self.deadline)
         callbacks = [
             keras.callbacks.LearningRateScheduler(lr_at_epoch(params)),
             keras.callbacks.TerminateOnNaN(),
             stopping,
             *([deadline] if deadline is not None else []),
-            _trial_callback(trial, run, self.events, len(self.data.splits["train"][1]), deadline),
+            trial_callback(trial, run, self.events, len(self.data.splits["train"][1]), deadline),
         ]
         fitted = model.fit(train, validation_data=selection, epochs=int(params["epochs"]), verbose=0, shuffle=False,
                            callbacks=callbacks)
@@ -315,70 +320,6 @@ def system_metrics(config: dict[str, Any], device: str) -> bool:
     """Whether trial runs log MLflow's system metrics: ``train.system_metrics``, ``auto`` meaning with a GPU."""
     setting = config.get("train", {}).get("system_metrics", "auto")
     return device != "cpu" if setting == "auto" else bool(setting)
-
-
-def _deadline_stop(deadline: float):
-    """A Keras callback that stops training after the batch during which ``deadline`` (``time.monotonic()``)
-    passes; its ``stopped_at`` is then the fraction of that epoch trained, else None.
-
-    Waiting for the epoch's end could overrun a short deadline by a whole epoch (minutes on a CPU).
-    """
-    import keras
-
-    class DeadlineStop(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.batches, self.stopped_at = 0, None
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.batches += 1
-            if self.stopped_at is None and time.monotonic() >= deadline:
-                self.stopped_at = min(self.batches / (self.params.get("steps") or self.batches), 1.0)
-                self.model.stop_training = True
-
-    return DeadlineStop()
-
-
-def _trial_callback(trial, run, events: Events, train_images: int, deadline: Any = None):
-    """A Keras callback that logs each epoch to MLflow, reports it to Optuna and prunes.
-
-    When ``deadline`` (``_deadline_stop``) stopped the epoch early, Keras still scores the selection
-    split for that partial epoch, which is logged and reported like a full one (at the step of the
-    epoch it interrupted), and the trial ends pruned with ``record.DEADLINE_STOP``.
-    """
-    import keras
-    import optuna
-
-    from tinyopt.train.training import epoch_metrics
-
-    class TrialCallback(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = self.trained = time.perf_counter()
-
-        def on_test_begin(self, logs=None):
-            self.trained = time.perf_counter()  # validation starts: the training part of the epoch ends
-
-        def on_epoch_end(self, epoch, logs=None):
-            metrics = epoch_metrics(logs or {}, self.model, seconds=time.perf_counter() - self.started,
-                                    train_seconds=self.trained - self.started, train_images=train_images)
-            # Step = epochs trained (from 1): the resource Hyperband and successive halving count, and
-            # what the MLflow charts' step axis shows.
-            run.log_metrics(metrics, step=epoch + 1)
-            events.epoch_ended(trial.number, epoch, metrics)
-            if record.SELECTION_TOP1 in metrics:
-                trial.report(metrics[record.SELECTION_TOP1], epoch + 1)
-                if deadline is not None and deadline.stopped_at is not None:
-                    epochs = round(epoch + deadline.stopped_at, 2)
-                    top1 = metrics[record.SELECTION_TOP1]
-                    trial.set_user_attr(record.DEADLINE_STOP, {"epochs": epochs, record.SELECTION_TOP1: top1})
-                    raise optuna.TrialPruned(f"stopped at the --timeout deadline after {epochs:g} epochs "
-                                             f"(selection top-1 {top1:.3f})")
-                # A trial that has trained its last epoch has finished its schedule: it completes, even where
-                # a pruner's rung falls on that epoch (its model and probabilities are then kept).
-                if epoch + 1 < self.params["epochs"] and trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} "
-                                             f"(selection top-1 {metrics[record.SELECTION_TOP1]:.3f})")
-
-    return TrialCallback()
 
 
 def _reason(err: BaseException) -> str:

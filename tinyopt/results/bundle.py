@@ -23,6 +23,7 @@ from tinyopt.core import record
 from tinyopt.core.damage import damage_message
 from tinyopt.core.errors import TinyoptError
 from tinyopt.core.urls import first_line
+from tinyopt.train import backend
 
 MODEL_FILE = "model.keras"
 CLASSES_FILE = record.CLASSES_FILE
@@ -126,7 +127,6 @@ def write_bundle(dst: str | Path, *, model: Any, classes: Sequence[Sequence[Any]
     import keras
 
     from tinyopt.models.blocks import plain_keras
-    from tinyopt.train import backend
 
     provenance = {**(description.get("provenance") or {}), "Keras": keras.__version__,
                   "Keras backend of the export": backend.name()}

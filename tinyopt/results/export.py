@@ -15,7 +15,11 @@ from tinyopt.core.damage import MLFLOW_FIX
 from tinyopt.core.errors import StudyError, TinyoptError
 from tinyopt.core.summary import StudySummary
 from tinyopt.core.urls import redact
+from tinyopt.objectives.ensemble import weights_of
+from tinyopt.objectives.voting import PROBABILITY_FLOOR, normalise_weights
 from tinyopt.results.bundle import MODEL_FILE, WHAT, check_destination, load_model_file, read_classes, write_bundle
+from tinyopt.stores import storage
+from tinyopt.train import backend
 
 
 def ensemble_model(member_models: Sequence[Any], weights: Sequence[float],
@@ -40,7 +44,6 @@ def ensemble_model(member_models: Sequence[Any], weights: Sequence[float],
     """
     import keras
 
-    from tinyopt.objectives.voting import PROBABILITY_FLOOR, normalise_weights
 
     temperatures = [None] * len(member_models) if temperatures is None else list(temperatures)
     if not len(member_models) == len(weights) == len(temperatures):
@@ -84,8 +87,6 @@ def export_best(summary: StudySummary, dst: str | Path, *, storage_url: str, tra
     Raises:
         StudyError: no complete trial, or a model that was not kept.
     """
-    from tinyopt.objectives.ensemble import weights_of
-    from tinyopt.train import backend
 
     best = summary.best
     if best is None:
@@ -176,7 +177,6 @@ def _member_text(member: Mapping[str, Any]) -> str:
 
 
 def _member_params(members: Sequence[Mapping[str, Any]], storage_url: str) -> list[dict[str, Any]]:
-    from tinyopt.stores import storage
 
     rows = []
     for member in members:

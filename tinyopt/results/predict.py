@@ -11,6 +11,7 @@ import numpy as np
 
 from tinyopt.core.errors import TinyoptError
 from tinyopt.results.bundle import BUNDLE_FIX, CLASSES_FILE, MODEL_FILE, load_model_file, read_classes
+from tinyopt.train import backend
 
 
 @dataclass
@@ -38,7 +39,6 @@ def load_bundle(bundle_dir: str | Path) -> tuple[Any, list[tuple[int, str, str]]
         raise TinyoptError(f"{bundle} is not a model bundle (no {MODEL_FILE}); "
                            "export one with `tinyopt best --export DIR`")
     classes = read_classes(classes_path)  # before Keras starts: a damaged file is found in a second
-    from tinyopt.train import backend
 
     backend.load()
     model = load_model_file(model_path)

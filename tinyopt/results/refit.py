@@ -24,8 +24,15 @@ from tinyopt.core import record, signals
 from tinyopt.core.errors import DataError, StudyError, TinyoptError
 from tinyopt.core.summary import StudySummary
 from tinyopt.core.urls import first_line, redact, sqlite_path
+from tinyopt.data.splits import load_sweep_data
+from tinyopt.models import approaches
+from tinyopt.objectives.model import headline
 from tinyopt.results.bundle import WHAT, check_destination, write_bundle
 from tinyopt.stores import storage as storages
+from tinyopt.train import backend
+from tinyopt.train.feeds import ImageFeed
+from tinyopt.train.metrics import scores
+from tinyopt.train.training import build_model, compile_model, epoch_metrics, inference_model, lr_at_epoch
 
 TRAINED_ON = ("train", "selection")
 
@@ -118,9 +125,7 @@ def refit_best(summary: Any, *, storage_url: str, tracking_uri: str, source: str
         DataError: data other than the sweep's.
         TinyoptError: the export folder is taken, or the refit failed (its run says why).
     """
-    from tinyopt.objectives.model import headline
     from tinyopt.track import tracking
-    from tinyopt.train import backend
 
     echo = echo or (lambda line: None)
     study = storages.load_study(summary.name, storage_url)
@@ -191,7 +196,6 @@ def refit_best(summary: Any, *, storage_url: str, tracking_uri: str, source: str
 
 def _trainer(summary: Any, config: dict[str, Any]) -> Any:
     """The approach module of a study a refit can retrain, its Keras backend loaded."""
-    from tinyopt.train import backend
 
     if summary.approach == "ensemble" or (summary.best is not None and summary.best.members):
         raise StudyError(f"study {summary.name!r} is an ensemble, a vote of models already trained: --refit "
@@ -202,7 +206,6 @@ def _trainer(summary: Any, config: dict[str, Any]) -> Any:
     backend.check()
     backend.set_gpu_memory(config.get("train", {}).get("gpu_memory", "grow"))
     backend.load()  # before the approach module imports Keras, so that the backend loads quietly
-    from tinyopt.models import approaches
 
     approach = approaches.get_approach(summary.approach)
     if not approach.TRAINS:
@@ -225,7 +228,6 @@ def _check_store(tracking_uri: str) -> None:
 def _load_data(config: dict[str, Any], trial: Any, tracking_uri: str, source: str | None, cache_dir: str | None,
                progress: bool) -> Any:
     """The splits as the sweep loaded them, checked against the labels the trial saved with its predictions."""
-    from tinyopt.data.splits import load_sweep_data
     from tinyopt.track import store
 
     data = load_sweep_data(config, source, cache_dir, progress)
@@ -250,10 +252,6 @@ def _train(approach: Any, config: dict[str, Any], params: dict[str, Any], data: 
     """
     import keras
 
-    from tinyopt.train import backend
-    from tinyopt.train.feeds import ImageFeed
-    from tinyopt.train.metrics import scores
-    from tinyopt.train.training import build_model, compile_model, inference_model, lr_at_epoch
 
     backend.seed(refit.seed)
     model, policy, batch = build_model(approach, params, config, data.wnids, device)
@@ -279,7 +277,6 @@ def _epoch_logger(run: Any, refit: Refit, echo: Callable[[str], None]) -> Any:
     """A Keras callback that logs each epoch to the refit's run (step = epoch, from 1) and echoes it."""
     import keras
 
-    from tinyopt.train.training import epoch_metrics
 
     class EpochLogger(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -315,7 +312,6 @@ def export_refit(summary: StudySummary, refit: Refit, dst: str | Path, *, model:
         tracking_uri: the MLflow store holding the refit's run.
         overwrite: replace a non-empty ``dst``.
     """
-    from tinyopt.train import backend
 
     counts = summary.counts
     trial_scores = ", ".join(f"{key.replace('_', ' ')} {value:.4f}" for key, value in refit.trial_scores.items())

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tinyopt.core import plots
 from tinyopt.core.config import APPROACHES
 from tinyopt.core.errors import StudyError
 from tinyopt.core.plots import SCORE_LABELS as _SCORE_LABELS
@@ -24,6 +25,7 @@ from tinyopt.core.record import SCORES
 from tinyopt.core.summary import BestTrial, StudySummary, summarize_study
 from tinyopt.core.urls import redact
 from tinyopt.stores import storage as storages
+from tinyopt.track.names import safe_name
 
 
 def _study_order(names: Sequence[str]) -> list[str]:
@@ -73,7 +75,6 @@ def write_report(storage_url: str, tracking_uri: str, out_dir: str | Path, *, lo
     Raises:
         StudyError: no storage or no studies.
     """
-    from tinyopt.core import plots
 
     if log_to_mlflow:
         from tinyopt.track import store
@@ -125,7 +126,6 @@ def _png(figure: Any) -> bytes:
 
 def _log(tracking_uri: str, summaries: Sequence[StudySummary], texts: Mapping[str, str],
          figures: Mapping[str, Any]) -> str:
-    from tinyopt.track.names import safe_name
     from tinyopt.track.runs import TrialRun
     from tinyopt.track.tracking import Tracker
 

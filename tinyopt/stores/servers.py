@@ -25,6 +25,7 @@ from typing import IO
 
 from tinyopt.core import signals
 from tinyopt.core.errors import TinyoptError
+from tinyopt.stores.storage import open_existing
 
 READY_TIMEOUT = 120  # seconds: MLflow's server takes about 5 s to start, more on a busy machine
 STOP_TIMEOUT = 15  # seconds a server gets to stop after SIGTERM, before SIGKILL
@@ -195,7 +196,6 @@ def _serve_dashboard(host: str, port: int) -> None:
     """optuna-dashboard on the storage in ``$TINYOPT_DASHBOARD_STORAGE`` (the process ``Servers.dashboard`` starts)."""
     import optuna_dashboard
 
-    from tinyopt.stores.storage import open_existing
 
     # tinyopt's opener: it reads journal:PATH URLs and waits on a SQLite file a sweep is writing.
     optuna_dashboard.run_server(open_existing(os.environ[_STORAGE_VARIABLE]), host=host, port=port)

@@ -27,6 +27,9 @@ from tinyopt.core.errors import StudyError
 from tinyopt.core.summary import summarize_study
 from tinyopt.core.urls import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, redact
 from tinyopt.data.splits import load_sweep_data
+from tinyopt.models import approaches
+from tinyopt.objectives.ensemble import EnsembleObjective, prepare_search
+from tinyopt.objectives.model import ModelObjective, QuietEvents, TrialFailed
 from tinyopt.stores import storage as storages
 from tinyopt.sweep.summary import SweepResult, log_summary, summarize
 from tinyopt.train import backend
@@ -64,7 +67,6 @@ def prepare(approach: str, *, study_name: str | None = None, config_path: str | 
     store.check(tracking_uri)
     _check_study_approach(storage, study_name or approach, approach)
     if approach == "ensemble":
-        from tinyopt.objectives.ensemble import prepare_search
 
         return Prepared(config, prepare_search(study_name or approach, config, storage, tracking_uri), "cpu (numpy)")
     data = load_sweep_data(config, source, cache_dir, progress)
@@ -193,7 +195,6 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
         TinyoptError: bad config, data, storage or weights; too many consecutive failed trials; or
             every trial of this run failed.
     """
-    from tinyopt.objectives.model import ModelObjective, QuietEvents, TrialFailed
 
     deadline = None if timeout is None else time.monotonic() + timeout
     events = events or QuietEvents()
@@ -216,12 +217,10 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
             shown = prepared.device if approach == "ensemble" else f"{prepared.device} (Keras {backend.name()} backend)"
             events.sweep_started(shown, session.recovered)
             if approach == "ensemble":
-                from tinyopt.objectives.ensemble import EnsembleObjective
 
                 search, skipped = prepared.data
                 objective = EnsembleObjective(search, config, tracker, events, notes=skipped)
             else:
-                from tinyopt.models import approaches
 
                 objective = ModelObjective(approaches.get_approach(approach), config, prepared.data, tracker,
                                            seed, events, prepared.device, deadline)

@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tinyopt.core import record
+from tinyopt.core import plots, record
+from tinyopt.core import space as search_space
 from tinyopt.core.summary import StudySummary
 from tinyopt.core.urls import redact
+from tinyopt.objectives.ensemble import WEIGHT_PREFIX
 from tinyopt.track.names import STATE_NAMES, TAG_LIMIT, markdown_table, objective_name, run_path, ui_command
 
 if TYPE_CHECKING:  # the tracker's module loads mlflow, which a sweep's --help and start-up do without
@@ -46,7 +48,6 @@ def log_summary(tracker: Tracker, study: Any, summary: StudySummary, number: int
     ``study.keep_models``. Read from the study and its ``summary`` (``tinyopt.results.report.summarize_study``)
     here; stored in the background, like a trial's logging.
     """
-    from tinyopt.core import plots
 
     counts, best = summary.counts, summary.best
     metrics = {f"{record.COUNT_PREFIX}{name}": counts.get(state, 0) for state, name in STATE_NAMES.items()}
@@ -80,7 +81,6 @@ def log_summary(tracker: Tracker, study: Any, summary: StudySummary, number: int
 def _summary_text(tracker: Tracker, study: Any, command: str, counts: dict[str, int], metrics: dict[str, float],
                   best: Any, importances: dict[str, float], why: str | None) -> str:
     """The parent run's description, in markdown: the command, what is searched, the best trial."""
-    from tinyopt.core import space as search_space
 
     config = study.user_attrs.get(record.CONFIG, {})
     space = config.get("space", {})
@@ -108,7 +108,6 @@ def _summary_text(tracker: Tracker, study: Any, command: str, counts: dict[str, 
 
 def _shown_params(trial) -> dict[str, Any]:
     """The searched params as a person reads them: an ensemble's weights as shares of the vote (sum 1)."""
-    from tinyopt.objectives.ensemble import WEIGHT_PREFIX
 
     members = trial.user_attrs.get(record.MEMBERS)
     if members:

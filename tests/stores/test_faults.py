@@ -185,7 +185,7 @@ _KILLABLE = (*SMALL["scratch"], "space.epochs=8", "study.pruner=none", "train.ea
 def test_a_killed_worker_is_reported_recovered_and_replaced(tiny_cache, tmp_path):
     """Probe 1: kill -9 one worker of --workers 2 mid-trial on PostgreSQL; the command still adds its 6 trials.
 
-    (The supervisor's side is the same on every storage: tests/test_workers.py runs it without processes.)
+    (The supervisor's side is the same on every storage: tests/sweep/test_workers.py runs it without processes.)
     """
     study, url, tracking_uri = f"scratch-{uuid.uuid4().hex[:8]}", POSTGRES, f"sqlite:///{tmp_path}/{MLFLOW}"
     try:

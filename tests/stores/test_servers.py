@@ -33,7 +33,7 @@ from tinyopt.stores import servers
 from tinyopt.sweep import runner
 
 CHROMIUM = Path("/usr/bin/chromium")
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("TINYOPT_TEST_ARTIFACTS") or REPOSITORY / "test-artifacts") / "ui"
 TRIALS = {"pretrained": 2, "scratch": 4}
 FAILED, PRUNED = 1, 2  # scratch trial numbers

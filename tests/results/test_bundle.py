@@ -2,7 +2,7 @@
 
 `tinyopt predict` runs on copies of a real bundle damaged in one way each; `tinyopt best --export`
 runs against a real study (an Optuna trial whose MLflow run kept a tiny model, made directly as
-tests/test_report.py does) into folders holding other things. Each CLI call is a real process;
+tests/results/test_report.py does) into folders holding other things. Each CLI call is a real process;
 the ones that stop before Keras starts cost a second or two, the others about ten.
 """
 
