@@ -45,11 +45,11 @@ def _plain(sweep_data, config: dict, params: dict) -> float:
     keras.backend.clear_session(free_memory=True)
     keras.utils.set_random_seed(0)
     started = time.perf_counter()
-    model = get_approach("finetune").build(params, model=config["model"], wnids=sweep_data.wnids)
+    model = get_approach("finetune").build(params, model=config.model, wnids=sweep_data.wnids)
     compile_model(model, params)
     x, y = sweep_data.splits["train"]
     sx, sy = sweep_data.splits["selection"]
-    batch = int(config["train"]["eval_batch_size"])
+    batch = int(config.train.eval_batch_size)
     model.fit(x, y, batch_size=params["batch_size"], epochs=params["epochs"], validation_data=(sx, sy),
               validation_batch_size=batch, shuffle=True, verbose=0)
     for split in ("selection", "test"):
@@ -88,7 +88,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_cache = str(Path(tmp) / "data")
         base = load_config("finetune", str(PRESET), _overrides(args.weights, PARAMS))
-        sweep_data = load_sweep_data(base, args.data, data_cache, progress=False)
+        sweep_data = load_sweep_data(base.data, args.data, data_cache, progress=False)
         print(f"finetune {base['model']['backbone']} alpha {base['model']['alpha']}, {PARAMS['input_size']} px, "
               f"augment {args.augment}, {PARAMS['epochs']} epochs, splits "
               f"{ {k: len(v[1]) for k, v in sweep_data.splits.items()} }")

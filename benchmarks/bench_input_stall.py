@@ -88,12 +88,12 @@ def _case(name: str, data: str, weights: str, cache: str, repeats: int) -> float
     approach, changed = CASES[name]
     overrides = [] if approach == "scratch" else [f"model.weights={weights}"]
     config = load_config(approach, ROOT / "sweeps" / "cpu" / f"{approach}.toml", overrides)
-    params = {**search_space.defaults(config["space"]), **changed}
-    sweep_data = load_sweep_data(config, data, cache, progress=False)
+    params = {**search_space.defaults(config.space), **changed}
+    sweep_data = load_sweep_data(config.data, data, cache, progress=False)
     backend.free_memory()
     keras.utils.set_random_seed(0)
     module = get_approach(approach)
-    model = module.build(params, model=config.get("model", {}), wnids=sweep_data.wnids)
+    model = module.build(params, model=config.model, wnids=sweep_data.wnids)
     objective = ModelObjective(module, config, sweep_data, tracker=None, seed=0)
     feed, off = objective._feed(model, params, "float32")
     fed = "cached activations through make_dataset" if feed.trainee() is not model else \

@@ -44,7 +44,7 @@ def _splits(cache: Path) -> dict:
     from tinyopt.core.config import load_config
     from tinyopt.data.splits import load_sweep_data
 
-    return load_sweep_data(load_config("scratch", PRESET), None, str(cache), False).splits
+    return load_sweep_data(load_config("scratch", PRESET).data, None, str(cache), False).splits
 
 
 def baseline(cache: Path, budget: float, out: Path) -> None:

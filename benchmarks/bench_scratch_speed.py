@@ -35,7 +35,7 @@ def main() -> None:
     from tinyopt.models.approaches import scratch
     from tinyopt.train import training
 
-    params = space.defaults(load_config("scratch", sweeps_dir() / "cpu" / "scratch.toml")["space"])
+    params = space.defaults(load_config("scratch", sweeps_dir() / "cpu" / "scratch.toml").space)
     batch = int(params["batch_size"])
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch * args.steps, 64, 64, 3), dtype=np.uint8)

@@ -80,7 +80,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or str(Path(tmp) / "cache")
         config = load_config("scratch", overrides=[f"{k}={v}" for k, v in DATA.items()])
-        sweep_data = load_sweep_data(config, args.data, cache, progress=False)
+        sweep_data = load_sweep_data(config.data, args.data, cache, progress=False)
         sizes = {k: len(v[1]) for k, v in sweep_data.splits.items()}
         print(f"scratch CNN {PARAMS['stages']} stages x width {PARAMS['width']}, {PARAMS['epochs']} epochs, "
               f"splits {sizes}")

@@ -8,6 +8,7 @@ grayscale and a CMYK JPEG among the RGB ones.
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from pathlib import Path
 
@@ -118,3 +119,10 @@ def zip_folder(folder: Path, zip_path: Path, *, extra: dict[str, bytes] | None =
         for name, payload in (extra or {}).items():
             archive.writestr(name, payload)
     return Path(zip_path)
+
+
+def model_config(approach: str = "finetune", **values):
+    """The ``[model]`` section of ``approach``'s defaults (``sweeps/<approach>.toml``) with ``values`` changed."""
+    from tinyopt.core.config import load_config
+
+    return dataclasses.replace(load_config(approach).model, **values)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import time
 
@@ -9,7 +10,7 @@ import keras
 import numpy as np
 import optuna
 import pytest
-from fixtures import FIXTURE_WNIDS
+from fixtures import FIXTURE_WNIDS, model_config
 from mlflow import MlflowClient
 
 from tinyopt.core import config, space
@@ -20,7 +21,7 @@ from tinyopt.models.approaches import get_approach
 from tinyopt.sweep import runner
 
 WNIDS = sorted(FIXTURE_WNIDS)
-SMALL = {"backbone": "mobilenet", "alpha": 0.25, "weights_resolution": 128, "weights": "none"}
+SMALL = model_config(backbone="mobilenet", alpha=0.25, weights_resolution=128, weights="none")
 
 
 class _Prefix:
@@ -143,7 +144,7 @@ def random_mobilenet_cfg(tmp_path_factory):
     net(np.random.default_rng(1).uniform(-1, 1, (16, 128, 128, 3)).astype(np.float32), training=True)
     path = tmp_path_factory.mktemp("weights") / "mobilenet_random.weights.h5"
     net.save_weights(path)
-    return dict(SMALL, weights=str(path))
+    return dataclasses.replace(SMALL, weights=str(path))
 
 
 @pytest.mark.backend
@@ -151,7 +152,7 @@ def random_mobilenet_cfg(tmp_path_factory):
 def test_finetune_cut_gives_the_models_output(random_mobilenet_cfg, trainable_stages):
     """suffix(prefix(x)) is the model, with activations stored in float16; training the suffix trains the model."""
     finetune = get_approach("finetune")
-    params = dict(space.defaults(config.load_config("finetune")["space"]), trainable_stages=trainable_stages,
+    params = dict(space.defaults(config.load_config("finetune").space), trainable_stages=trainable_stages,
                   input_size=96, resize="bilinear", augment="flip", head_init="random", head_width=16)
     assert finetune.uncached(params, random_mobilenet_cfg) is None
     model = finetune.build(params, model=random_mobilenet_cfg, wnids=WNIDS)
@@ -175,15 +176,15 @@ def test_finetune_cut_gives_the_models_output(random_mobilenet_cfg, trainable_st
 ])
 def test_finetune_says_why_it_cannot_cache(override, reason):
     finetune = get_approach("finetune")
-    params = {**space.defaults(config.load_config("finetune")["space"]), "augment": "none", **override}
-    assert reason in finetune.uncached(params, dict(SMALL, weights="some.h5"))
+    params = {**space.defaults(config.load_config("finetune").space), "augment": "none", **override}
+    assert reason in finetune.uncached(params, dataclasses.replace(SMALL, weights="some.h5"))
     assert "random" in finetune.uncached(dict(params, trainable_stages=1, augment="none"), SMALL)
 
 
 def test_frozen_boundary_of_each_stage_cuts_the_graph():
     """Every stage end named in the registry separates the graph (Keras refuses a sub-model otherwise)."""
     for name in ("mobilenet", "resnet50"):
-        features = backbones.load(dict(SMALL, backbone=name), input_size=64)
+        features = backbones.load(dataclasses.replace(SMALL, backbone=name), input_size=64)
         assert backbones.frozen_boundary(features.model, features.backbone, 0) is features.model.output
         for stages in range(1, backbones.STAGES + 1):
             boundary = backbones.frozen_boundary(features.model, features.backbone, stages)
@@ -207,15 +208,15 @@ def _sweep(approach, tmp_path, tiny_folder, weights, trials, *extra):
 def test_finetune_trials_share_the_cache_and_say_so(tmp_path, tiny_folder, random_mobilenet_cfg):
     fixed = ("space.trainable_stages=1", "space.augment=flip", "space.resize=bilinear", "space.input_size=96",
              "space.head_init=random", "space.head_width=0")
-    study, tags = _sweep("finetune", tmp_path, tiny_folder, random_mobilenet_cfg["weights"], 2, *fixed)
+    study, tags = _sweep("finetune", tmp_path, tiny_folder, random_mobilenet_cfg.weights, 2, *fixed)
     assert [t["activation_cache"] for t in tags] == ["built", "reused"]
     # Both views of train and one of selection and test: 4 files, whatever the trials' other params.
     assert len(list((tmp_path / "cache" / "activations").glob("*.npy"))) == 4
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    study, tags = _sweep("finetune", tmp_path, tiny_folder, random_mobilenet_cfg["weights"], 1,
+    study, tags = _sweep("finetune", tmp_path, tiny_folder, random_mobilenet_cfg.weights, 1,
                          *fixed, "space.augment=flip_translate")
     assert tags[-1]["activation_cache"] == "off: augment = flip_translate changes every image in every epoch"
-    study, tags = _sweep("finetune", tmp_path, tiny_folder, random_mobilenet_cfg["weights"], 1,
+    study, tags = _sweep("finetune", tmp_path, tiny_folder, random_mobilenet_cfg.weights, 1,
                          *fixed, "train.activation_cache=false")
     assert tags[-1]["activation_cache"] == "off: train.activation_cache = false"
 
@@ -224,7 +225,7 @@ def test_finetune_trials_share_the_cache_and_say_so(tmp_path, tiny_folder, rando
 def test_pretrained_reads_each_views_logits_once_and_never_repeats(tmp_path, tiny_folder, random_mobilenet_cfg):
     """Only restrict_200 and flip_tta vary: 4 combinations, the last three computed from the cached logits."""
     fixed = ("space.resize=bicubic", "space.input_size=96")
-    study, tags = _sweep("pretrained", tmp_path, tiny_folder, random_mobilenet_cfg["weights"], 10, *fixed)
+    study, tags = _sweep("pretrained", tmp_path, tiny_folder, random_mobilenet_cfg.weights, 10, *fixed)
     combos = [(t.params["flip_tta"], t.params["restrict_200"]) for t in study.trials]
     assert sorted(combos) == [(False, False), (False, True), (True, False), (True, True)]  # each once, then it stops
     built = [combo for combo, tag in zip(combos, tags, strict=True) if tag["activation_cache"] == "built"]
@@ -238,6 +239,6 @@ def test_pretrained_reads_each_views_logits_once_and_never_repeats(tmp_path, tin
             tmp_path / "cache")]).predict(np.asarray(x), verbose=0)
         if params["restrict_200"]:
             assert trial.value == pytest.approx(float(np.mean(probs.argmax(1) == y)))
-    assert space.combinations(config.load_config("pretrained")["space"]) == 96
+    assert space.combinations(config.load_config("pretrained").space) == 96
     assert space.combinations(config.load_config("pretrained", str(config.sweeps_dir() / "cpu" / "pretrained.toml"))
-                              ["space"]) == 80
+                              .space) == 80

@@ -8,6 +8,7 @@ then failed on inside TensorFlow, after it had created the study and a FAILED ML
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from fault_helpers import one_error_line, snapshot, tinyopt
 from fixtures import FIXTURE_WNIDS
 
 from tinyopt.cli import cli
+from tinyopt.core.config import load_config
 from tinyopt.core.errors import DataError
 from tinyopt.data import build, splits
 from tinyopt.data import cache as data
@@ -180,18 +182,18 @@ def test_a_sweep_refuses_an_empty_split_before_it_creates_anything(per_class, ti
     np.save(prepared / "test_x.npy", np.zeros((0, *data.IMAGE_SHAPE), np.uint8))
     np.save(prepared / "test_y.npy", np.zeros(0, np.int64))
     _edit_meta(prepared, files=None, splits=data.info(tiny_cache)["splits"] | {"test": 0})
-    config = {"data": {"test_per_class": per_class}}
+    data_cfg = dataclasses.replace(load_config("scratch").data, test_per_class=per_class)
     with pytest.raises(DataError, match=f"the test split of {cache} holds no images.*tinyopt data prepare --force"):
-        splits.load_sweep_data(config, None, str(cache), progress=False)
+        splits.load_sweep_data(data_cfg, None, str(cache), progress=False)
 
 
 def test_a_sweep_checks_every_byte_before_it_starts_and_repairs_with_its_source(tiny_folder, tiny_cache, tmp_path):
     cache = _copy(tiny_cache, tmp_path)
     _flip_last_byte(cache / "prepared" / "selection_y.npy")
     with pytest.raises(DataError, match="selection_y.npy fails its checksum"):
-        splits.load_sweep_data({}, None, str(cache), progress=False)
+        splits.load_sweep_data(load_config("scratch").data, None, str(cache), progress=False)
     # Given its source, a sweep prepares: the damaged cache is rebuilt, not used.
-    loaded = splits.load_sweep_data({}, str(tiny_folder), str(cache), progress=False)
+    loaded = splits.load_sweep_data(load_config("scratch").data, str(tiny_folder), str(cache), progress=False)
     np.testing.assert_array_equal(loaded.splits["selection"][1], data.load_split("selection", tiny_cache)[1])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from fixtures import FIXTURE_WNIDS
+from fixtures import FIXTURE_WNIDS, model_config
 
 from tinyopt.core import config, space
 from tinyopt.core.errors import ConfigError, DataError, TrialError, WeightsError
@@ -23,8 +24,9 @@ pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlo
 
 WNIDS = sorted(FIXTURE_WNIDS)
 # MobileNet at alpha 0.25 builds in a fraction of a second; ResNet50 only where it matters.
-SMALL = {"backbone": "mobilenet", "alpha": 0.25, "weights_resolution": 128, "weights": "none"}
-RESNET = {"backbone": "resnet50", "weights": "none"}
+SMALL = model_config(backbone="mobilenet", alpha=0.25, weights_resolution=128, weights="none")
+RESNET = model_config(backbone="resnet50", weights="none")
+SCRATCH = model_config("scratch")
 
 
 def _images(n: int = 4, seed: int = 0) -> np.ndarray:
@@ -32,7 +34,7 @@ def _images(n: int = 4, seed: int = 0) -> np.ndarray:
 
 
 def _params(approach: str, **override) -> dict:
-    params = space.defaults(config.load_config(approach)["space"])
+    params = space.defaults(config.load_config(approach).space)
     params.update(override)
     return params
 
@@ -73,8 +75,8 @@ def random_mobilenet_file(tmp_path_factory):
 
 @pytest.fixture
 def shared(random_mobilenet_file):
-    """The [model] table of the MobileNet whose weights ``random_mobilenet_file`` holds."""
-    return dict(SMALL, weights=str(random_mobilenet_file))
+    """The [model] section of the MobileNet whose weights ``random_mobilenet_file`` holds."""
+    return dataclasses.replace(SMALL, weights=str(random_mobilenet_file))
 
 
 def test_get_approach():
@@ -87,12 +89,12 @@ def test_get_approach():
 @pytest.mark.parametrize("approach", ["pretrained", "finetune"])
 def test_defaults_resnet50(approach):
     """Every default of the sweep file, the ResNet50 backbone included; only the weights are random."""
-    model_cfg = dict(config.load_config(approach)["model"], weights="none")
+    model_cfg = dataclasses.replace(config.load_config(approach).model, weights="none")
     _check_probabilities(get_approach(approach).build(_params(approach), model=model_cfg, wnids=WNIDS))
 
 
 def test_defaults_scratch():
-    _check_probabilities(get_approach("scratch").build(_params("scratch"), model={}, wnids=WNIDS))
+    _check_probabilities(get_approach("scratch").build(_params("scratch"), model=SCRATCH, wnids=WNIDS))
 
 
 @pytest.mark.parametrize("approach, override, sums_to_one", [
@@ -247,7 +249,7 @@ def test_classes_outside_imagenet():
 @pytest.mark.filterwarnings("ignore:Skipping nested container")
 @pytest.mark.parametrize("backbone, match", [("resnet50", "resnet50"), ("mobilenet", r"mobilenet \(alpha 0.5\)")])
 def test_weights_file_of_another_model(random_mobilenet_file, backbone, match):
-    model_cfg = {"backbone": backbone, "alpha": 0.5, "weights": str(random_mobilenet_file)}
+    model_cfg = model_config(backbone=backbone, alpha=0.5, weights=str(random_mobilenet_file))
     with pytest.raises(WeightsError, match=match) as info:
         get_approach("finetune").build(_params("finetune", input_size=32), model=model_cfg, wnids=WNIDS)
     assert random_mobilenet_file.name in str(info.value)
@@ -284,7 +286,7 @@ def test_saved_models_reload_without_tinyopt(tmp_path, shared):
         "finetune": get_approach("finetune").build(
             _params("finetune", resize="bicubic", input_size=32, augment="flip_crop", head_init="random",
                     head_width=16), model=SMALL, wnids=WNIDS),
-        "scratch": get_approach("scratch").build(_params("scratch", stages=2, width=8, blocks=1), model={},
+        "scratch": get_approach("scratch").build(_params("scratch", stages=2, width=8, blocks=1), model=SCRATCH,
                                                  wnids=WNIDS),
         "caffe": _caffe_preprocessing(),
     }

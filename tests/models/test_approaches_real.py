@@ -6,15 +6,18 @@ bilinear) were measured independently with ``keras.applications`` (../shared/dat
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+from fixtures import model_config
 
 from tinyopt.data import cache as data
 from tinyopt.models.approaches import get_approach
 
 pytestmark = pytest.mark.slow
 
-MOBILENET = {"backbone": "mobilenet", "alpha": 0.25, "weights_resolution": 128}
+MOBILENET = model_config(backbone="mobilenet", alpha=0.25, weights_resolution=128)
 AS_IS = {"resize": "bilinear", "input_size": 128, "flip_tta": False, "restrict_200": True}
 
 
@@ -36,7 +39,7 @@ def test_pretrained_mobilenet_scores_as_measured(request, val_1000, mobilenet_we
     """Both ways to the real weights: Keras' own ``imagenet`` lookup in $KERAS_HOME, and a local file."""
     if source == "imagenet":
         request.getfixturevalue("keras_home_with_mobilenet")
-    model_cfg = dict(MOBILENET, weights="imagenet" if source == "imagenet" else str(mobilenet_weights))
+    model_cfg = dataclasses.replace(MOBILENET, weights="imagenet" if source == "imagenet" else str(mobilenet_weights))
     images, labels, wnids = val_1000
     pretrained = get_approach("pretrained")
     top1, _ = _top1(pretrained.build(AS_IS, model=model_cfg, wnids=wnids), images, labels)
@@ -47,7 +50,7 @@ def test_pretrained_mobilenet_scores_as_measured(request, val_1000, mobilenet_we
 
 
 def test_finetune_pretrained_head_starts_at_the_as_is_accuracy(val_1000, mobilenet_weights):
-    model_cfg = dict(MOBILENET, weights=str(mobilenet_weights))
+    model_cfg = dataclasses.replace(MOBILENET, weights=str(mobilenet_weights))
     images, labels, wnids = val_1000
     as_is_top1, as_is = _top1(get_approach("pretrained").build(AS_IS, model=model_cfg, wnids=wnids), images, labels)
     params = {"trainable_stages": 2, "head_init": "pretrained", "dropout": 0.2, "resize": "bilinear",

@@ -7,6 +7,7 @@ import urllib.error
 import keras
 import numpy as np
 import pytest
+from fixtures import model_config
 
 from tinyopt.core.errors import ConfigError, DataError, TrialError, WeightsError
 from tinyopt.data.imagenet import imagenet_indices, imagenet_wnids
@@ -106,7 +107,7 @@ def test_resize_errors():
 
 
 def _load(**model):
-    return backbones.load(model, input_size=32)
+    return backbones.load(model_config(**model), input_size=32)
 
 
 @pytest.fixture

@@ -13,9 +13,11 @@ from sklearn.frozen import FrozenEstimator
 from tinyopt.core import record
 from tinyopt.core.config import load_config
 from tinyopt.core.errors import ConfigError, DataError, StudyError, TrialError
+from tinyopt.core.summary import MemberRecord
 from tinyopt.objectives import ensemble, voting
 from tinyopt.train.metrics import scores
 
+SCRATCH = load_config("scratch")  # the config the stand-in trial runs are logged with
 N_CLASSES = 10
 
 
@@ -222,8 +224,11 @@ def test_trial_attrs_round_trip_to_members_weights_and_temperatures(members_and_
     assert attr[0] == {"label": "finetune-12", "study": "finetune", "trial_number": 12, "run_id": "run-a",
                        "model_kept": True, "weight": 0.5, "temperature": search.temperatures[0],
                        **search.member_scores[0]}
-    assert ensemble.weights_of(attr) == (members, [0.5, 0.25, 0.25], search.temperatures)
-    recorded_before_calibration = [{k: v for k, v in m.items() if k != "temperature"} for m in attr]
+    recorded = [MemberRecord.from_attr(m) for m in attr]
+    assert [m.as_attr() for m in recorded] == attr  # read back, the record is what was stored
+    assert ensemble.weights_of(recorded) == (members, [0.5, 0.25, 0.25], search.temperatures)
+    recorded_before_calibration = [MemberRecord.from_attr({k: v for k, v in m.items() if k != "temperature"})
+                                   for m in attr]
     assert ensemble.weights_of(recorded_before_calibration)[2] == [None, None, None]
 
 
@@ -238,10 +243,10 @@ def test_comparison_rows(members_and_predictions):
 
 
 def test_ensemble_defaults_and_greedy_rounds_are_checked_when_the_config_loads():
-    settings = load_config("ensemble")["ensemble"]
-    assert (settings["top_k"], settings["objective"], settings["greedy_rounds"]) == (5, "log_loss", 50)
+    settings = load_config("ensemble").ensemble
+    assert (settings.top_k, settings.objective, settings.greedy_rounds) == (5, "log_loss", 50)
     # Whatever ensemble the defaults find can be exported: every approach keeps its top_k members' models.
-    assert all(load_config(approach)["study"]["keep_models"] >= settings["top_k"] for approach in settings["studies"])
+    assert all(load_config(approach).study.keep_models >= settings.top_k for approach in settings.studies)
     with pytest.raises(ConfigError, match="ensemble.greedy_rounds: got 0; expected an integer >= 1"):
         load_config("ensemble", overrides=["ensemble.greedy_rounds=0"])
 
@@ -299,8 +304,8 @@ def test_ensemble_sweep_enqueues_the_greedy_weights_first(tmp_path, members_and_
     members = []
     for name, saved in zip(("good", "poor", "worse"), predictions, strict=True):
         tracker = tracking.Tracker(stores["tracking_uri"], name, name)
-        tracker.start_sweep({"approach": name}, tags={})
-        run = tracker.start_trial(0, {}, {"approach": name}, tags={})
+        tracker.start_sweep({"approach": name}, {}, tags={})
+        run = tracker.start_trial(0, {}, SCRATCH, tags={})
         run.log_predictions(saved)
         run.end("COMPLETE")
         tracker.end_sweep()

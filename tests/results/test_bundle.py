@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from tinyopt.core import record
+from tinyopt.core.config import load_config
 from tinyopt.core.errors import StudyError, TinyoptError
 from tinyopt.results import bundle as bundles
 from tinyopt.results import export
@@ -79,8 +80,8 @@ def copy(bundle, tmp_path) -> Path:
 def _stored_run(tracking_uri: str, study: str, model: keras.Model) -> str:
     """An MLflow trial run as the runner leaves it: predictions, classes and the kept model."""
     tracker = tracking.Tracker(tracking_uri, study, "scratch")
-    tracker.start_sweep({"approach": "scratch"}, tags={})
-    run = tracker.start_trial(0, {"width": 8}, {"approach": "scratch"},
+    tracker.start_sweep({"approach": "scratch"}, {}, tags={})
+    run = tracker.start_trial(0, {"width": 8}, load_config("scratch"),
                               tags={record.TAG_BACKEND: keras.backend.backend()})
     run.log_predictions(ARRAYS)
     run.log_text(record.classes_tsv(CLASSES), record.CLASSES_FILE)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from tinyopt.cli import cli
 from tinyopt.core import record
+from tinyopt.core.config import load_config
 from tinyopt.objectives import voting
 from tinyopt.results import bundle as bundles
 from tinyopt.results import report
@@ -58,7 +59,7 @@ def _sweep_approach(name: str, storage: str, tracking_uri: str, images: dict, la
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
     study.set_user_attr("approach", name)
     tracker = tracking.Tracker(tracking_uri, name, name)
-    tracker.start_sweep({"approach": name}, tags={})
+    tracker.start_sweep({"approach": name}, {}, tags={})
     best_so_far = -1.0
     for number, seconds in enumerate(DURATIONS):
         params = {"learning_rate": 10.0 ** -(number + 1), "width": 8 * (number + 1)}
@@ -66,7 +67,7 @@ def _sweep_approach(name: str, storage: str, tracking_uri: str, images: dict, la
         probs = {split: model.predict(images[split], verbose=0) for split in ("selection", "test")}
         final = {f"{split}_{key}": value for split in probs
                  for key, value in scores(probs[split], labels[split]).items()}
-        run = tracker.start_trial(number, params, {"approach": name},
+        run = tracker.start_trial(number, params, load_config("scratch"),
                                   tags={record.TAG_BACKEND: keras.backend.backend()})
         run.log_predictions({"selection_probs": probs["selection"], "selection_labels": labels["selection"],
                              "test_probs": probs["test"], "test_labels": labels["test"]})

@@ -174,7 +174,7 @@ def test_first_trial_runs_the_space_defaults(stores, tiny_folder, cache_root):
 
     sweep("scratch", stores, tiny_folder, cache_root, 1)
     config = load_config("scratch", overrides=SMALL["scratch"])
-    assert load_study(stores, "scratch").trials[0].user_attrs["params"] == defaults(config["space"])
+    assert load_study(stores, "scratch").trials[0].user_attrs["params"] == defaults(config.space)
 
 
 class _PruneTrialOne(optuna.pruners.BasePruner):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from tinyopt.core import record
 from tinyopt.core.config import sweeps_dir
+from tinyopt.core.summary import study_config
 from tinyopt.sweep import runner
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def test_finetune_cpu_preset_starts_from_the_pretrained_accuracy(tmp_path, dev_z
                      overrides=(f"model.weights={mobilenet_weights}", "space.epochs=1", "space.input_size=96"),
                      storage=storage, tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db", progress=False)
     study = optuna.load_study(study_name="finetune", storage=storage)
-    assert study.user_attrs[record.CONFIG]["space"]["head_init"] == "pretrained"  # fixed by the preset
+    assert study_config(study).space["head_init"] == "pretrained"  # fixed by the preset
     trial = study.trials[0]
     # A randomly initialised 200-way head after one short epoch would sit near chance (0.005).
     assert trial.value >= 0.25

@@ -23,6 +23,7 @@ from sweep_helpers import (
 )
 
 from tinyopt.core import record
+from tinyopt.core.config import load_config
 from tinyopt.core.errors import TinyoptError
 from tinyopt.stores import storage
 from tinyopt.sweep import sampling, workers
@@ -180,7 +181,7 @@ def test_workers_listed_on_one_gpu_know_they_share_it(monkeypatch):
 def test_each_trial_draws_from_its_own_seed():
     """Workers starting together draw different trials; the same seed draws the same trial again."""
     def draws(seed, count):
-        study = optuna.create_study(sampler=sampling.make_sampler({"sampler": "tpe"}, seed))
+        study = optuna.create_study(sampler=sampling.make_sampler(load_config("scratch").study, seed))
         for _ in range(count):
             trial = study.ask()
             trial.suggest_float("x", 0, 1)

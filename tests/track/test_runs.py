@@ -14,6 +14,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from tinyopt.core import record
+from tinyopt.core.config import load_config
 from tinyopt.core.errors import StudyError
 from tinyopt.track import names as run_names
 from tinyopt.track import runs, tracking
@@ -24,12 +25,12 @@ ARRAYS = {"selection_probs": np.full((4, 3), 1 / 3, dtype=np.float32), "selectio
 
 def _tracker(tmp_path) -> tracking.Tracker:
     tracker = tracking.Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "scratch", "scratch")
-    tracker.start_sweep({"approach": "scratch"}, tags={})
+    tracker.start_sweep({"approach": "scratch"}, {}, tags={})
     return tracker
 
 
 def _trial(tracker: tracking.Tracker, number: int) -> runs.TrialRun:
-    return tracker.start_trial(number, {"learning_rate": 0.1}, {"approach": "scratch"}, tags={})
+    return tracker.start_trial(number, {"learning_rate": 0.1}, load_config("scratch"), tags={})
 
 
 def _figure() -> Figure:

@@ -7,6 +7,7 @@ import json
 import click
 
 from tinyopt.cli.options import cache_option, data_option, storage_options
+from tinyopt.core import record
 from tinyopt.core.errors import TinyoptError
 from tinyopt.core.urls import redact, sqlite_path
 from tinyopt.results.bundle import check_destination
@@ -24,8 +25,8 @@ def _score(value: float | None) -> str:
 
 def _params_text(best) -> str:
     if best.members:
-        return ", ".join(f"{m['label']}={m['weight']:.3f}"
-                         + (f" (temperature {m['temperature']:.3g})" if m.get("temperature") is not None else "")
+        return ", ".join(f"{m.label}={m.weight:.3f}"
+                         + (f" (temperature {m.temperature:.3g})" if m.temperature is not None else "")
                          for m in best.members)
     return ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                      for key, value in best.params.items())
@@ -76,7 +77,7 @@ def best(studies, export_dir, force, register_name, refit, source, cache_dir, st
         scores = s.best.scores if s.best else {}
         table.add_row(s.name, str(s.best.number) if s.best else "no complete trial",
                       _score(s.best.value if s.best else None),
-                      *[_score(scores.get(key)) for key in ("selection_top1", "test_top1", "test_top5")])
+                      *[_score(scores.get(key)) for key in (record.SELECTION_TOP1, record.TEST_TOP1, record.TEST_TOP5)])
     console.print(table)
     # Params and run ids are long: one line each below the table, wrapped by the terminal, never folded.
     for s in summaries:
@@ -92,7 +93,7 @@ def best(studies, export_dir, force, register_name, refit, source, cache_dir, st
     if not ranked:
         raise TinyoptError(f"no study has a complete trial to {'refit' if refit else 'export'}; "
                            "run `tinyopt sweep APPROACH` first")
-    winner = max(ranked, key=lambda s: s.best.scores.get("selection_top1", float("-inf")))
+    winner = max(ranked, key=lambda s: s.best.scores.get(record.SELECTION_TOP1, float("-inf")))
     if refit:
 
         done = refit_best(winner, storage_url=storage, tracking_uri=tracking_uri, source=source, cache_dir=cache_dir,
@@ -124,7 +125,8 @@ def _render_refit(console, done) -> None:
     table.add_row("trained on", "train", "train + selection")
     table.add_row("images", str(done.trial_train_images), str(done.train_images))
     table.add_row("epochs", f"{done.trial_epochs}, kept epoch {done.epochs}", str(done.epochs))
-    for key, label in (("test_top1", "test top-1"), ("test_top5", "test top-5")):
+    for key in (record.TEST_TOP1, record.TEST_TOP5):
+        label = record.SCORE_LABELS[key]
         table.add_row(label, _score(done.trial_scores.get(key)), _score(done.scores.get(key)))
     console.print(table)
     console.print(f"refit MLflow run {done.run_id}: {done.run_url}", highlight=False, soft_wrap=True)

@@ -12,10 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from tinyopt.core.record import SCORES
+from tinyopt.core.record import SCORE_LABELS, SCORES
 
-SCORE_LABELS = {"selection_top1": "selection top-1", "selection_top5": "selection top-5",
-                "test_top1": "test top-1", "test_top5": "test top-5"}
 IMPORTANCE_METHOD = "PED-ANOVA"
 
 

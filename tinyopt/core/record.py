@@ -27,11 +27,22 @@ BEST_EPOCH = "best_epoch"  # the epoch (from 1) whose weights early stopping kep
 # A trial still running at the --timeout deadline: {"epochs": epochs trained, fractional, "selection_top1": ...};
 # it ends pruned.
 DEADLINE_STOP = "stopped_at_deadline"
-SCORES = ("selection_top1", "selection_top5", "test_top1", "test_top5")
+# A complete trial's scores (user attrs, and MLflow metrics as ``final_`` + the name): the selection
+# split chose it, the test split (the official val set) is only reported.
+SELECTION_TOP1 = "selection_top1"
+SELECTION_TOP5 = "selection_top5"
+TEST_TOP1 = "test_top1"
+TEST_TOP5 = "test_top5"
+SELECTION_LOG_LOSS = "selection_log_loss"
+TEST_LOG_LOSS = "test_log_loss"
+SCORES = (SELECTION_TOP1, SELECTION_TOP5, TEST_TOP1, TEST_TOP5)
+LOG_LOSSES = (SELECTION_LOG_LOSS, TEST_LOG_LOSS)  # scores beside SCORES; an ensemble's objective may be one
+# How a table, a plot or a line of text names each score.
+SCORE_LABELS = {SELECTION_TOP1: "selection top-1", SELECTION_TOP5: "selection top-5", TEST_TOP1: "test top-1",
+                TEST_TOP5: "test top-5", SELECTION_LOG_LOSS: "selection log loss", TEST_LOG_LOSS: "test log loss"}
 MEMBERS = "members"  # an ensemble trial's members and their weights (see tinyopt.objectives.ensemble)
 UNIFORM = "uniform"  # the scores of the ensemble's uniform vote
 BEST_MEMBER = "best_member"  # the label and scores of the ensemble member with the best selection objective
-LOG_LOSSES = ("selection_log_loss", "test_log_loss")  # scores beside SCORES; an ensemble's objective may be one
 
 # MLflow tags of a trial's run (FAIL_REASON is one too).
 TAG_APPROACH = "approach"
@@ -68,15 +79,13 @@ REFIT_EPOCHS = "refit_epochs"
 TRAIN_IMAGES = "train_images"
 
 # The metric the studies maximise, as Optuna and optuna-dashboard name it.
-OBJECTIVE_NAME = "selection_top1"
+OBJECTIVE_NAME = SELECTION_TOP1
 
 # MLflow metrics of a trial's run: per epoch, step = epoch counted from 1.
 TRAIN_LOSS = "train_loss"
 TRAIN_TOP1 = "train_top1"
 TRAIN_TOP5 = "train_top5"
 SELECTION_LOSS = "selection_loss"
-SELECTION_TOP1 = "selection_top1"
-SELECTION_TOP5 = "selection_top5"
 LR = "lr"
 EPOCH_SECONDS = "epoch_seconds"
 IMAGES_PER_SECOND = "images_per_second"

@@ -9,7 +9,6 @@ here, so that a name is known in one place.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tinyopt.core.errors import ConfigError
@@ -189,31 +188,3 @@ def check(key: str, value: Any, like: Any, *, where: str = "", searchable: bool 
         raise ConfigError(f"{where or key}: got {value!r}{received}; expected {expected}")
     if rule is not None and value not in rule:
         raise ConfigError(f"{where or key}: got {value!r}; expected {expected}")
-
-
-def check_model(approach: str, model: dict[str, Any]) -> None:
-    """Check that the ``[model]`` table's weights can be had: a file that exists, ImageNet weights that exist.
-
-    Args:
-        approach: the approach the config is for.
-        model: the ``[model]`` table, its values already checked one by one.
-
-    Raises:
-        ConfigError: one line naming the setting, the value received and what is allowed.
-    """
-    weights = model.get("weights", "none")
-    if approach in RANDOM_WEIGHTS_ONLY and weights != "none":
-        raise ConfigError(f"model.weights: got {weights!r}; expected none: {approach} trains from random weights")
-    path = Path(weights).expanduser()
-    if weights not in ("imagenet", "none") and not path.is_file():
-        relative = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
-        raise ConfigError(f"model.weights: got {weights!r}, which is not an existing file{relative}; expected "
-                          f"imagenet, none, or the path of a Keras weights file")
-    facts = IMAGENET_WEIGHTS.get(model.get("backbone", ""))
-    if weights != "imagenet" or not facts or not facts["alphas"]:
-        return
-    for key, allowed in (("alpha", facts["alphas"]), ("weights_resolution", facts["resolutions"])):
-        if model[key] not in allowed:
-            raise ConfigError(f"model.{key}: got {model[key]!r}; expected one of {', '.join(map(str, allowed))}, "
-                              f"for which {model['backbone']} has ImageNet weights, or set model.weights to a "
-                              f"weights file or none")

@@ -15,6 +15,7 @@ enqueued trial and by tests that build a model "with defaults".
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from tinyopt.core.errors import ConfigError
@@ -70,13 +71,13 @@ def _validate_entry(name: str, entry: Any, earlier: set[str]) -> None:
         raise _fail(name, f"default {entry['default']} is outside [{low}, {high}]")
 
 
-def validate_space(space: dict[str, Any]) -> None:
+def validate_space(space: Mapping[str, Any]) -> None:
     """Check a ``[space]`` table without sampling it.
 
     Raises:
         ConfigError: naming the first malformed entry and what is wrong with it.
     """
-    if not isinstance(space, dict):
+    if not isinstance(space, Mapping):
         raise ConfigError(f"[space] must be a table, got {type(space).__name__}")
     earlier: set[str] = set()
     for name, entry in space.items():
@@ -84,7 +85,7 @@ def validate_space(space: dict[str, Any]) -> None:
         earlier.add(name)
 
 
-def combinations(space: dict[str, Any]) -> int | None:
+def combinations(space: Mapping[str, Any]) -> int | None:
     """How many distinct trials a ``[space]`` holds (None: infinitely many, a float without a step).
 
     Counted as if every conditional entry applied, so a bound when some have ``when``.
@@ -112,7 +113,7 @@ def _applies(entry: Any, params: dict[str, Any]) -> bool:
     return True
 
 
-def suggest(trial: Any, space: dict[str, Any]) -> dict[str, Any]:
+def suggest(trial: Any, space: Mapping[str, Any]) -> dict[str, Any]:
     """Sample one set of hyperparameters from a validated ``[space]`` table.
 
     Args:
@@ -151,7 +152,7 @@ def _default_of(entry: dict[str, Any]) -> Any:
     return round(middle) if entry["type"] == "int" else middle
 
 
-def defaults(space: dict[str, Any]) -> dict[str, Any]:
+def defaults(space: Mapping[str, Any]) -> dict[str, Any]:
     """The default params of a space: explicit ``default``, else first choice or the (log-)midpoint."""
     params: dict[str, Any] = {}
     for name, entry in space.items():
@@ -160,6 +161,6 @@ def defaults(space: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def searched(space: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+def searched(space: Mapping[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """The subset of ``params`` that Optuna samples (for ``study.enqueue_trial``)."""
     return {k: v for k, v in params.items() if is_distribution(space.get(k))}

@@ -11,9 +11,49 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tinyopt.core import record
+from tinyopt.core.config.sections import Config
 from tinyopt.core.record import SCORES
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+
+
+_MEMBER_SCORES = (*SCORES, *record.LOG_LOSSES)
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """One member of an ensemble trial's vote, as its ``members`` user attr records it.
+
+    Attributes:
+        label: ``<study>-<trial number>``, as the member's weight param is named.
+        study, trial_number, run_id: the approach trial and its MLflow run (its predictions, its kept model).
+        model_kept: whether that run holds the model, which export needs.
+        weight: the member's share of the vote (the weights of a trial sum to 1).
+        temperature: its calibration temperature; None for trials recorded before calibration.
+        scores: its calibrated scores, by the names of ``record.SCORES`` and ``record.LOG_LOSSES``.
+    """
+
+    label: str
+    study: str
+    trial_number: int
+    run_id: str
+    model_kept: bool
+    weight: float
+    temperature: float | None
+    scores: dict[str, float]
+
+    @classmethod
+    def from_attr(cls, attr: dict[str, Any]) -> MemberRecord:
+        return cls(label=attr["label"], study=attr["study"], trial_number=int(attr["trial_number"]),
+                   run_id=attr["run_id"], model_kept=bool(attr["model_kept"]), weight=float(attr["weight"]),
+                   temperature=attr.get("temperature"),  # absent from trials recorded before calibration
+                   scores={key: attr[key] for key in _MEMBER_SCORES if key in attr})
+
+    def as_attr(self) -> dict[str, Any]:
+        """The stored form: one flat dict, the scores beside the rest."""
+        return {"label": self.label, "study": self.study, "trial_number": self.trial_number, "run_id": self.run_id,
+                "model_kept": self.model_kept, "weight": self.weight, "temperature": self.temperature,
+                **self.scores}
 
 
 @dataclass
@@ -23,15 +63,15 @@ class BestTrial:
     Attributes:
         number: the trial number.
         value: the objective value (selection top-1, or minus the log loss for such an ensemble).
-        scores: ``selection_top1``, ``selection_top5``, ``test_top1``, ``test_top5`` where recorded.
+        scores: ``record.SCORES`` where recorded.
         params: every param of the trial, fixed ones included.
         run_id: its MLflow run.
         model_kept: whether that run holds the trained model.
-        members: ensemble only: the ``members`` user attr (see ``tinyopt.objectives.ensemble``).
+        members: ensemble only: its members (``record.MEMBERS``).
         uniform: ensemble only: scores of the uniform vote of the same members.
-        best_member: ensemble only: label and scores of the member with the best selection objective
-            (empty for trials recorded before it was).
-        log_losses: ``selection_log_loss`` and ``test_log_loss`` where recorded.
+        best_member: ensemble only: the label and scores of the member with the best selection objective
+            (None for trials recorded before it was).
+        log_losses: ``record.LOG_LOSSES`` where recorded.
     """
 
     number: int
@@ -40,29 +80,33 @@ class BestTrial:
     params: dict[str, Any]
     run_id: str | None
     model_kept: bool
-    members: list[dict[str, Any]] = field(default_factory=list)
+    members: list[MemberRecord] = field(default_factory=list)
     uniform: dict[str, float] = field(default_factory=dict)
-    best_member: dict[str, Any] = field(default_factory=dict)
+    best_member: tuple[str, dict[str, float]] | None = None
     log_losses: dict[str, float] = field(default_factory=dict)
 
-    def _best_member(self) -> dict[str, Any]:
+    def _best_member(self) -> tuple[str, dict[str, float]]:
+        if self.best_member is not None:
+            return self.best_member
         # Trials recorded before best_member was took the member of the best selection top-1.
-        return self.best_member or max(self.members, key=lambda m: m["selection_top1"])
+        best = max(self.members, key=lambda m: m.scores[record.SELECTION_TOP1])
+        return best.label, best.scores
 
     def gains(self) -> dict[str, float]:
         """Ensemble only: top-1 over the best single member (chosen on selection) and over the uniform vote."""
         if not self.members:
             return {}
-        return {f"{split}_top1_over_{what}": self.scores[f"{split}_top1"] - reference[f"{split}_top1"]
-                for split in ("selection", "test")
-                for what, reference in (("best_member", self._best_member()), ("uniform", self.uniform))}
+        references = (("best_member", self._best_member()[1]), ("uniform", self.uniform))
+        return {f"{split}_top1_over_{what}": self.scores[key] - reference[key]
+                for split, key in (("selection", record.SELECTION_TOP1), ("test", record.TEST_TOP1))
+                for what, reference in references}
 
     def versus(self) -> list[tuple[str, dict[str, float]]]:
         """Ensemble only: the weighted vote, the best member alone and the uniform vote, as (name, scores)."""
         if not self.members:
             return []
-        return [("weighted vote", {**self.scores, **self.log_losses}),
-                (f"best member {self._best_member()['label']}", self._best_member()),
+        label, scores = self._best_member()
+        return [("weighted vote", {**self.scores, **self.log_losses}), (f"best member {label}", scores),
                 ("uniform vote", self.uniform)]
 
 
@@ -90,9 +134,25 @@ def summarize_study(study: Any) -> StudySummary:
         best = BestTrial(
             number=trial.number, value=trial.value, scores={k: attrs[k] for k in SCORES if k in attrs},
             params=attrs.get(record.PARAMS, trial.params), run_id=attrs.get(record.RUN_ID),
-            model_kept=bool(attrs.get(record.MODEL_KEPT)), members=attrs.get(record.MEMBERS, []),
-            uniform=attrs.get(record.UNIFORM, {}), best_member=attrs.get(record.BEST_MEMBER, {}),
+            model_kept=bool(attrs.get(record.MODEL_KEPT)), members=members_of(trial),
+            uniform=attrs.get(record.UNIFORM, {}), best_member=_best_member_of(attrs.get(record.BEST_MEMBER)),
             log_losses={k: attrs[k] for k in record.LOG_LOSSES if k in attrs})
     return StudySummary(name=study.study_name, approach=study.user_attrs.get(record.APPROACH, study.study_name),
                         counts={state: counts.get(state, 0) for state in STATES}, compute_seconds=seconds,
                         best=best)
+
+
+def study_config(study: Any) -> Config:
+    """The resolved config a study's sweep stored (``record.CONFIG``), typed."""
+    return Config.from_dict(study.user_attrs[record.CONFIG])
+
+
+def members_of(trial: Any) -> list[MemberRecord]:
+    """An ensemble trial's members (none for a trial of another approach)."""
+    return [MemberRecord.from_attr(attr) for attr in trial.user_attrs.get(record.MEMBERS, [])]
+
+
+def _best_member_of(attr: dict[str, Any] | None) -> tuple[str, dict[str, float]] | None:
+    if not attr:
+        return None
+    return attr["label"], {key: value for key, value in attr.items() if key != "label"}

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from tinyopt.core.config.sections import DataConfig
 from tinyopt.core.errors import DataError
 from tinyopt.data import build
 from tinyopt.data import cache as data
@@ -42,7 +43,7 @@ class SweepData:
         return self._digests[split]
 
 
-def load_sweep_data(config: dict[str, Any], source: str | None, cache_dir: str | None, progress: bool):
+def load_sweep_data(data_cfg: DataConfig, source: str | None, cache_dir: str | None, progress: bool) -> SweepData:
     """Prepare (once), verify and load the splits a model approach needs, sliced as ``[data]`` says.
 
     The cache is checked whole here, before any study or run exists, checksums included
@@ -57,13 +58,12 @@ def load_sweep_data(config: dict[str, Any], source: str | None, cache_dir: str |
     cache = _prepared_cache(cache_dir) if source is None else None
     if cache is None:
         cache = build.prepare(source, cache_dir, progress=progress)  # verifies an existing cache, checksums too
-    data_cfg = config.get("data", {})
     splits = {}
     for split in ("train", "selection", "test"):
         x, y = data.load_split(split, cache)
-        cap = int(data_cfg.get(f"{split}_per_class", 0))
+        cap = data_cfg.per_class(split)
         if cap:
-            keep = data.stratified_subset(y, per_class=cap, seed=int(data_cfg.get("seed", 0)))
+            keep = data.stratified_subset(y, per_class=cap, seed=data_cfg.seed)
             x, y = x[keep], y[keep]
         if not len(y):
             raise DataError(f"the {split} split of {cache} holds no images, so no trial could run; rebuild it "

@@ -27,13 +27,13 @@ import keras
 import numpy as np
 from keras import layers
 
+from tinyopt.core.config.sections import ModelConfig
 from tinyopt.core.errors import ConfigError, TrialError, WeightsError
 from tinyopt.core.schema import IMAGENET_WEIGHTS, MIN_INPUT_SIZE, RESIZE_METHODS
 from tinyopt.data.activations import digest
 from tinyopt.data.imagenet import imagenet_indices
 
 STAGES = 5
-DEFAULT_BACKBONE = "resnet50"
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
@@ -270,14 +270,13 @@ def _source_weights(name: str, alpha: float, size: int, source: str, stamp: obje
     return _Weights(arrays, digest(*arrays))
 
 
-def weights_digest(model_cfg: dict[str, Any]) -> str | None:
+def weights_digest(model_cfg: ModelConfig) -> str | None:
     """A digest of the pretrained weights a ``[model]`` table loads (None for ``weights = "none"``).
 
     Taken from the loaded arrays: ``imagenet`` and the same file under another name agree, a file
     replaced in place does not.
     """
-    name = model_cfg.get("backbone", DEFAULT_BACKBONE)
-    weights = _pretrained_weights(name, get(name), float(model_cfg.get("alpha", 1.0)), model_cfg)
+    weights = _pretrained_weights(model_cfg.backbone, get(model_cfg.backbone), float(model_cfg.alpha), model_cfg)
     return None if weights is None else weights.digest
 
 
@@ -286,12 +285,12 @@ def _first_line(err: Exception) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def _pretrained_weights(name: str, spec: Backbone, alpha: float, model_cfg: dict[str, Any]) -> _Weights | None:
-    source = str(model_cfg.get("weights", "imagenet"))
+def _pretrained_weights(name: str, spec: Backbone, alpha: float, model_cfg: ModelConfig) -> _Weights | None:
+    source = str(model_cfg.weights)
     if source.lower() == "none":
         return None
     described = _describe(name, spec, alpha)
-    size = int(model_cfg.get("weights_resolution", spec.resolutions[0])) if spec.alphas else spec.resolutions[0]
+    size = int(model_cfg.weights_resolution) if spec.alphas else spec.resolutions[0]
     fallback = "pass a local weights file with --set model.weights=PATH, or --set model.weights=none"
     if source == "imagenet":
         if spec.alphas and alpha not in spec.alphas:
@@ -317,7 +316,7 @@ def _pretrained_weights(name: str, spec: Backbone, alpha: float, model_cfg: dict
                            ) from err
 
 
-def check_weights(model_cfg: dict[str, Any]) -> None:
+def check_weights(model_cfg: ModelConfig) -> None:
     """Load the pretrained weights a ``[model]`` table names, before any study exists.
 
     They are cached, so the first trial does not load them again.
@@ -326,16 +325,15 @@ def check_weights(model_cfg: dict[str, Any]) -> None:
         ConfigError: unknown backbone.
         WeightsError: the weights cannot be had (no download) or do not fit the backbone.
     """
-    name = model_cfg.get("backbone", DEFAULT_BACKBONE)
-    _pretrained_weights(name, get(name), float(model_cfg.get("alpha", 1.0)), model_cfg)
+    _pretrained_weights(model_cfg.backbone, get(model_cfg.backbone), float(model_cfg.alpha), model_cfg)
 
 
-def load(model_cfg: dict[str, Any], *, input_size: int) -> Features:
+def load(model_cfg: ModelConfig, *, input_size: int) -> Features:
     """Build a backbone with its weights, cut below the ImageNet classifier.
 
     Args:
-        model_cfg: the ``[model]`` table: ``backbone`` (default resnet50), ``weights`` ("imagenet",
-            a weights file, or "none"), ``alpha`` and ``weights_resolution`` (MobileNet only).
+        model_cfg: the ``[model]`` section: ``backbone``, ``weights`` ("imagenet", a weights file, or
+            "none"), ``alpha`` and ``weights_resolution`` (MobileNet only).
         input_size: side of the (already resized, see ``resize``) images the backbone sees.
 
     Returns:
@@ -345,9 +343,9 @@ def load(model_cfg: dict[str, Any], *, input_size: int) -> Features:
         ConfigError: unknown backbone.
         WeightsError: the weights cannot be had or do not fit the backbone.
     """
-    name = model_cfg.get("backbone", DEFAULT_BACKBONE)
+    name = model_cfg.backbone
     spec = get(name)
-    alpha = float(model_cfg.get("alpha", 1.0))
+    alpha = float(model_cfg.alpha)
     weights = _pretrained_weights(name, spec, alpha, model_cfg)
     pixels = keras.Input((input_size, input_size, 3), dtype="float32", name="pixels")
     net = spec.constructor(include_top=True, weights=None, input_tensor=spec.preprocess(pixels),

@@ -47,18 +47,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from tinyopt.core import record
+from tinyopt.core.config.sections import Config
 from tinyopt.core.errors import ConfigError, DataError, StudyError, TrialError
 from tinyopt.core.plots import comparison_chart
 from tinyopt.core.schema import ENSEMBLE_OBJECTIVES as OBJECTIVES
+from tinyopt.core.summary import MemberRecord
 from tinyopt.objectives.model import TrackedObjective
 from tinyopt.objectives.voting import calibrate, fit_temperature, greedy_weights, normalise_weights, stacked_vote
 from tinyopt.stores import storage as storages
+from tinyopt.track.names import safe_name  # the weight params end up in MLflow, whose rules it knows
 from tinyopt.train.metrics import scores
 
 WEIGHT_PREFIX = "weight_"
@@ -91,8 +94,6 @@ class Member:
     @property
     def label(self) -> str:
         """``<study>-<trial number>``, safe as an Optuna and an MLflow param name."""
-        from tinyopt.track.tracking import safe_name  # the weight params end up in MLflow, whose rules tracking knows
-
         return safe_name(f"{self.study}-{self.trial_number}")
 
     @property
@@ -159,8 +160,8 @@ class WeightSearch:
     def value(self, flat_scores: Mapping[str, float]) -> float:
         """The number the study maximises."""
         if self.objective == "log_loss":
-            return -flat_scores["selection_log_loss"]
-        return flat_scores["selection_top1"]
+            return -flat_scores[record.SELECTION_LOG_LOSS]
+        return flat_scores[record.SELECTION_TOP1]
 
     def suggest(self, trial: Any) -> list[float]:
         """Sample one weight in [0, 1] per member, named ``weight_<member label>``."""
@@ -173,7 +174,8 @@ class WeightSearch:
     def members_attr(self, weights: Sequence[float]) -> list[dict[str, Any]]:
         """The ``members`` user attr: each member, its normalised weight, its temperature and its scores."""
         normalised = normalise_weights(weights)
-        return [{"label": m.label, **asdict(m), "weight": float(w), "temperature": t, **s}
+        return [MemberRecord(label=m.label, study=m.study, trial_number=m.trial_number, run_id=m.run_id,
+                             model_kept=m.model_kept, weight=float(w), temperature=t, scores=s).as_attr()
                 for m, w, t, s in zip(self.members, normalised, self.temperatures, self.member_scores, strict=True)]
 
     def best_member_attr(self) -> dict[str, Any]:
@@ -222,15 +224,14 @@ def _check_same_samples(members: Sequence[Member], predictions: Sequence[Mapping
                     "data cache and data options")
 
 
-def weights_of(members_attr: Sequence[Mapping[str, Any]]
-               ) -> tuple[list[Member], list[float], list[float | None]]:
-    """Members, weights and temperatures from an ensemble trial's ``members`` user attr.
+def weights_of(members: Sequence[MemberRecord]) -> tuple[list[Member], list[float], list[float | None]]:
+    """Members, weights and temperatures of an ensemble trial's members (``tinyopt.core.summary.members_of``).
 
     A member recorded before calibration has no temperature (None): it voted with its probabilities
     as saved, which ``tinyopt.results.export.ensemble_model`` then reproduces.
     """
-    members = [Member(m["study"], m["trial_number"], m["run_id"], m["model_kept"]) for m in members_attr]
-    return members, [float(m["weight"]) for m in members_attr], [m.get("temperature") for m in members_attr]
+    return ([Member(m.study, m.trial_number, m.run_id, m.model_kept) for m in members], [m.weight for m in members],
+            [m.temperature for m in members])
 
 
 def select_members(storage: str, studies: Sequence[str], top_k: int = 1, min_members: int = 2
@@ -304,7 +305,7 @@ class EnsembleObjective(TrackedObjective):
         notes: messages about skipped studies, for the sweep summary.
     """
 
-    def __init__(self, search: WeightSearch, config: dict[str, Any], tracker: Any, events: Any,
+    def __init__(self, search: WeightSearch, config: Config, tracker: Any, events: Any,
                  notes: Sequence[str] = ()):
         super().__init__(config, tracker, events, device="cpu (numpy)")
         self.search = search
@@ -347,11 +348,11 @@ class EnsembleObjective(TrackedObjective):
         return self.search.value(flat)
 
 
-def prepare_search(study_name: str, config: dict[str, Any], storage: str, tracking_uri: str
+def prepare_search(study_name: str, config: Config, storage: str, tracking_uri: str
                    ) -> tuple[WeightSearch, list[str]]:
     """The members of ``tinyopt sweep ensemble`` and their probabilities, read before the ensemble study exists.
 
-    Members are chosen once, when the sweep starts, from ``config["ensemble"]``: the best
+    Members are chosen once, when the sweep starts, from ``config.ensemble``: the best
     ``top_k`` complete trials of each of ``studies``. Studies that are missing or have no complete
     trial are skipped (one note each) as long as ``min_members`` remain. The members are calibrated
     and their greedy weights found here too (see ``WeightSearch``).
@@ -363,10 +364,10 @@ def prepare_search(study_name: str, config: dict[str, Any], storage: str, tracki
         StudyError: too few members, or the ensemble study itself listed as a member.
         DataError: the members were scored on different samples.
     """
-    settings = config["ensemble"]
-    studies = list(settings["studies"])
+    settings = config.ensemble
+    studies = list(settings.studies)
     if study_name in studies:
         raise StudyError(f"ensemble.studies lists the ensemble study {study_name!r} itself; name only approach studies")
-    members, skipped = select_members(storage, studies, int(settings["top_k"]), int(settings["min_members"]))
-    search = load_weight_search(members, tracking_uri, settings["objective"], int(settings["greedy_rounds"]))
+    members, skipped = select_members(storage, studies, settings.top_k, settings.min_members)
+    search = load_weight_search(members, tracking_uri, settings.objective, settings.greedy_rounds)
     return search, skipped

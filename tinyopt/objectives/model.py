@@ -16,6 +16,7 @@ import numpy as np
 
 from tinyopt.core import record, signals
 from tinyopt.core import space as search_space
+from tinyopt.core.config.sections import Config
 from tinyopt.core.errors import TinyoptError, TrialError
 from tinyopt.core.plots import learning_curve
 from tinyopt.core.worker import identity as worker_identity
@@ -75,7 +76,7 @@ class TrackedObjective:
     run is KILLED, and so is the run of a trial interrupted with Ctrl-C.
     """
 
-    def __init__(self, config: dict[str, Any], tracker: Any, events: Events | None, device: str):
+    def __init__(self, config: Config, tracker: Any, events: Events | None, device: str):
         self.config = config
         self.tracker = tracker
         self.events = events or QuietEvents()
@@ -165,7 +166,7 @@ class ModelObjective(TrackedObjective):
             is scored on selection and ends pruned (``--timeout``); None: no deadline.
     """
 
-    def __init__(self, approach: Any, config: dict[str, Any], data: SweepData, tracker: Any, seed: int,
+    def __init__(self, approach: Any, config: Config, data: SweepData, tracker: Any, seed: int,
                  events: Events | None = None, device: str = "cpu", deadline: float | None = None):
         super().__init__(config, tracker, events, device)
         self.approach = approach
@@ -175,7 +176,7 @@ class ModelObjective(TrackedObjective):
         self._store = None  # tinyopt.data.activations.Store, made by the first trial that caches
 
     def choose(self, trial) -> dict[str, Any]:
-        return search_space.suggest(trial, self.config["space"])
+        return search_space.suggest(trial, self.config.space)
 
     def epochs(self, params: dict[str, Any]) -> int:
         return int(params.get("epochs", 0)) if self.approach.TRAINS else 0
@@ -226,7 +227,7 @@ class ModelObjective(TrackedObjective):
             run.log_figure(lambda: learning_curve(history), record.LEARNING_CURVE)  # drawn in the background
         for key in record.SCORES:
             trial.set_user_attr(key, final[key])
-        kept = _in_top(trial, value, int(self.config.get("study", {}).get("keep_models", 1)))
+        kept = _in_top(trial, value, self.config.study.keep_models)
         if kept:
             run.log_model(inference_model(model), self.tracker.experiment_id)
         trial.set_user_attr(record.MODEL_KEPT, kept)
@@ -245,9 +246,8 @@ class ModelObjective(TrackedObjective):
         uncached = getattr(self.approach, "uncached", None)
         if uncached is None:
             return ImageFeed(model, self.data.splits), None
-        model_cfg, train_cfg = self.config.get("model", {}), self.config.get("train", {})
-        why = (uncached(params, model_cfg) if train_cfg.get("activation_cache", True)
-               else "train.activation_cache = false")
+        model_cfg, train_cfg = self.config.model, self.config.train
+        why = uncached(params, model_cfg) if train_cfg.activation_cache else "train.activation_cache = false"
         if why is not None and self.approach.TRAINS:
             return ImageFeed(model, self.data.splits), f"off: {why}"
         cut = self.approach.split(model, params, model=model_cfg)
@@ -263,9 +263,9 @@ class ModelObjective(TrackedObjective):
         if why is None:
             if self._store is None:
                 folder = None if self.data.cache_dir is None else self.data.cache_dir / "activations"
-                self._store = Store(folder, ram_budget(train_cfg.get("activation_cache_gb", "auto")))
+                self._store = Store(folder, ram_budget(train_cfg.activation_cache_gb))
             shared = feed(self._store, {
-                "backbone": model_cfg.get("backbone"), "alpha": model_cfg.get("alpha"),
+                "backbone": model_cfg.backbone, "alpha": model_cfg.alpha,
                 "weights": weights_digest(model_cfg), "input_size": params["input_size"],
                 # Images already at the input size are not resized: every method gives the same pixels.
                 "resize": params["resize"] if params["input_size"] != IMAGE_SIZE else "none",
@@ -284,13 +284,12 @@ class ModelObjective(TrackedObjective):
         import keras
 
 
-        train_cfg = self.config.get("train", {})
         model = feed.trainee()
-        compile_model(model, params, train_cfg.get("jit_compile", "auto"))
+        compile_model(model, params, self.config.train.jit_compile)
         train = feed.batches("train", int(params["batch_size"]), train=True, seed=self.seed + trial.number)
         selection = feed.batches("selection", eval_batch)
         stopping = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", restore_best_weights=True,
-                                                 patience=int(train_cfg.get("early_stopping_patience", 3)),
+                                                 patience=self.config.train.early_stopping_patience,
                                                  start_from_epoch=early_stopping_start(params))
         # A per-batch hook only with a deadline: Keras calls every batch hook of every step.
         deadline = None if self.deadline is None else deadline_stop(self.deadline)
@@ -311,14 +310,16 @@ class ModelObjective(TrackedObjective):
         return history
 
 
-def headline(config: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+def headline(config: Config, params: dict[str, Any]) -> dict[str, Any]:
     """The params a run's name shows, from ``study.run_name`` of the config, in its order."""
-    return {key: params[key] for key in config.get("study", {}).get("run_name", []) if key in params}
+    return {key: params[key] for key in config.study.run_name or () if key in params}
 
 
-def system_metrics(config: dict[str, Any], device: str) -> bool:
+def system_metrics(config: Config, device: str) -> bool:
     """Whether trial runs log MLflow's system metrics: ``train.system_metrics``, ``auto`` meaning with a GPU."""
-    setting = config.get("train", {}).get("system_metrics", "auto")
+    if config.train is None:  # the ensemble trains nothing: its trials are a moment of numpy on the CPU
+        return False
+    setting = config.train.system_metrics
     return device != "cpu" if setting == "auto" else bool(setting)
 
 

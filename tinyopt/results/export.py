@@ -6,14 +6,14 @@ Keras is imported inside the functions that need it.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tinyopt.core import record
 from tinyopt.core.damage import MLFLOW_FIX
 from tinyopt.core.errors import StudyError, TinyoptError
-from tinyopt.core.summary import StudySummary
+from tinyopt.core.summary import MemberRecord, StudySummary
 from tinyopt.core.urls import redact
 from tinyopt.objectives.ensemble import weights_of
 from tinyopt.objectives.voting import PROBABILITY_FLOOR, normalise_weights
@@ -170,18 +170,19 @@ def _run_classes(run_ids: Sequence[str], tracking_uri: str, tmp: Path) -> list[t
     return found[0]
 
 
-def _member_text(member: Mapping[str, Any]) -> str:
-    temperature = member.get("temperature")
-    return f"{member['label']} (weight {member['weight']:.3f}" + (
-        f", temperature {temperature:.3g})" if temperature is not None else ")")
+def _member_text(member: MemberRecord) -> str:
+    return f"{member.label} (weight {member.weight:.3f}" + (
+        f", temperature {member.temperature:.3g})" if member.temperature is not None else ")")
 
 
-def _member_params(members: Sequence[Mapping[str, Any]], storage_url: str) -> list[dict[str, Any]]:
+def _member_params(members: Sequence[MemberRecord], storage_url: str) -> list[dict[str, Any]]:
 
     rows = []
     for member in members:
-        trial = storage.load_study(member["study"], storage_url).get_trials(deepcopy=False)[member["trial_number"]]
-        rows.append({**{k: member[k] for k in ("label", "study", "trial_number", "run_id", "weight", "temperature")
-                        if k in member},
-                     "params": trial.user_attrs.get(record.PARAMS, trial.params)})
+        trial = storage.load_study(member.study, storage_url).get_trials(deepcopy=False)[member.trial_number]
+        shown = {"label": member.label, "study": member.study, "trial_number": member.trial_number,
+                 "run_id": member.run_id, "weight": member.weight}
+        if member.temperature is not None:  # members recorded before calibration have none
+            shown["temperature"] = member.temperature
+        rows.append({**shown, "params": trial.user_attrs.get(record.PARAMS, trial.params)})
     return rows

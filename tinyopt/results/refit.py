@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from tinyopt.core import record, signals
+from tinyopt.core.config.sections import Config
 from tinyopt.core.errors import DataError, StudyError, TinyoptError
-from tinyopt.core.summary import StudySummary
+from tinyopt.core.summary import StudySummary, study_config
 from tinyopt.core.urls import first_line, redact, sqlite_path
 from tinyopt.data.splits import load_sweep_data
 from tinyopt.models import approaches
@@ -129,7 +130,7 @@ def refit_best(summary: Any, *, storage_url: str, tracking_uri: str, source: str
 
     echo = echo or (lambda line: None)
     study = storages.load_study(summary.name, storage_url)
-    config = study.user_attrs.get(record.CONFIG, {})
+    config = study_config(study)
     approach = _trainer(summary, config)
     if export_dir is not None:
         check_destination(export_dir, overwrite)
@@ -138,10 +139,10 @@ def refit_best(summary: Any, *, storage_url: str, tracking_uri: str, source: str
     params = dict(trial.user_attrs.get(record.PARAMS, trial.params))
     data = _load_data(config, trial, tracking_uri, source, cache_dir, progress)
     device = backend.load()
-    if "backbone" in config.get("model", {}):
+    if config.model.backbone is not None:
         from tinyopt.models import backbones
 
-        backbones.check_weights(config["model"])
+        backbones.check_weights(config.model)
 
     x = np.concatenate([data.splits[split][0] for split in TRAINED_ON])  # in memory: 1.2 GB of uint8 in all
     y = np.concatenate([data.splits[split][1] for split in TRAINED_ON])
@@ -194,7 +195,7 @@ def refit_best(summary: Any, *, storage_url: str, tracking_uri: str, source: str
     return refit
 
 
-def _trainer(summary: Any, config: dict[str, Any]) -> Any:
+def _trainer(summary: Any, config: Config) -> Any:
     """The approach module of a study a refit can retrain, its Keras backend loaded."""
 
     if summary.approach == "ensemble" or (summary.best is not None and summary.best.members):
@@ -204,7 +205,7 @@ def _trainer(summary: Any, config: dict[str, Any]) -> Any:
         raise StudyError(f"study {summary.name!r} has no complete trial to refit; run "
                          f"`tinyopt sweep {summary.approach}` first")
     backend.check()
-    backend.set_gpu_memory(config.get("train", {}).get("gpu_memory", "grow"))
+    backend.set_gpu_memory(config.train.gpu_memory)
     backend.load()  # before the approach module imports Keras, so that the backend loads quietly
 
     approach = approaches.get_approach(summary.approach)
@@ -225,12 +226,12 @@ def _check_store(tracking_uri: str) -> None:
                          "the study was swept with")
 
 
-def _load_data(config: dict[str, Any], trial: Any, tracking_uri: str, source: str | None, cache_dir: str | None,
+def _load_data(config: Config, trial: Any, tracking_uri: str, source: str | None, cache_dir: str | None,
                progress: bool) -> Any:
     """The splits as the sweep loaded them, checked against the labels the trial saved with its predictions."""
     from tinyopt.track import store
 
-    data = load_sweep_data(config, source, cache_dir, progress)
+    data = load_sweep_data(config.data, source, cache_dir, progress)
     run_id = trial.user_attrs.get(record.RUN_ID)
     if run_id is None:
         raise StudyError(f"trial {trial.number} has no MLflow run; the study was not swept by tinyopt")
@@ -243,7 +244,7 @@ def _load_data(config: dict[str, Any], trial: Any, tracking_uri: str, source: st
     return data
 
 
-def _train(approach: Any, config: dict[str, Any], params: dict[str, Any], data: Any,
+def _train(approach: Any, config: Config, params: dict[str, Any], data: Any,
            train: tuple[np.ndarray, np.ndarray], refit: Refit, run: Any, device: str,
            echo: Callable[[str], None]) -> Any:
     """Build, train and score the refit model as the trial did, without validation data; return it uncompiled.
@@ -256,7 +257,7 @@ def _train(approach: Any, config: dict[str, Any], params: dict[str, Any], data: 
     backend.seed(refit.seed)
     model, policy, batch = build_model(approach, params, config, data.wnids, device)
     feed = ImageFeed(model, {"train": train, "test": data.splits["test"]})
-    compile_model(model, params, config.get("train", {}).get("jit_compile", "auto"))
+    compile_model(model, params, config.train.jit_compile)
     # The trial's schedule, over its params["epochs"], stopped where early stopping stopped the trial's.
     fitted = model.fit(feed.batches("train", int(params["batch_size"]), train=True, seed=refit.seed),
                        epochs=refit.epochs, verbose=0, shuffle=False,

@@ -17,15 +17,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tinyopt.core import plots
+from tinyopt.core import plots, record
 from tinyopt.core.config import APPROACHES
 from tinyopt.core.errors import StudyError
-from tinyopt.core.plots import SCORE_LABELS as _SCORE_LABELS
 from tinyopt.core.record import SCORES
 from tinyopt.core.summary import BestTrial, StudySummary, summarize_study
 from tinyopt.core.urls import redact
 from tinyopt.stores import storage as storages
-from tinyopt.track.names import safe_name
+from tinyopt.track.names import config_hash, safe_name
 
 
 def _study_order(names: Sequence[str]) -> list[str]:
@@ -131,7 +130,8 @@ def _log(tracking_uri: str, summaries: Sequence[StudySummary], texts: Mapping[st
 
     # The study-level run of a pseudo study "report": each report updates the one latest report run.
     tracker = Tracker(tracking_uri, "report", "report")
-    run_id = tracker.start_sweep({"studies": [s.name for s in summaries]}, tags={})
+    studies = {"studies": [s.name for s in summaries]}
+    run_id = tracker.start_sweep(studies, {"approach": "", record.CONFIG_HASH: config_hash(studies)}, tags={})
     run = TrialRun(tracker.client, run_id)
     run.log_metrics({f"{safe_name(s.name)}.{key}": value for s in summaries if s.best
                      for key, value in {**s.best.scores, **s.best.gains()}.items()})
@@ -168,8 +168,8 @@ def _temperature(value: float | None) -> str:
 
 
 # The columns of an ensemble's comparison, (score key, label), in the report and `tinyopt best`.
-VERSUS_COLUMNS = (("selection_top1", "selection top-1"), ("test_top1", "test top-1"),
-                  ("selection_log_loss", "selection log loss"), ("test_log_loss", "test log loss"))
+VERSUS_COLUMNS = tuple((key, record.SCORE_LABELS[key]) for key in (record.SELECTION_TOP1, record.TEST_TOP1,
+                                                                    record.SELECTION_LOG_LOSS, record.TEST_LOG_LOSS))
 
 
 def versus_lines(best: BestTrial) -> list[str]:
@@ -186,7 +186,8 @@ _WEIGHTS = ("Weights are the share of each member in the vote (they sum to 1), a
 
 def _tables(summaries: Sequence[StudySummary]) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
     """The report's tables, as (title, header, rows, lines after), for both the markdown and the HTML."""
-    header = ["study", "approach", "best trial", *_SCORE_LABELS.values(), "complete", "pruned", "failed", "compute"]
+    header = ["study", "approach", "best trial", *(record.SCORE_LABELS[key] for key in SCORES),
+              "complete", "pruned", "failed", "compute"]
     rows = []
     for s in summaries:
         best = s.best
@@ -198,8 +199,8 @@ def _tables(summaries: Sequence[StudySummary]) -> list[tuple[str, list[str], lis
     tables = [("Studies", header, rows, [])]
     for s in summaries:
         if s.best and s.best.members:
-            members = [[m["label"], f"{m['weight']:.3f}", _temperature(m.get("temperature")),
-                        *[_score(m.get(key)) for key, _ in VERSUS_COLUMNS]] for m in s.best.members]
+            members = [[m.label, f"{m.weight:.3f}", _temperature(m.temperature),
+                        *[_score(m.scores.get(key)) for key, _ in VERSUS_COLUMNS]] for m in s.best.members]
             members += [[name, "-", "-", *[_score(found.get(key)) for key, _ in VERSUS_COLUMNS]]
                         for name, found in s.best.versus()]
             gains = [f"{gain_label(key)}: {value:+.4f}" for key, value in s.best.gains().items()]

@@ -23,6 +23,7 @@ from typing import Any
 from tinyopt.core import record, signals
 from tinyopt.core import space as search_space
 from tinyopt.core.config import load_config
+from tinyopt.core.config.sections import Config
 from tinyopt.core.errors import StudyError
 from tinyopt.core.summary import summarize_study
 from tinyopt.core.urls import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, redact
@@ -32,6 +33,7 @@ from tinyopt.objectives.ensemble import EnsembleObjective, prepare_search
 from tinyopt.objectives.model import ModelObjective, QuietEvents, TrialFailed
 from tinyopt.stores import storage as storages
 from tinyopt.sweep.summary import SweepResult, log_summary, summarize
+from tinyopt.track.names import identity
 from tinyopt.train import backend
 
 
@@ -39,7 +41,7 @@ from tinyopt.train import backend
 class Prepared:
     """A sweep checked and ready: the resolved config, its data and the device trials run on."""
 
-    config: dict[str, Any]
+    config: Config
     data: Any  # tinyopt.data.splits.SweepData, or for the ensemble its weight search and notes
     device: str
 
@@ -60,7 +62,7 @@ def prepare(approach: str, *, study_name: str | None = None, config_path: str | 
     config = load_config(approach, config_path, overrides, preset=preset)
     if approach != "ensemble":
         backend.check()
-        backend.set_gpu_memory(config["train"]["gpu_memory"])
+        backend.set_gpu_memory(config.train.gpu_memory)
     storages.check(storage, study_name or approach)
     from tinyopt.track import store  # mlflow: after the config, whose mistakes are found in a blink
 
@@ -69,12 +71,12 @@ def prepare(approach: str, *, study_name: str | None = None, config_path: str | 
     if approach == "ensemble":
 
         return Prepared(config, prepare_search(study_name or approach, config, storage, tracking_uri), "cpu (numpy)")
-    data = load_sweep_data(config, source, cache_dir, progress)
+    data = load_sweep_data(config.data, source, cache_dir, progress)
     device = backend.load()
-    if "backbone" in config.get("model", {}):
+    if config.model.backbone is not None:
         from tinyopt.models import backbones
 
-        backbones.check_weights(config["model"])
+        backbones.check_weights(config.model)
     return Prepared(config, data, device)
 
 
@@ -103,7 +105,7 @@ class Session:
     recovered: list[str]
 
 
-def open_sweep(approach: str, name: str, config: dict[str, Any], *, storage: str, tracking_uri: str,
+def open_sweep(approach: str, name: str, config: Config, *, storage: str, tracking_uri: str,
                seed: int = 0, owner: bool = True, workers: int = 1,
                first_trial: dict[str, Any] | None = None) -> Session:
     """Create or load the study and its MLflow parent run, and recover the trials of dead workers.
@@ -125,20 +127,19 @@ def open_sweep(approach: str, name: str, config: dict[str, Any], *, storage: str
     from tinyopt.sweep import recovery, sampling
     from tinyopt.track.tracking import Tracker
 
-    study_cfg = config.get("study", {})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with storages.study_lock(storage, name):
         # MLflow first: a tracking store that cannot be opened leaves no study behind.
         tracker = Tracker(tracking_uri, name, approach)
         url = (storages.move_to_journal(storage, name) if storages.needs_journal(storage, workers)
                else storages.home(storage, name))
-        interval = int(study_cfg.get("heartbeat_interval", 60))
+        interval = config.study.heartbeat_interval
         opened = storages.open_storage(url, interval,
                                        on_stale=lambda trial: recovery.close_stale(tracker, trial, 2 * interval))
-        pruner = sampling.make_pruner(study_cfg, sampling.max_epochs(config.get("space", {})))
+        pruner = sampling.make_pruner(config.study, sampling.max_epochs(config.space))
         study = optuna.create_study(study_name=name, storage=opened, pruner=pruner, direction="maximize",
                                     load_if_exists=True)
-        study.sampler = sampling.make_sampler(study_cfg, seed)
+        study.sampler = sampling.make_sampler(config.study, seed)
         owner_approach = study.user_attrs.get(record.APPROACH)
         _refuse_other_approach(name, owner_approach, approach)  # checked again: another command may have made it
         if owner_approach is None:
@@ -148,14 +149,14 @@ def open_sweep(approach: str, name: str, config: dict[str, Any], *, storage: str
         if not study.get_trials(deepcopy=False):
             # The first trial is a known-sane baseline for TPE to beat: the defaults of the space, or the
             # ensemble's greedy weights (tinyopt.objectives.voting.greedy_weights), so its best is at least theirs.
-            if first_trial is None and config.get("space"):
-                first_trial = search_space.searched(config["space"], search_space.defaults(config["space"]))
+            if first_trial is None and config.space:
+                first_trial = search_space.searched(config.space, search_space.defaults(config.space))
             if first_trial:
                 study.enqueue_trial(first_trial)
-        study.set_user_attr(record.CONFIG, config)
+        study.set_user_attr(record.CONFIG, config.as_dict())
         study.set_user_attr(record.EXPERIMENT_ID, tracker.experiment_id)
-        parent = tracker.start_sweep(config, tags={"storage": redact(storage), record.TAG_BACKEND: backend.name()},
-                                     reopen=owner)
+        tags = {"storage": redact(storage), record.TAG_BACKEND: backend.name()}
+        parent = tracker.start_sweep(config.as_dict(), identity(config), tags=tags, reopen=owner)
         study.set_user_attr(record.PARENT_RUN_ID, parent)
         recovered = recovery.recover(study, opened, tracker)
     return Session(study, opened, url, tracker, recovered)
@@ -208,7 +209,7 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
                              owner=owner,
                              first_trial=prepared.data[0].greedy_params() if approach == "ensemble" else None)
         study, tracker = session.study, session.tracker
-        policy = _FailurePolicy(int(config.get("study", {}).get("max_consecutive_failures", 5)))
+        policy = _FailurePolicy(config.study.max_consecutive_failures)
         cap = _TrialCap(study, max_trials, lambda: storages.study_lock(storage, name))
         ran: list[int] = []
         objective = None
@@ -283,9 +284,9 @@ def deadline_notes(study: Any, numbers: list[int]) -> list[str]:
     return notes
 
 
-def _objective_name(config: dict[str, Any]) -> str:
+def _objective_name(config: Config) -> str:
     """What the study's value is: selection top-1, or minus the selection log loss for such an ensemble."""
-    if config.get("ensemble", {}).get("objective") == "log_loss":
+    if config.ensemble is not None and config.ensemble.objective == "log_loss":
         return "minus_selection_log_loss"
     return record.OBJECTIVE_NAME
 

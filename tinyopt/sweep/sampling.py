@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -11,6 +11,7 @@ import optuna
 from optuna.samplers import BaseSampler
 
 from tinyopt.core import space as search_space
+from tinyopt.core.config.sections import StudyConfig
 
 
 class TrialSeededSampler(BaseSampler):
@@ -55,7 +56,7 @@ class TrialSeededSampler(BaseSampler):
         self._for(trial).after_trial(study, trial, state, values)
 
 
-def make_sampler(study_cfg: dict[str, Any], seed: int) -> BaseSampler:
+def make_sampler(study: StudyConfig, seed: int) -> BaseSampler:
     """The configured sampler (``tpe``, ``random`` or ``bruteforce``), seeded per trial.
 
     TPE runs with ``constant_liar``: a trial still running elsewhere counts as a poor result, so
@@ -63,12 +64,12 @@ def make_sampler(study_cfg: dict[str, Any], seed: int) -> BaseSampler:
     combinations in random order and never one the study already has, and stops the study when
     none is left: for small discrete spaces such as pretrained's, where TPE would repeat trials.
     """
-    name = study_cfg.get("sampler", "tpe")
+    name = study.sampler
     if name == "random":
         return TrialSeededSampler(lambda s: optuna.samplers.RandomSampler(seed=s), seed)
     if name == "bruteforce":
         return TrialSeededSampler(_bruteforce, seed)
-    startup = int(study_cfg.get("n_startup_trials", 10))
+    startup = study.n_startup_trials
     return TrialSeededSampler(
         lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=startup, constant_liar=True), seed)
 
@@ -79,15 +80,17 @@ def _bruteforce(seed: int) -> BaseSampler:
         return optuna.samplers.BruteForceSampler(seed=seed)
 
 
-def max_epochs(space: dict[str, Any]) -> int:
-    """The most epochs a trial of this space can train (the pruner's budget)."""
-    epochs = space.get("epochs", 1)
+def max_epochs(space: Mapping[str, Any]) -> int:
+    """The most epochs a trial of this space can train (the pruner's budget; 1 for a space without epochs)."""
+    if "epochs" not in space:
+        return 1
+    epochs = space["epochs"]
     if not search_space.is_distribution(epochs):
         return int(epochs)
     return int(max(epochs["choices"]) if epochs["type"] == "categorical" else epochs["high"])
 
 
-def make_pruner(study_cfg: dict[str, Any], epochs: int) -> optuna.pruners.BasePruner:
+def make_pruner(study: StudyConfig, epochs: int) -> optuna.pruners.BasePruner:
     """The configured pruner, fed the selection top-1 after each epoch (step = epochs trained).
 
     ``median`` stops a trial below the median of earlier trials at the same epoch; ``halving``
@@ -96,11 +99,13 @@ def make_pruner(study_cfg: dict[str, Any], epochs: int) -> optuna.pruners.BasePr
     brackets; ``none`` never prunes. The first ``pruner_warmup_epochs`` epochs of a trial are never
     judged, nor, by ``median``, the first ``n_startup_trials`` trials.
     """
-    name = study_cfg.get("pruner", "median")
-    first = int(study_cfg.get("pruner_warmup_epochs", 1)) + 1  # the first epoch judged
-    reduction = int(study_cfg.get("pruner_reduction_factor", 3))
+    name = study.pruner
+    if name == "none" or study.pruner_warmup_epochs is None:  # an approach without epochs has nothing to judge
+        return optuna.pruners.NopPruner()
+    first = study.pruner_warmup_epochs + 1  # the first epoch judged
+    reduction = study.pruner_reduction_factor
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=int(study_cfg.get("n_startup_trials", 5)),
+        return optuna.pruners.MedianPruner(n_startup_trials=study.n_startup_trials,
                                            n_warmup_steps=first)
     if name == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=reduction)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from tinyopt.core import plots, record
 from tinyopt.core import space as search_space
-from tinyopt.core.summary import StudySummary
+from tinyopt.core.summary import StudySummary, members_of, study_config
 from tinyopt.core.urls import redact
 from tinyopt.objectives.ensemble import WEIGHT_PREFIX
 from tinyopt.track.names import STATE_NAMES, TAG_LIMIT, markdown_table, objective_name, run_path, ui_command
@@ -69,7 +69,7 @@ def log_summary(tracker: Tracker, study: Any, summary: StudySummary, number: int
         parent.log_figure(lambda: plots.importance_chart(study.study_name, importances), record.IMPORTANCE)
     if best is not None and best.run_id:
         parent.call(record.TAG_BEST, tracker.move_best_tag, best.run_id)
-    keep = study.user_attrs.get(record.CONFIG, {}).get("study", {}).get("keep_models")
+    keep = study_config(study).study.keep_models
     if keep:
         # Only complete trials are ranked: a trial still running may have stored a model it keeps.
         ranked = sorted(complete, key=lambda t: -t.value)
@@ -82,10 +82,9 @@ def _summary_text(tracker: Tracker, study: Any, command: str, counts: dict[str, 
                   best: Any, importances: dict[str, float], why: str | None) -> str:
     """The parent run's description, in markdown: the command, what is searched, the best trial."""
 
-    config = study.user_attrs.get(record.CONFIG, {})
-    space = config.get("space", {})
-    searched = [name for name, entry in space.items() if search_space.is_distribution(entry)]
-    lines = [f"**Sweep of study `{study.study_name}`** ({config.get('approach', tracker.approach)}), "
+    config = study_config(study)
+    searched = [name for name, entry in config.space.items() if search_space.is_distribution(entry)]
+    lines = [f"**Sweep of study `{study.study_name}`** ({config.approach}), "
              f"command: `{redact(command)}`", "",
              f"Searched: {', '.join(searched) or 'the ensemble weights'}. "
              f"The objective is {objective_name(study).replace('_', ' ')}; test scores are only reported.", "",
@@ -96,7 +95,7 @@ def _summary_text(tracker: Tracker, study: Any, command: str, counts: dict[str, 
     link = f"[run {best.run_id[:8]}]({run_path(tracker.experiment_id, best.run_id)})" if best.run_id else "no run"
     lines += [f"**Best: trial {best.number}** ({link}), selection top-1 {best.value:.4f}"
               + "".join(f", {key.replace('_', ' ')} {value:.4f}" for key, value in best.scores.items()
-                        if key != "selection_top1"), "",
+                        if key != record.SELECTION_TOP1), "",
               *markdown_table(best.params)]
     if importances:
         lines += ["", "Importance (PED-ANOVA, as in optuna-dashboard): "
@@ -109,9 +108,9 @@ def _summary_text(tracker: Tracker, study: Any, command: str, counts: dict[str, 
 def _shown_params(trial) -> dict[str, Any]:
     """The searched params as a person reads them: an ensemble's weights as shares of the vote (sum 1)."""
 
-    members = trial.user_attrs.get(record.MEMBERS)
+    members = members_of(trial)
     if members:
-        return {f"{WEIGHT_PREFIX}{m['label']}": round(m["weight"], 3) for m in members}
+        return {f"{WEIGHT_PREFIX}{m.label}": round(m.weight, 3) for m in members}
     return trial.params
 
 
@@ -128,7 +127,7 @@ def summarize(study, storage: str, tracking_uri: str, new_trials: int = 0, top: 
             counts[trial.state.name] += 1
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = sorted(complete, key=lambda t: t.value, reverse=True)[:top]
-    rows = [{"number": t.number, "value": t.value, "test_top1": t.user_attrs.get("test_top1"),
+    rows = [{"number": t.number, "value": t.value, "test_top1": t.user_attrs.get(record.TEST_TOP1),
              "params": _shown_params(t), "run_id": t.user_attrs.get(record.RUN_ID)} for t in best]
     return SweepResult(study_name=study.study_name, approach=study.user_attrs.get(record.APPROACH, ""),
                        storage=redact(storage), counts=counts, top=rows, ui_command=ui_command(tracking_uri),

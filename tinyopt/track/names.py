@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tinyopt.core import record
+from tinyopt.core.config.sections import Config
 from tinyopt.core.urls import redact, sqlite_path
 
 # Where `tinyopt ui` serves an embedded store: the links an Optuna trial carries to its run.
@@ -55,21 +56,20 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def identity(config: dict[str, Any]) -> dict[str, Any]:
+def identity(config: Config) -> dict[str, Any]:
     """The few params that say what a run is, beside the searched ones: approach, backbone, weights, data slice."""
-    model, data = config.get("model", {}), config.get("data", {})
-    found: dict[str, Any] = {"approach": config.get("approach", "")}
-    if "backbone" in model:
-        found["backbone"] = f"{model['backbone']}" + (f" alpha={model['alpha']}" if model["backbone"] == "mobilenet"
-                                                      else "")
-    if "weights" in model:
-        found["weights"] = Path(str(model["weights"])).name  # a path says where, its name says which
-    if data:
-        caps = [f"{split}={data.get(f'{split}_per_class', 0) or 'all'}" for split in ("train", "selection", "test")]
+    model, data = config.model, config.data
+    found: dict[str, Any] = {"approach": config.approach}
+    if model is not None and model.backbone is not None:
+        found["backbone"] = model.backbone + (f" alpha={model.alpha}" if model.backbone == "mobilenet" else "")
+    if model is not None:
+        found["weights"] = Path(str(model.weights)).name  # a path says where, its name says which
+    if data is not None:
+        caps = [f"{split}={data.per_class(split) or 'all'}" for split in ("train", "selection", "test")]
         found["data"] = "per class " + " ".join(caps)
-    if "ensemble" in config:
-        found["members_of"] = ",".join(config["ensemble"].get("studies", []))
-    found[record.CONFIG_HASH] = config_hash(config)
+    if config.ensemble is not None:
+        found["members_of"] = ",".join(config.ensemble.studies)
+    found[record.CONFIG_HASH] = config_hash(config.as_dict())
     return found
 
 

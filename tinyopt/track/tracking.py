@@ -20,6 +20,7 @@ from typing import Any
 from mlflow.entities import Param
 
 from tinyopt.core import record
+from tinyopt.core.config.sections import Config
 from tinyopt.core.errors import StudyError
 from tinyopt.core.urls import first_line, redact
 from tinyopt.track.names import DEFAULT_UI, TAG_LIMIT, experiment_name, identity, markdown_table, run_name, run_path
@@ -58,8 +59,12 @@ class Tracker:
             base = redact(self.tracking_uri) if self.tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI
         return f"{base.rstrip('/')}/{run_path(self.experiment_id, run_id)}"
 
-    def start_sweep(self, config: dict[str, Any], tags: dict[str, str], *, reopen: bool = True) -> str:
+    def start_sweep(self, config: dict[str, Any], params: dict[str, Any], tags: dict[str, str], *,
+                    reopen: bool = True) -> str:
         """Find (or create) the study's parent run and return its id; mark it RUNNING if ``reopen``.
+
+        A new parent run gets ``config`` as its ``config.json`` and ``params`` as its params: a sweep's
+        resolved config and ``tinyopt.track.names.identity`` of it.
 
         Call it holding ``tinyopt.stores.storage.study_lock``: workers that start together then find one parent.
         Workers started by ``tinyopt sweep --workers`` pass ``reopen=False``: their supervisor owns the status.
@@ -74,7 +79,7 @@ class Tracker:
                         record.TAG_PARENT: "true", **tags}
                 run = self.client.create_run(self.experiment_id, run_name=self.study_name, tags=tags)
                 self.client.log_dict(run.info.run_id, config, record.CONFIG_FILE)
-                self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in identity(config).items()])
+                self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
                 self.parent_run_id = run.info.run_id
             if reopen:
                 self.client.update_run(self.parent_run_id, status="RUNNING")
@@ -161,7 +166,7 @@ class Tracker:
                 self.client.delete_tag(run.info.run_id, record.TAG_MODEL_URI)
             self.client.set_tag(run.info.run_id, record.TAG_MODEL_KEPT, "false")
 
-    def start_trial(self, number: int, params: dict[str, Any], config: dict[str, Any],
+    def start_trial(self, number: int, params: dict[str, Any], config: Config,
                     tags: dict[str, str], *, searched: dict[str, Any] | None = None,
                     headline: dict[str, Any] | None = None, system_metrics: bool = False) -> TrialRun:
         """Create the nested run of one trial: its name, searched and identifying params, description, config.
@@ -194,7 +199,7 @@ class Tracker:
             trial_run.monitor.start()
         return trial_run
 
-    def start_refit(self, number: int, trial_run_id: str | None, params: dict[str, Any], config: dict[str, Any],
+    def start_refit(self, number: int, trial_run_id: str | None, params: dict[str, Any], config: Config,
                     tags: dict[str, str], *, parent_run_id: str | None, searched: dict[str, Any],
                     headline: dict[str, Any], what: str) -> TrialRun:
         """Create the run of a refit of trial ``number`` (``tinyopt best --refit``), nested under the study's parent.
@@ -215,7 +220,7 @@ class Tracker:
             searched, config, None)
 
     def _child_run(self, name: str, parent_run_id: str | None, what: str, params: dict[str, Any],
-                   tags: dict[str, str], logged: dict[str, Any], config: dict[str, Any],
+                   tags: dict[str, str], logged: dict[str, Any], config: Config,
                    background: ThreadPoolExecutor | None) -> TrialRun:
         """A run nested under ``parent_run_id``: described by ``what`` and a table of ``params``, with the
         ``logged`` and identifying params and the resolved config; its calls go through ``background``."""
@@ -233,7 +238,7 @@ class Tracker:
         run = background.submit(create).result() if background is not None else create()
         child = TrialRun(self.client, run.info.run_id, background)
         child.log_params({**logged, **identity(config)})
-        child.log_dict(config, record.CONFIG_FILE)
+        child.log_dict(config.as_dict(), record.CONFIG_FILE)
         return child
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from tinyopt.core import record
+from tinyopt.core.config.sections import Config
 from tinyopt.core.errors import ConfigError
 from tinyopt.core.schema import DECAYS, OPTIMIZERS, PRECISIONS
 from tinyopt.train import backend
@@ -143,20 +144,18 @@ def compile_model(model, params: dict[str, Any], jit_compile: str | bool = "auto
     )
 
 
-def build_model(approach: Any, params: dict[str, Any], config: dict[str, Any], wnids: list[str], device: str
+def build_model(approach: Any, params: dict[str, Any], config: Config, wnids: list[str], device: str
                 ) -> tuple[Any, str, int]:
     """A trial's model as its config asks: the precision policy set, built, XLA as ``train.jit_compile`` says.
 
     Returns:
         The uncompiled model, the dtype policy in force, and the evaluation batch size on ``device``.
     """
-    train_cfg = config.get("train", {})
-    policy = set_precision(train_cfg.get("mixed_precision", "auto"))
-    model = approach.build(params, model=config.get("model", {}), wnids=wnids)
-    jit_compile = train_cfg.get("jit_compile", "auto")
-    if jit_compile != "auto":
-        model.jit_compile = jit_compile  # for predict; compile() sets it again for training
-    return model, policy, eval_batch_size(model, train_cfg.get("eval_batch_size", "auto"), device)
+    policy = set_precision(config.train.mixed_precision)
+    model = approach.build(params, model=config.model, wnids=wnids)
+    if config.train.jit_compile != "auto":
+        model.jit_compile = config.train.jit_compile  # for predict; compile() sets it again for training
+    return model, policy, eval_batch_size(model, config.train.eval_batch_size, device)
 
 
 def epoch_metrics(logs: dict[str, Any], model, *, seconds: float, train_seconds: float,

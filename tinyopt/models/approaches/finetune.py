@@ -15,6 +15,7 @@ from typing import Any
 import keras
 from keras import layers
 
+from tinyopt.core.config.sections import ModelConfig
 from tinyopt.core.errors import ConfigError, TrialError
 from tinyopt.core.schema import HEAD_INITS
 from tinyopt.data.activations import Split
@@ -26,13 +27,13 @@ CACHED_AUGMENTATIONS = ("none", "flip")
 _TOP = "top"  # the layers after the backbone, as one sub-model the cached suffix reuses
 
 
-def build(params: dict[str, Any], *, model: dict[str, Any], wnids: list[str]) -> keras.Model:
+def build(params: dict[str, Any], *, model: ModelConfig, wnids: list[str]) -> keras.Model:
     """The fine-tuning model for one trial, uncompiled.
 
     Args:
         params: ``trainable_stages``, ``head_init``, ``head_width`` (optional), ``dropout``, ``resize``,
             ``input_size``, ``augment``; other keys are ignored.
-        model: the ``[model]`` table (backbone, weights, alpha, weights_resolution).
+        model: the ``[model]`` section (backbone, weights, alpha, weights_resolution).
         wnids: class wnids in class-index order; ImageNet-1k classes when ``head_init="pretrained"``.
 
     Returns:
@@ -65,18 +66,18 @@ def build(params: dict[str, Any], *, model: dict[str, Any], wnids: list[str]) ->
     return keras.Model(image, top(x), name="finetune")
 
 
-def uncached(params: dict[str, Any], model: dict[str, Any]) -> str | None:
+def uncached(params: dict[str, Any], model: ModelConfig) -> str | None:
     """Why this trial cannot train on cached activations of its frozen stages (None: it can)."""
     if params["trainable_stages"] >= backbones.STAGES:
         return "nothing is frozen (trainable_stages = 5)"
     if params["augment"] not in CACHED_AUGMENTATIONS:
         return f"augment = {params['augment']} changes every image in every epoch"
-    if str(model.get("weights", "imagenet")).lower() == "none":
+    if not model.pretrained:
         return "weights = none: each trial's backbone is random"
     return None
 
 
-def split(finetune: keras.Model, params: dict[str, Any], *, model: dict[str, Any]) -> Split:
+def split(finetune: keras.Model, params: dict[str, Any], *, model: ModelConfig) -> Split:
     """The model ``build`` made, cut where its frozen stages end (see ``uncached`` for when it can be).
 
     The prefix runs the frozen stages on un-augmented images (a horizontal flip is applied to the
@@ -84,7 +85,7 @@ def split(finetune: keras.Model, params: dict[str, Any], *, model: dict[str, Any
     training the suffix trains the model.
     """
     bone = finetune.get_layer("backbone")
-    boundary = backbones.frozen_boundary(bone, backbones.get(model.get("backbone", backbones.DEFAULT_BACKBONE)),
+    boundary = backbones.frozen_boundary(bone, backbones.get(model.backbone),
                                          params["trainable_stages"])
     image = blocks.image_input()
     pixels = backbones.resize(blocks.float_images(image), params["resize"], params["input_size"])

@@ -24,6 +24,7 @@ import numpy as np
 from keras import layers
 from scipy.special import softmax
 
+from tinyopt.core.config.sections import ModelConfig
 from tinyopt.data.activations import Split
 from tinyopt.data.imagenet import imagenet_indices
 from tinyopt.models import backbones, blocks
@@ -31,7 +32,7 @@ from tinyopt.models import backbones, blocks
 TRAINS = False
 
 
-def _probabilities(params: dict[str, Any], model_cfg: dict[str, Any], wnids: list[str] | None
+def _probabilities(params: dict[str, Any], model_cfg: ModelConfig, wnids: list[str] | None
                    ) -> tuple[Any, Any]:
     """Input and softmax over the ImageNet outputs of ``wnids`` (all 1000 when None), averaged over views."""
     features = backbones.load(model_cfg, input_size=params["input_size"])
@@ -44,12 +45,12 @@ def _probabilities(params: dict[str, Any], model_cfg: dict[str, Any], wnids: lis
     return image, probs[0] if len(probs) == 1 else layers.Average(dtype="float32")(probs)
 
 
-def build(params: dict[str, Any], *, model: dict[str, Any], wnids: list[str]) -> keras.Model:
+def build(params: dict[str, Any], *, model: ModelConfig, wnids: list[str]) -> keras.Model:
     """The pretrained classifier for one trial.
 
     Args:
         params: ``resize``, ``input_size``, ``flip_tta``, ``restrict_200``.
-        model: the ``[model]`` table (backbone, weights, alpha, weights_resolution).
+        model: the ``[model]`` section (backbone, weights, alpha, weights_resolution).
         wnids: class wnids in class-index order; all must be ImageNet-1k classes.
 
     Returns:
@@ -66,7 +67,7 @@ def build(params: dict[str, Any], *, model: dict[str, Any], wnids: list[str]) ->
     return keras.Model(image, probs, name="pretrained")
 
 
-def full_outputs(params: dict[str, Any], *, model: dict[str, Any]) -> keras.Model:
+def full_outputs(params: dict[str, Any], *, model: ModelConfig) -> keras.Model:
     """The same pipeline as ``build`` with the full 1000-way ImageNet softmax as output.
 
     ``restrict_200`` is ignored. With ``restrict_200=false``, ``build``'s output equals
@@ -76,14 +77,14 @@ def full_outputs(params: dict[str, Any], *, model: dict[str, Any]) -> keras.Mode
     return keras.Model(image, probs, name="pretrained_1000")
 
 
-def uncached(params: dict[str, Any], model: dict[str, Any]) -> str | None:
+def uncached(params: dict[str, Any], model: ModelConfig) -> str | None:
     """Why this trial's logits cannot be reused by other trials (None: they can)."""
-    if str(model.get("weights", "imagenet")).lower() == "none":
+    if not model.pretrained:
         return "weights = none: each trial's backbone is random"
     return None
 
 
-def split(pretrained: keras.Model, params: dict[str, Any], *, model: dict[str, Any]) -> Split:
+def split(pretrained: keras.Model, params: dict[str, Any], *, model: ModelConfig) -> Split:
     """The 1000 ImageNet logits of each view, from which every ``restrict_200`` and ``flip_tta`` is computed.
 
     ``pretrained`` (``build``'s model) is not needed: nothing trains, ``outputs`` finishes in numpy.

@@ -15,6 +15,7 @@ from typing import Any
 import keras
 from keras import layers
 
+from tinyopt.core.config.sections import ModelConfig
 from tinyopt.core.errors import ConfigError
 from tinyopt.models import blocks
 
@@ -45,7 +46,7 @@ def _block(x: Any, filters: int, params: dict[str, Any]) -> Any:
     return layers.ReLU()(layers.Add()([shortcut, y]))
 
 
-def build(params: dict[str, Any], *, model: dict[str, Any], wnids: list[str]) -> keras.Model:
+def build(params: dict[str, Any], *, model: ModelConfig, wnids: list[str]) -> keras.Model:
     """The from-scratch CNN for one trial, uncompiled.
 
     Args:
@@ -61,8 +62,8 @@ def build(params: dict[str, Any], *, model: dict[str, Any], wnids: list[str]) ->
     Raises:
         ConfigError: unknown augment name, or pretrained weights asked of a model trained from scratch.
     """
-    if model.get("weights", "none") != "none":
-        raise ConfigError(f"scratch trains from random weights; model.weights must be none, got {model['weights']!r}")
+    if model.pretrained:
+        raise ConfigError(f"scratch trains from random weights; model.weights must be none, got {model.weights!r}")
     image = blocks.image_input()
     # Zero-centred pixels: without batch norm, uncentred inputs slow the first layers' training.
     x = layers.Rescaling(1 / 127.5, offset=-1.0, dtype="float32")(blocks.float_images(image, params["augment"]))

@@ -62,6 +62,7 @@ def test_unknown_preset_is_a_one_line_usage_error_naming_the_presets():
 
 
 def test_sweep_preset_comes_before_config_and_set_and_reaches_the_workers(tmp_path, monkeypatch):
+    import importlib
     from types import SimpleNamespace
 
     from tinyopt.core.config import load_config
@@ -76,14 +77,16 @@ def test_sweep_preset_comes_before_config_and_set_and_reaches_the_workers(tmp_pa
                                recovered=[], interrupted=None, new_trials=0, storage="-", ui_command="-",
                                study_name=approach)
 
+    # The command's module may hold run_sweep by name, or import it from the runner when it runs.
     monkeypatch.setattr(runner, "run_sweep", run_sweep)
+    monkeypatch.setattr(importlib.import_module("tinyopt.cli.sweep"), "run_sweep", run_sweep, raising=False)
     mine = tmp_path / "mine.toml"
     mine.write_text('[train]\nmixed_precision = "off"\n')
     result = CliRunner().invoke(cli, ["sweep", "scratch", "--preset", "cpu", "--config", str(mine),
                                       "--set", "space.stages=2", "--trials", "1"])
     assert result.exit_code == 0, result.output
     config = seen["config"]
-    assert config["train"]["mixed_precision"] == "off" and config["space"]["stages"] == 2
-    assert config["train"]["early_stopping_patience"] == 3  # sweeps/cpu/scratch.toml; the default is 5
+    assert config.train.mixed_precision == "off" and config.space["stages"] == 2
+    assert config.train.early_stopping_patience == 3  # sweeps/cpu/scratch.toml; the default is 5
     command = _worker_command(SweepArgs("scratch", 1, config_path=str(mine), preset="cpu"), 1, None)
     assert command[command.index("--preset") + 1] == "cpu" and command[command.index("--config") + 1] == str(mine)

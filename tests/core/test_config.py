@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import pytest
 
@@ -15,25 +17,25 @@ from tinyopt.sweep.sampling import make_pruner
 @pytest.mark.parametrize("approach", APPROACHES)
 def test_default_and_cpu_configs_load(approach):
     config = load_config(approach)
-    assert config["approach"] == approach
-    validate_space(config["space"])
+    assert config.approach == approach
+    validate_space(config.space)
     cpu = sweeps_dir() / "cpu" / f"{approach}.toml"
     if cpu.exists():
-        assert load_config(approach, cpu)["space"].keys() == config["space"].keys()
+        assert load_config(approach, cpu).space.keys() == config.space.keys()
 
 
 def test_set_parses_toml_values_and_keeps_strings(tmp_path, monkeypatch):
     config = load_config("finetune", overrides=["model.weights=none", "space.epochs=3", "train.eval_batch_size=64",
                                                 "model.alpha=0.25"])
-    assert config["model"]["weights"] == "none"
-    assert config["space"]["epochs"] == 3
-    assert config["model"]["alpha"] == 0.25
-    assert load_config("ensemble", overrides=['ensemble.studies=["a", "b"]'])["ensemble"]["studies"] == ["a", "b"]
+    assert config.model.weights == "none"
+    assert config.space["epochs"] == 3
+    assert config.model.alpha == 0.25
+    assert load_config("ensemble", overrides=['ensemble.studies=["a", "b"]']).ensemble.studies == ("a", "b")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "m.h5").touch()
     (tmp_path / "run").mkdir()
     monkeypatch.chdir(tmp_path / "run")  # a weights path is relative to the working directory
-    path = load_config("finetune", overrides=["model.weights=../data/m.h5"])["model"]["weights"]
+    path = load_config("finetune", overrides=["model.weights=../data/m.h5"]).model.weights
     assert path == "../data/m.h5"
 
 
@@ -48,14 +50,14 @@ def test_valid_overrides_of_every_kind(tmp_path):
         'space.optimizer={ type = "categorical", choices = ["sgd", "adamw"], default = "adamw" }',
         f"model.weights={weights}", "model.backbone=mobilenet", "model.alpha=0.3", "model.weights_resolution=100",
     ])
-    assert config["space"]["learning_rate"]["choices"] == [0.1, 0.01]
-    assert config["space"]["epochs"] == {"type": "int", "low": 2, "high": 5}
-    assert config["model"]["weights"] == str(weights)
+    assert config.space["learning_rate"]["choices"] == [0.1, 0.01]
+    assert config.space["epochs"] == {"type": "int", "low": 2, "high": 5}
+    assert config.model.weights == str(weights)
     imagenet = ["model.backbone=mobilenet", "model.alpha=0.5", "model.weights_resolution=160"]
-    assert load_config("pretrained", overrides=[*imagenet, "space.flip_tta=true"])["model"]["alpha"] == 0.5
+    assert load_config("pretrained", overrides=[*imagenet, "space.flip_tta=true"]).model.alpha == 0.5
     # ResNet50 has one set of ImageNet weights and ignores alpha and weights_resolution.
     assert load_config("pretrained", overrides=["model.alpha=0.3", "model.weights_resolution=100"])
-    assert load_config("scratch", overrides=["space.stages=6", "model.weights=none"])["space"]["stages"] == 6
+    assert load_config("scratch", overrides=["space.stages=6", "model.weights=none"]).space["stages"] == 6
 
 
 _MOBILENET = ("model.backbone=mobilenet",)
@@ -146,8 +148,8 @@ def test_config_file_is_merged_onto_defaults_and_checked(tmp_path):
     good = tmp_path / "good.toml"
     good.write_text('[model]\nbackbone = "mobilenet"\n[space]\nepochs = 2\n')
     config = load_config("finetune", good)
-    assert config["model"]["backbone"] == "mobilenet" and config["model"]["weights"] == "imagenet"
-    assert config["space"]["epochs"] == 2 and "learning_rate" in config["space"]
+    assert config.model.backbone == "mobilenet" and config.model.weights == "imagenet"
+    assert config.space["epochs"] == 2 and "learning_rate" in config.space
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nepohcs = 2\n")
     with pytest.raises(ConfigError, match="train.epohcs"):
@@ -214,8 +216,9 @@ def test_redact_hides_secrets():
     assert "bob:***@db:5432/x" in text and "token=***&x=1" in text
 
 
-def _pruned_at_epoch_one(study_cfg: dict, values: list[float]) -> list[bool]:
-    """Which of trials reporting ``values`` (in turn) after their first epoch the configured pruner stops."""
+def _pruned_at_epoch_one(settings: dict, values: list[float]) -> list[bool]:
+    """Which of trials reporting ``values`` (in turn) after their first epoch the pruner ``settings`` choose stops."""
+    study_cfg = dataclasses.replace(load_config("finetune").study, **settings)
     study = optuna.create_study(direction="maximize", pruner=make_pruner(study_cfg, epochs=3))
     pruned = []
     for value in values:
@@ -245,14 +248,14 @@ def test_pruners_judge_from_the_first_epoch_after_the_warmup_and_halving_keeps_o
 
 def test_preset_is_merged_onto_the_defaults_before_the_config_file_and_the_overrides(tmp_path):
     default, cpu = load_config("scratch"), load_config("scratch", preset="cpu")
-    assert default["train"]["mixed_precision"] == "auto" and cpu["train"]["mixed_precision"] == "bfloat16"
+    assert default.train.mixed_precision == "auto" and cpu.train.mixed_precision == "bfloat16"
     assert cpu == load_config("scratch", sweeps_dir() / "cpu" / "scratch.toml")
     mine = tmp_path / "mine.toml"
     mine.write_text('[train]\nmixed_precision = "off"\n[space]\nstages = 3\n')
     config = load_config("scratch", mine, ["space.stages=2"], preset="cpu")
-    assert config["train"]["mixed_precision"] == "off"  # the file over the preset
-    assert config["space"]["stages"] == 2  # --set over the file
-    assert config["space"]["epochs"] == cpu["space"]["epochs"] != default["space"]["epochs"]  # the preset's
+    assert config.train.mixed_precision == "off"  # the file over the preset
+    assert config.space["stages"] == 2  # --set over the file
+    assert config.space["epochs"] == cpu.space["epochs"] != default.space["epochs"]  # the preset's
 
 
 def test_unknown_preset_is_a_one_line_error_naming_the_presets():

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tinyopt.core import schema
+from tinyopt.core.config.sections import Config, ModelConfig
 from tinyopt.core.errors import ConfigError
 
 APPROACHES = ("pretrained", "finetune", "scratch", "ensemble")
@@ -138,7 +139,7 @@ def set_key(config: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def load_config(approach: str, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                preset: str | None = None) -> dict[str, Any]:
+                preset: str | None = None) -> Config:
     """Load the resolved config of one approach: defaults, then the preset, the file, the overrides.
 
     Args:
@@ -148,7 +149,7 @@ def load_config(approach: str, path: str | Path | None = None, overrides: list[s
         preset: a packaged preset (``cpu``: ``sweeps/cpu/<approach>.toml``) merged onto the defaults first.
 
     Returns:
-        The resolved config as plain nested dicts.
+        The resolved config, typed (``Config.as_dict`` gives it as plain nested dicts).
 
     Raises:
         ConfigError: unknown keys, a malformed override or search space, a value of the wrong type, an
@@ -168,11 +169,13 @@ def load_config(approach: str, path: str | Path | None = None, overrides: list[s
             raise ConfigError(f"--set expects key=value, got {item!r}; e.g. --set train.epochs=3")
         set_key(config, key.strip(), _parse_value(text.strip()))
     _check_values(config, defaults)
-    schema.check_model(approach, config.get("model", {}))
     _check_sampler(config)
     _check_run_name(config)
     config["approach"] = approach
-    return config
+    typed = Config.from_dict(config)
+    if typed.model is not None:
+        _check_model(approach, typed.model)
+    return typed
 
 
 def _check_values(config: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> None:
@@ -236,3 +239,32 @@ def _check_space(space: dict[str, Any], defaults: dict[str, Any]) -> None:
         for other, wanted in entry.get("when", {}).items():
             for value in wanted if isinstance(wanted, list) else [wanted]:
                 schema.check(f"space.{other}", value, _drawn(defaults[other]), where=f"{key}.when.{other}")
+
+
+def _check_model(approach: str, model: ModelConfig) -> None:
+    """Check that the ``[model]`` table's weights can be had: a file that exists, ImageNet weights that exist.
+
+    Args:
+        approach: the approach the config is for.
+        model: the ``[model]`` section, its values already checked one by one.
+
+    Raises:
+        ConfigError: one line naming the setting, the value received and what is allowed.
+    """
+    weights = model.weights
+    if approach in schema.RANDOM_WEIGHTS_ONLY and weights != "none":
+        raise ConfigError(f"model.weights: got {weights!r}; expected none: {approach} trains from random weights")
+    path = Path(weights).expanduser()
+    if weights not in ("imagenet", "none") and not path.is_file():
+        relative = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise ConfigError(f"model.weights: got {weights!r}, which is not an existing file{relative}; expected "
+                          f"imagenet, none, or the path of a Keras weights file")
+    facts = schema.IMAGENET_WEIGHTS.get(model.backbone) if model.backbone is not None else None
+    if weights != "imagenet" or not facts or not facts["alphas"]:
+        return
+    for key, allowed in (("alpha", facts["alphas"]), ("weights_resolution", facts["resolutions"])):
+        value = getattr(model, key)
+        if value not in allowed:
+            raise ConfigError(f"model.{key}: got {value!r}; expected one of {', '.join(map(str, allowed))}, "
+                              f"for which {model.backbone} has ImageNet weights, or set model.weights to a "
+                              f"weights file or none")
