@@ -18,7 +18,7 @@ from tinyopt.data import build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fixtures import make_tiny_imagenet, zip_folder  # noqa: E402
+from fixtures import make_tiny_imagenet, small_mobilenet, zip_folder  # noqa: E402
 
 MOBILENET_FILE = "mobilenet_2_5_128_tf.h5"
 
@@ -80,6 +80,37 @@ def mobilenet_weights_or_none() -> str:
     """The MobileNet weights file as ``model.weights`` when ../shared/data has it, else ``none`` (random weights)."""
     path = shared_data_dir() / MOBILENET_FILE
     return str(path) if path.is_file() else "none"
+
+
+@pytest.fixture(scope="session")
+def random_mobilenet_file(tmp_path_factory) -> Path:
+    """A weights file of a random MobileNet (alpha 0.25) whose predictions differ between images.
+
+    Straight from its initializers, a MobileNet in inference mode shrinks activations towards 0 (every
+    BN assumes variance 1), so every image would get uniform probabilities and the equivalence tests
+    of the approaches would hold trivially. One training-mode pass with BN momentum 0 gives each BN the
+    statistics of the activations it really sees.
+    """
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    net = keras.applications.MobileNet(alpha=0.25, input_shape=(128, 128, 3), weights=None)
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    pixels = np.random.default_rng(1).uniform(-1, 1, (32, 128, 128, 3)).astype(np.float32)
+    net(pixels, training=True)
+    assert len(set(net.predict(pixels, verbose=0).argmax(axis=1))) > 5
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_random.weights.h5"
+    net.save_weights(path)
+    return path
+
+
+@pytest.fixture
+def random_mobilenet(random_mobilenet_file):
+    """The [model] section of the MobileNet whose weights ``random_mobilenet_file`` holds."""
+    return small_mobilenet(weights=str(random_mobilenet_file))
 
 
 @pytest.fixture(scope="session")

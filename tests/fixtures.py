@@ -4,11 +4,19 @@ Each class gets its own colour and stripe orientation under noise, so a small CN
 above chance in a couple of epochs, while the files exercise the same code paths as the real
 archive: wnids.txt, words.txt, train/<wnid>/images, val/val_annotations.txt, test/images, and a
 grayscale and a CMYK JPEG among the RGB ones.
+
+Below them, the helpers that test files of several folders share: small model configs, random images
+and default params for the approaches' models, damage done to a prepared cache, a dead process, and
+synthetic ensemble members.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -126,3 +134,106 @@ def model_config(approach: str = "finetune", **values):
     from tinyopt.core.config import load_config
 
     return dataclasses.replace(load_config(approach).model, **values)
+
+
+def small_mobilenet(**values):
+    """The ``[model]`` section of a MobileNet (alpha 0.25, 128 px weights), random weights unless ``values`` say.
+
+    It builds in a fraction of a second, where ResNet50 takes seconds.
+    """
+    return model_config(**{"backbone": "mobilenet", "alpha": 0.25, "weights_resolution": 128, "weights": "none",
+                           **values})
+
+
+def random_images(n: int = 4, seed: int = 0) -> np.ndarray:
+    """``n`` uint8 images of the dataset's size, random pixels."""
+    return np.random.default_rng(seed).integers(0, 256, (n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+
+
+def default_params(approach: str, **override) -> dict:
+    """The defaults of ``approach``'s search space (``tinyopt.core.space.defaults``) with ``override`` changed."""
+    from tinyopt.core import config, space
+
+    params = space.defaults(config.load_config(approach).space)
+    params.update(override)
+    return params
+
+
+def check_probabilities(model, *, sums_to_one: bool = True) -> np.ndarray:
+    """A model's output on ``random_images()``: float32 probabilities of the fixture's classes (rows sum to 1,
+    or at most 1 for the columns of a wider softmax)."""
+    probs = model.predict(random_images(), verbose=0)
+    assert probs.shape == (4, len(FIXTURE_WNIDS)) and probs.dtype == np.float32
+    assert np.all(probs >= 0)
+    sums = probs.sum(axis=1)
+    if sums_to_one:
+        np.testing.assert_allclose(sums, 1.0, atol=1e-5)
+    else:
+        assert np.all(sums <= 1.0 + 1e-5)
+    return probs
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (until the kernel reuses it)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def copy_cache(cache: Path, tmp_path: Path) -> Path:
+    """A copy of a prepared cache (``tiny_cache`` is read-only for tests) at ``tmp_path / "cache"``."""
+    return Path(shutil.copytree(cache, tmp_path / "cache"))
+
+
+def edit_meta(prepared: Path, **changes) -> None:
+    """Set keys of a prepared cache's meta.json (a None value removes the key)."""
+    meta = json.loads((prepared / "meta.json").read_text())
+    (prepared / "meta.json").write_text(json.dumps({key: value for key, value in (meta | changes).items()
+                                                    if value is not None}))
+
+
+def flip_last_byte(path: Path) -> None:
+    payload = bytearray(path.read_bytes())
+    payload[-1] ^= 0xFF
+    path.write_bytes(bytes(payload))
+
+
+MEMBER_CLASSES = 10  # classes of the synthetic ensemble members below
+
+
+def _member_probs(labels: np.ndarray, accuracy: float, sharpness: float, seed: int) -> np.ndarray:
+    """Probabilities that put their peak on the true label for about ``accuracy`` of the samples."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(len(labels), MEMBER_CLASSES))
+    right = rng.random(len(labels)) < accuracy
+    peak = np.where(right, labels, rng.integers(0, MEMBER_CLASSES, len(labels)))
+    logits[np.arange(len(labels)), peak] += 3.0
+    exp = np.exp(sharpness * (logits - logits.max(axis=1, keepdims=True)))
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def member_predictions(accuracy: float, sharpness: float, seed: int, n: int = 300) -> dict[str, np.ndarray]:
+    """What an approach trial logs (``predictions.npz``): selection and test probabilities and labels."""
+    labels = {split: np.arange(n, dtype=np.int64) % MEMBER_CLASSES for split in ("selection", "test")}
+    return {
+        "selection_probs": _member_probs(labels["selection"], accuracy, sharpness, seed),
+        "selection_labels": labels["selection"],
+        "test_probs": _member_probs(labels["test"], accuracy, sharpness, seed + 100),
+        "test_labels": labels["test"],
+    }
+
+
+def drawn_logits(n: int, seed: int, scale: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """True logits ``(n, MEMBER_CLASSES)`` and labels drawn from their softmax: ``softmax(logits)`` is calibrated."""
+    from scipy.special import softmax
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=scale, size=(n, MEMBER_CLASSES))
+    labels = (rng.random(n)[:, None] < softmax(logits, axis=1).cumsum(axis=1)).argmax(axis=1)
+    return logits, labels
+
+
+def flat_member(n: int, seed: int) -> np.ndarray:
+    """A chance-level member: near-uniform probabilities whose top class is noise."""
+    probs = 1 / MEMBER_CLASSES + np.random.default_rng(seed).normal(scale=1e-4, size=(n, MEMBER_CLASSES))
+    return probs / probs.sum(axis=1, keepdims=True)

@@ -1,4 +1,4 @@
-"""The command line: help everywhere, fast help, errors as one line and a non-zero exit code."""
+"""The command group: help everywhere, fast help, `python -m tinyopt` and --version."""
 
 from __future__ import annotations
 
@@ -50,43 +50,3 @@ def test_version_prints_the_name_and_the_installed_version():
     result = CliRunner().invoke(cli, ["--version"])
     assert result.exit_code == 0 and result.output == f"tinyopt {metadata.version('tinyopt')}\n", result.output
     assert metadata.version("tinyopt") == tinyopt.__version__
-
-
-def test_unknown_preset_is_a_one_line_usage_error_naming_the_presets():
-    for approach, preset, fragment in (("scratch", "nosuch", "unknown preset 'nosuch'; presets: "),
-                                       ("ensemble", "cpu", "preset 'cpu' has no ensemble config")):
-        result = CliRunner().invoke(cli, ["sweep", approach, "--preset", preset, "--trials", "1"])
-        assert result.exit_code == 2, result.output
-        lines = [line for line in result.output.splitlines() if line.strip()]
-        assert len(lines) == 1 and fragment in lines[0] and "--preset" in lines[0] and "cpu" in lines[0], lines
-
-
-def test_sweep_preset_comes_before_config_and_set_and_reaches_the_workers(tmp_path, monkeypatch):
-    import importlib
-    from types import SimpleNamespace
-
-    from tinyopt.core.config import load_config
-    from tinyopt.sweep import runner
-    from tinyopt.sweep.workers import SweepArgs, _worker_command
-
-    seen = {}
-
-    def run_sweep(approach, **kwargs):
-        seen["config"] = load_config(approach, kwargs["config_path"], kwargs["overrides"], preset=kwargs["preset"])
-        return SimpleNamespace(exit_code=0, top=[], counts={"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}, notes=[],
-                               recovered=[], interrupted=None, new_trials=0, storage="-", ui_command="-",
-                               study_name=approach)
-
-    # The command's module may hold run_sweep by name, or import it from the runner when it runs.
-    monkeypatch.setattr(runner, "run_sweep", run_sweep)
-    monkeypatch.setattr(importlib.import_module("tinyopt.cli.sweep"), "run_sweep", run_sweep, raising=False)
-    mine = tmp_path / "mine.toml"
-    mine.write_text('[train]\nmixed_precision = "off"\n')
-    result = CliRunner().invoke(cli, ["sweep", "scratch", "--preset", "cpu", "--config", str(mine),
-                                      "--set", "space.stages=2", "--trials", "1"])
-    assert result.exit_code == 0, result.output
-    config = seen["config"]
-    assert config.train.mixed_precision == "off" and config.space["stages"] == 2
-    assert config.train.early_stopping_patience == 3  # sweeps/cpu/scratch.toml; the default is 5
-    command = _worker_command(SweepArgs("scratch", 1, config_path=str(mine), preset="cpu"), 1, None)
-    assert command[command.index("--preset") + 1] == "cpu" and command[command.index("--config") + 1] == str(mine)

@@ -1,4 +1,4 @@
-"""The activation cache: its store (files, locks, memory budget), the finetune cut, and the views it feeds."""
+"""The activation cache: its store (files, locks, memory budget), backbone boundaries, and the trials it feeds."""
 
 from __future__ import annotations
 
@@ -145,40 +145,6 @@ def random_mobilenet_cfg(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "mobilenet_random.weights.h5"
     net.save_weights(path)
     return dataclasses.replace(SMALL, weights=str(path))
-
-
-@pytest.mark.backend
-@pytest.mark.parametrize("trainable_stages", [0, 1, 2, 3, 4])
-def test_finetune_cut_gives_the_models_output(random_mobilenet_cfg, trainable_stages):
-    """suffix(prefix(x)) is the model, with activations stored in float16; training the suffix trains the model."""
-    finetune = get_approach("finetune")
-    params = dict(space.defaults(config.load_config("finetune").space), trainable_stages=trainable_stages,
-                  input_size=96, resize="bilinear", augment="flip", head_init="random", head_width=16)
-    assert finetune.uncached(params, random_mobilenet_cfg) is None
-    model = finetune.build(params, model=random_mobilenet_cfg, wnids=WNIDS)
-    cut = finetune.split(model, params, model=random_mobilenet_cfg)
-    assert cut.views == 2 and cut.boundary == f"stage {5 - trainable_stages} output"
-    assert not any(layer.trainable_weights for layer in cut.prefix.layers)
-    images = _images(6)
-    activations = cut.prefix.predict(images, verbose=0)
-    stored = activations.astype(np.float16)
-    np.testing.assert_allclose(stored, activations, rtol=1e-3, atol=1e-3)
-    expected = model.predict(images, verbose=0)
-    np.testing.assert_allclose(cut.suffix.predict(stored, verbose=0), expected, atol=2e-3)
-    trainable = {id(v) for v in model.trainable_weights}
-    assert {id(v) for v in cut.suffix.trainable_weights} == trainable
-
-
-@pytest.mark.parametrize("override, reason", [
-    ({"trainable_stages": 5}, "nothing is frozen"),
-    ({"augment": "flip_translate"}, "augment = flip_translate"),
-    ({"augment": "flip_crop"}, "augment = flip_crop"),
-])
-def test_finetune_says_why_it_cannot_cache(override, reason):
-    finetune = get_approach("finetune")
-    params = {**space.defaults(config.load_config("finetune").space), "augment": "none", **override}
-    assert reason in finetune.uncached(params, dataclasses.replace(SMALL, weights="some.h5"))
-    assert "random" in finetune.uncached(dict(params, trainable_stages=1, augment="none"), SMALL)
 
 
 def test_frozen_boundary_of_each_stage_cuts_the_graph():

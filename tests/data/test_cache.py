@@ -8,8 +8,6 @@ then failed on inside TensorFlow, after it had created the study and a FAILED ML
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import re
 import shutil
@@ -19,18 +17,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from fault_helpers import one_error_line, snapshot, tinyopt
-from fixtures import FIXTURE_WNIDS
+from fixtures import FIXTURE_WNIDS, copy_cache, edit_meta, flip_last_byte
 
 from tinyopt.cli import cli
-from tinyopt.core.config import load_config
 from tinyopt.core.errors import DataError
-from tinyopt.data import build, splits
+from tinyopt.data import build
 from tinyopt.data import cache as data
 from tinyopt.data.activations import Split, Store
-
-
-def _copy(cache: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(cache, tmp_path / "cache"))
 
 
 def _assert_same_dataset(cache: Path, expected: Path) -> None:
@@ -41,22 +34,9 @@ def _assert_same_dataset(cache: Path, expected: Path) -> None:
     assert data.load_classes(cache) == data.load_classes(expected)
 
 
-def _edit_meta(prepared: Path, **changes) -> None:
-    """Set keys of meta.json (a None value removes the key)."""
-    meta = json.loads((prepared / "meta.json").read_text())
-    (prepared / "meta.json").write_text(json.dumps({key: value for key, value in (meta | changes).items()
-                                                    if value is not None}))
-
-
 def _as_landed(prepared: Path) -> None:
     """Make the cache one the landed code prepared: meta.json without sizes and checksums."""
-    _edit_meta(prepared, files=None)
-
-
-def _flip_last_byte(path: Path) -> None:
-    payload = bytearray(path.read_bytes())
-    payload[-1] ^= 0xFF
-    path.write_bytes(bytes(payload))
+    edit_meta(prepared, files=None)
 
 
 def _garbage_of_the_same_size(path: Path) -> None:
@@ -76,11 +56,11 @@ def _short_landed_test_labels(prepared: Path) -> None:
 
 # name -> (damage done to the prepared folder, what the one error line says)
 DAMAGE = {
-    "flipped byte in selection_y.npy": (lambda p: _flip_last_byte(p / "selection_y.npy"),
+    "flipped byte in selection_y.npy": (lambda p: flip_last_byte(p / "selection_y.npy"),
                                         "selection_y.npy fails its checksum"),
     "garbage classes.tsv": (lambda p: _garbage_of_the_same_size(p / "classes.tsv"), "classes.tsv is unreadable"),
     "meta.json not JSON": (lambda p: (p / "meta.json").write_text("{'splits': "), "meta.json is not valid JSON"),
-    "meta.json without splits": (lambda p: _edit_meta(p, splits=None), "meta.json lacks splits"),
+    "meta.json without splits": (lambda p: edit_meta(p, splits=None), "meta.json lacks splits"),
     "deleted test_x.npy": (lambda p: (p / "test_x.npy").unlink(), "test_x.npy is missing"),
     "overwritten header of test_y.npy": (lambda p: _garbage_of_the_same_size(p / "test_y.npy"),
                                          "test_y.npy is not a valid .npy file"),
@@ -93,7 +73,7 @@ DAMAGE = {
 @pytest.mark.parametrize("case", list(DAMAGE))
 def test_damage_is_one_line_naming_the_file_and_prepare_repairs_it(case, tiny_folder, tiny_cache, tmp_path):
     damage, message = DAMAGE[case]
-    cache = _copy(tiny_cache, tmp_path)
+    cache = copy_cache(tiny_cache, tmp_path)
     damage(cache / "prepared")
     source = "SOURCE" if case == "meta.json not JSON" else str(tiny_folder)  # that meta.json no longer says it
     one_error_line(tinyopt("data", "info", "--cache", cache, cwd=tmp_path), message,
@@ -112,7 +92,7 @@ def test_damage_is_one_line_naming_the_file_and_prepare_repairs_it(case, tiny_fo
 
 def test_truncated_images_stop_the_sweep_before_any_store_and_prepare_repairs_them(tiny_folder, tiny_cache,
                                                                                     tmp_path):
-    cache = _copy(tiny_cache, tmp_path)
+    cache = copy_cache(tiny_cache, tmp_path)
     os.truncate(cache / "prepared" / "train_x.npy", 100_000)
     fix = f"tinyopt data prepare --force --data {tiny_folder} --cache {cache}"
     one_error_line(tinyopt("data", "info", "--cache", cache, cwd=tmp_path), "train_x.npy is truncated", fix)
@@ -138,7 +118,7 @@ def _every_image_garbage(folder: Path) -> None:
 def test_skip_bad_on_a_source_without_one_good_image_fails_and_keeps_the_cache(tiny_folder, tiny_cache, tmp_path):
     source = Path(shutil.copytree(tiny_folder, tmp_path / "src" / "tiny-imagenet-200"))
     _every_image_garbage(source)
-    cache = _copy(tiny_cache, tmp_path)
+    cache = copy_cache(tiny_cache, tmp_path)
     before = snapshot(cache)
     failed = tinyopt("data", "prepare", "--data", source, "--cache", cache, "--skip-bad", cwd=tmp_path)
     one_error_line(failed, f"{source}/train/ leaves the train split empty: all 135 of its images are undecodable")
@@ -156,7 +136,7 @@ def test_skip_bad_on_a_source_without_one_good_image_fails_and_keeps_the_cache(t
 def test_a_dataset_a_sweep_cannot_use_is_refused(spoil, options, message, tiny_folder, tiny_cache, tmp_path):
     source = Path(shutil.copytree(tiny_folder, tmp_path / "src" / "tiny-imagenet-200"))
     spoil(source)
-    cache = _copy(tiny_cache, tmp_path)
+    cache = copy_cache(tiny_cache, tmp_path)
     with pytest.raises(DataError, match=re.escape(message)):
         build.prepare(source, cache, progress=False, **options)
     _assert_same_dataset(cache, tiny_cache)
@@ -174,31 +154,8 @@ def test_a_source_without_val_images_fails_before_decoding(tiny_folder, tmp_path
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("per_class", [0, 2])
-def test_a_sweep_refuses_an_empty_split_before_it_creates_anything(per_class, tiny_cache, tmp_path):
-    # What the landed code wrote for --skip-bad on a source whose val images were all bad.
-    cache = _copy(tiny_cache, tmp_path)
-    prepared = cache / "prepared"
-    np.save(prepared / "test_x.npy", np.zeros((0, *data.IMAGE_SHAPE), np.uint8))
-    np.save(prepared / "test_y.npy", np.zeros(0, np.int64))
-    _edit_meta(prepared, files=None, splits=data.info(tiny_cache)["splits"] | {"test": 0})
-    data_cfg = dataclasses.replace(load_config("scratch").data, test_per_class=per_class)
-    with pytest.raises(DataError, match=f"the test split of {cache} holds no images.*tinyopt data prepare --force"):
-        splits.load_sweep_data(data_cfg, None, str(cache), progress=False)
-
-
-def test_a_sweep_checks_every_byte_before_it_starts_and_repairs_with_its_source(tiny_folder, tiny_cache, tmp_path):
-    cache = _copy(tiny_cache, tmp_path)
-    _flip_last_byte(cache / "prepared" / "selection_y.npy")
-    with pytest.raises(DataError, match="selection_y.npy fails its checksum"):
-        splits.load_sweep_data(load_config("scratch").data, None, str(cache), progress=False)
-    # Given its source, a sweep prepares: the damaged cache is rebuilt, not used.
-    loaded = splits.load_sweep_data(load_config("scratch").data, str(tiny_folder), str(cache), progress=False)
-    np.testing.assert_array_equal(loaded.splits["selection"][1], data.load_split("selection", tiny_cache)[1])
-
-
 def test_a_cache_prepared_before_checksums_still_loads_and_is_kept(tiny_folder, tiny_cache, tmp_path, monkeypatch):
-    cache = _copy(tiny_cache, tmp_path)
+    cache = copy_cache(tiny_cache, tmp_path)
     _as_landed(cache / "prepared")
     assert "files" not in data.verify(cache)
     _assert_same_dataset(cache, tiny_cache)
@@ -207,7 +164,7 @@ def test_a_cache_prepared_before_checksums_still_loads_and_is_kept(tiny_folder, 
 
 
 def test_force_rebuilds_an_intact_cache(tiny_folder, tiny_cache, tmp_path, monkeypatch):
-    cache = _copy(tiny_cache, tmp_path)
+    cache = copy_cache(tiny_cache, tmp_path)
     decoded = []
     real_write = build._write_arrays
     monkeypatch.setattr(build, "_write_arrays", lambda *args: decoded.append(1) or real_write(*args))
@@ -221,8 +178,8 @@ def test_force_rebuilds_an_intact_cache(tiny_folder, tiny_cache, tmp_path, monke
 
 
 def test_the_fix_hides_the_secrets_of_the_recorded_source(tiny_cache, tmp_path):
-    cache = _copy(tiny_cache, tmp_path)
-    _edit_meta(cache / "prepared", source="https://someone:hunter2@example.com/tiny-imagenet-200.zip")
+    cache = copy_cache(tiny_cache, tmp_path)
+    edit_meta(cache / "prepared", source="https://someone:hunter2@example.com/tiny-imagenet-200.zip")
     (cache / "prepared" / "test_x.npy").unlink()
     with pytest.raises(DataError) as caught:
         data.verify(cache)

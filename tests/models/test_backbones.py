@@ -1,4 +1,4 @@
-"""Backbone registry, ImageNet class order, in-model preprocessing and resizing, and weights errors."""
+"""Backbone registry, in-model preprocessing and resizing, and weights errors."""
 
 from __future__ import annotations
 
@@ -9,23 +9,10 @@ import numpy as np
 import pytest
 from fixtures import model_config
 
-from tinyopt.core.errors import ConfigError, DataError, TrialError, WeightsError
-from tinyopt.data.imagenet import imagenet_indices, imagenet_wnids
+from tinyopt.core.errors import ConfigError, TrialError, WeightsError
 from tinyopt.models import backbones
 
 pytestmark = pytest.mark.backend  # CI runs these under JAX as well as TensorFlow
-
-
-def test_imagenet_order_is_keras_output_order():
-    wnids = imagenet_wnids()
-    # Keras ImageNet models order their outputs by wnid, ascending.
-    assert len(wnids) == 1000 and list(wnids) == sorted(wnids)
-    assert imagenet_indices(["n01440764", "n15075141", "n01443537"]) == [0, 999, 1]
-
-
-def test_unknown_wnid_is_a_clear_error():
-    with pytest.raises(DataError, match="n99999999"):
-        imagenet_indices(["n01443537", "n99999999"])
 
 
 @pytest.mark.parametrize("name, reference", [("resnet50", keras.applications.resnet50.preprocess_input),

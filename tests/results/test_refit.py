@@ -15,6 +15,7 @@ from sweep_helpers import SMALL
 
 from tinyopt.cli import cli
 from tinyopt.core import record
+from tinyopt.core.config import load_config
 from tinyopt.data import cache as data
 from tinyopt.results import refit
 from tinyopt.sweep import runner
@@ -109,10 +110,13 @@ def _fake_study(stores, approach):
     """A study of one complete trial, as a sweep of ``approach`` records it (nothing to train on needed)."""
     study = optuna.create_study(study_name=approach, storage=stores["storage"], direction="maximize")
     study.set_user_attr(record.APPROACH, approach)
+    study.set_user_attr(record.CONFIG, load_config(approach).as_dict())
     scores = {key: 0.5 for key in record.SCORES}
     attrs = {record.PARAMS: {"resize": "bilinear"}, record.RUN_ID: "0" * 32, **scores}
     if approach == "ensemble":
-        attrs |= {record.MEMBERS: [{"label": "scratch-0", "weight": 1.0, **scores}], record.UNIFORM: scores}
+        member = {"label": "scratch-0", "study": "scratch", "trial_number": 0, "run_id": "1" * 32, "model_kept": True,
+                  "weight": 1.0, "temperature": 1.0, **scores}
+        attrs |= {record.MEMBERS: [member], record.UNIFORM: scores}
     study.add_trial(optuna.trial.create_trial(
         params={"resize": "bilinear"}, distributions={"resize": optuna.distributions.CategoricalDistribution(
             ["bilinear", "area"])}, value=0.5, user_attrs=attrs))

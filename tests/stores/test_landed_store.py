@@ -14,14 +14,16 @@ person who moved their project folder would have to.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import zipfile
 from pathlib import Path
 
 import pytest
-from fault_helpers import tinyopt
+from fault_helpers import one_error_line, tinyopt
 from sweep_helpers import SMALL
 
+from tinyopt.core import record
 from tinyopt.core.summary import study_config
 from tinyopt.results.report import summarize_studies
 from tinyopt.stores.storage import load_study
@@ -83,3 +85,36 @@ def test_best_export_report_and_a_new_sweep_work_on_a_landed_store(landed, tiny_
     assert swept.returncode == 0, swept.stderr
     study = load_study("scratch", f"sqlite:///{landed / 'studies' / 'tinyopt.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+
+
+def _set_attr(database: Path, table: str, owner: str, number: int, key: str, value) -> None:
+    """Write a user attr straight into an Optuna SQLite storage, as damage (or an old writer) might."""
+    connection = sqlite3.connect(database)
+    with connection:
+        if table == "trial":
+            (row,) = connection.execute("SELECT trial_id FROM trials WHERE number = ? AND study_id = (SELECT study_id "
+                                        "FROM studies WHERE study_name = ?)", (number, owner)).fetchall()
+            connection.execute("UPDATE trial_user_attributes SET value_json = ? WHERE trial_id = ? AND key = ?",
+                               (json.dumps(value), row[0], key))
+        else:
+            connection.execute("UPDATE study_user_attributes SET value_json = ? WHERE key = ? AND study_id = "
+                               "(SELECT study_id FROM studies WHERE study_name = ?)", (json.dumps(value), key, owner))
+    connection.close()
+
+
+def test_a_damaged_record_in_a_store_is_one_line(landed):
+    database = landed / "studies" / "tinyopt.db"
+    storage = f"sqlite:///{database}"
+    config = load_study("scratch", storage).user_attrs[record.CONFIG]
+    del config["study"]
+    _set_attr(database, "study", "scratch", 0, record.CONFIG, config)
+    refit = tinyopt("best", "scratch", "--refit", cwd=landed)
+    errors = refit.stderr.strip().splitlines()
+    assert refit.returncode == 1 and "Traceback" not in refit.stderr and len(errors) == 1, refit.stderr
+    assert "the config stored with study 'scratch' is damaged" in errors[0] and "restore" in errors[0]
+    ensemble = load_study("ensemble", storage).best_trial
+    members = ensemble.user_attrs[record.MEMBERS]
+    del members[0]["study"]
+    _set_attr(database, "trial", "ensemble", ensemble.number, record.MEMBERS, members)
+    one_error_line(tinyopt("best", cwd=landed), f"the members record of ensemble trial {ensemble.number} is damaged",
+                   "restore the storage from a copy")

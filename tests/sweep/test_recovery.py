@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 import uuid
 
 import optuna
 import pytest
+from fixtures import dead_pid
 from sweep_helpers import POSTGRES, drop_postgres_study, needs_postgres
 
 from tinyopt.core import worker as workers
@@ -33,12 +31,6 @@ class _Tracker:
         return self.open_runs
 
 
-def _dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
 @pytest.fixture(params=["sqlite", "journal"])
 def opened(request, tmp_path):
     """Storages without heartbeats: only the process table tells a dead worker."""
@@ -53,25 +45,10 @@ def _running(study, worker, run_id="run-1"):
     return trial
 
 
-def test_identity_names_this_process():
-    me = workers.identity()
-    assert me["pid"] == os.getpid() and not workers.is_dead(me)
-
-
-@pytest.mark.parametrize("worker, dead", [
-    (lambda me: {**me, "pid": _dead_pid()}, True),
-    (lambda me: {**me, "started": -1}, True),  # the pid lives on, but in another process: it was reused
-    (lambda me: me, False),
-    (lambda me: {**me, "host": "another-machine", "pid": _dead_pid()}, False),  # cannot be known from here
-])
-def test_is_dead(worker, dead):
-    assert workers.is_dead(worker(workers.identity())) is dead
-
-
 def test_a_dead_workers_trial_is_failed_retried_and_its_run_closed(opened):
     study = optuna.create_study(study_name="scratch", storage=opened, direction="maximize")
     tracker = _Tracker()
-    pid = _dead_pid()
+    pid = dead_pid()
     dead = _running(study, {**workers.identity(), "pid": pid}, "run-dead")
     alive = _running(study, workers.identity(), "run-alive")
     messages = recovery.recover(study, opened, tracker)

@@ -9,7 +9,6 @@ import sys
 import time
 import uuid
 
-import optuna
 import pytest
 from sweep_helpers import (
     LONG,
@@ -23,10 +22,9 @@ from sweep_helpers import (
 )
 
 from tinyopt.core import record
-from tinyopt.core.config import load_config
 from tinyopt.core.errors import TinyoptError
 from tinyopt.stores import storage
-from tinyopt.sweep import sampling, workers
+from tinyopt.sweep import workers
 from tinyopt.train.backend import SHARE_ENV
 
 FINISHED = ("COMPLETE", "PRUNED")
@@ -176,21 +174,6 @@ def test_workers_listed_on_one_gpu_know_they_share_it(monkeypatch):
     for index in range(3):
         supervisor.slot(index, 1, None)
     assert seen == [("0", "2"), ("0", "2"), ("1", "1")]
-
-
-def test_each_trial_draws_from_its_own_seed():
-    """Workers starting together draw different trials; the same seed draws the same trial again."""
-    def draws(seed, count):
-        study = optuna.create_study(sampler=sampling.make_sampler(load_config("scratch").study, seed))
-        for _ in range(count):
-            trial = study.ask()
-            trial.suggest_float("x", 0, 1)
-            trial.suggest_categorical("c", ["a", "b", "c"])
-        return [t.params for t in study.trials]
-
-    first = draws(seed=0, count=4)
-    assert len({json.dumps(p, sort_keys=True) for p in first}) == 4  # four RUNNING trials, as four workers
-    assert draws(seed=0, count=4) == first and draws(seed=1, count=4) != first
 
 
 def test_processes_opening_a_fresh_mlflow_store_together_all_succeed(tmp_path):

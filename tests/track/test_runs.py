@@ -16,7 +16,6 @@ from matplotlib.figure import Figure
 from tinyopt.core import record
 from tinyopt.core.config import load_config
 from tinyopt.core.errors import StudyError
-from tinyopt.track import names as run_names
 from tinyopt.track import runs, tracking
 from tinyopt.track import store as mlflow_store
 
@@ -148,18 +147,6 @@ def test_a_run_without_a_background_thread_raises_at_once(tmp_path, monkeypatch)
     run = runs.TrialRun(tracker.client, tracker.parent_run_id)  # as report and recovery use it
     with pytest.raises(OSError, match="No space left"):
         run.log_predictions(ARRAYS)
-
-
-@pytest.mark.parametrize(("headline", "name"), [
-    ({"stages": 2, "optimizer": "adamw", "learning_rate": 3e-4, "resize": "bicubic", "input_size": 160},
-     "t12 stages=2 adamw lr=3e-4 bicubic px=160"),
-    ({"dropout": 0.25, "batch_norm": True, "weight_decay": 1.5e-5}, "t12 dropout=0.25 batch_norm=True wd=1.5e-5"),
-    ({"learning_rate": 0.0123456, "momentum": 0.9}, "t12 lr=0.0123 momentum=0.9"),
-    ({"optimizer": "sgd", "augment": "none"}, "t12 sgd augment=none"),
-    ({}, "t12"),
-])
-def test_a_trial_run_is_named_after_its_telling_params(headline, name):
-    assert run_names.run_name(12, headline) == name
 
 
 def test_metrics_keep_four_significant_digits(tmp_path):

@@ -16,6 +16,7 @@ import sys
 import click
 
 from tinyopt import __version__
+from tinyopt.cli import data, results, sweep
 from tinyopt.core import signals
 from tinyopt.core.errors import TinyoptError
 
@@ -45,7 +46,7 @@ class _Group(click.Group):
 
 def version() -> str:
     """The installed distribution's version (package metadata), else ``tinyopt.__version__`` (a bare source tree)."""
-    from importlib import metadata
+    from importlib import metadata  # a tenth of a second to import: only --version pays it
 
     try:
         return metadata.version("tinyopt")
@@ -74,17 +75,10 @@ def cli() -> None:
     """
 
 
-def _register() -> None:
-    # Submodules hold only click code and import the library lazily, so this stays cheap.
-    from tinyopt.cli import data, results, sweep
-
-    cli.add_command(data.data)
-    cli.add_command(sweep.sweep)
-    for command in results.COMMANDS:
-        cli.add_command(command)
-
-
-_register()
+cli.add_command(data.data)
+cli.add_command(sweep.sweep)
+for _command in results.COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:

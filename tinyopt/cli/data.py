@@ -6,8 +6,6 @@ import click
 
 from tinyopt.cli.options import cache_option, data_option
 from tinyopt.core.urls import redact
-from tinyopt.data import build
-from tinyopt.data import cache as dataset
 
 
 @click.group()
@@ -31,6 +29,10 @@ def prepare(source, cache_dir, skip_bad, selection_fraction, seed, md5, force) -
     Running it again with the same source and options does nothing while the cache is intact, and
     rebuilds a damaged one; an interrupted run resumes its download and leaves any earlier cache intact.
     """
+    # numpy and the cache: only the commands that use them pay their import
+    from tinyopt.data import build
+    from tinyopt.data import cache as dataset
+
 
     cache = build.prepare(source, cache_dir, skip_bad=skip_bad, selection_fraction=selection_fraction,
                             seed=seed, md5=md5, force=force)
@@ -45,6 +47,8 @@ def info(cache_dir) -> None:
     A damaged cache (a file missing, truncated or changed since it was prepared) is an error that
     names the file and the command that rebuilds it.
     """
+    from tinyopt.data import cache as dataset
+
 
     _show(dataset.info(cache_dir))
 

@@ -11,10 +11,6 @@ from tinyopt.core import record
 from tinyopt.core.errors import TinyoptError
 from tinyopt.core.urls import redact, sqlite_path
 from tinyopt.results.bundle import check_destination
-from tinyopt.results.export import export_best
-from tinyopt.results.predict import predict_images
-from tinyopt.results.refit import refit_best
-from tinyopt.results.report import SCORES, format_seconds, gain_label, summarize_studies, versus_lines, write_report
 from tinyopt.stores import servers
 from tinyopt.stores.storage import open_existing
 
@@ -57,8 +53,13 @@ def best(studies, export_dir, force, register_name, refit, source, cache_dir, st
     winner on the data the sweep used (--data, --cache, as for `tinyopt sweep`) and shows its
     test scores beside its trial's.
     """
+    # The library (numpy, and optuna or keras when they run) loads with the command that uses it.
     from rich.console import Console
     from rich.table import Table
+
+    from tinyopt.results.export import export_best
+    from tinyopt.results.refit import refit_best
+    from tinyopt.results.report import summarize_studies, versus_lines
 
 
     if register_name and not export_dir:
@@ -66,7 +67,6 @@ def best(studies, export_dir, force, register_name, refit, source, cache_dir, st
     if not refit and (source or cache_dir):
         raise click.UsageError("--data and --cache are for --refit: the data it retrains on")
     if export_dir:
-
         check_destination(export_dir, force)  # a refused folder is one line, before the table and any work
     summaries = summarize_studies(storage, studies)
     console = Console()
@@ -95,14 +95,12 @@ def best(studies, export_dir, force, register_name, refit, source, cache_dir, st
                            "run `tinyopt sweep APPROACH` first")
     winner = max(ranked, key=lambda s: s.best.scores.get(record.SELECTION_TOP1, float("-inf")))
     if refit:
-
         done = refit_best(winner, storage_url=storage, tracking_uri=tracking_uri, source=source, cache_dir=cache_dir,
                           export_dir=export_dir, overwrite=force,
                           echo=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
         _render_refit(console, done)
         bundle, run_id = done.bundle, done.run_id
     else:
-
         with console.status(f"exporting {winner.name} trial {winner.best.number}"):
             bundle = export_best(winner, export_dir, storage_url=storage, tracking_uri=tracking_uri,
                                  overwrite=force)
@@ -145,6 +143,8 @@ def predict(bundle, images, top, as_json) -> None:
 
     Images of any size are converted to RGB and resized (bilinear) to the model's input.
     """
+    from tinyopt.results.predict import predict_images
+
 
     results = predict_images(bundle, images, top=top)
     if as_json:
@@ -177,6 +177,8 @@ def report(out_dir, storage, tracking_uri) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from tinyopt.results.report import format_seconds, gain_label, versus_lines, write_report
+
 
     console = Console()
     with console.status("reading the studies and drawing the plots"):
@@ -186,7 +188,7 @@ def report(out_dir, storage, tracking_uri) -> None:
                    "compute"):
         table.add_column(column, justify="left" if column == "study" else "right")
     for s in result.summaries:
-        scores = [_score(s.best.scores.get(key) if s.best else None) for key in SCORES]
+        scores = [_score(s.best.scores.get(key) if s.best else None) for key in record.SCORES]
         counts = "/".join(str(s.counts[state]) for state in ("COMPLETE", "PRUNED", "FAIL"))
         table.add_row(s.name, str(s.best.number) if s.best else "-", *scores, counts,
                       format_seconds(s.compute_seconds))
@@ -216,6 +218,7 @@ def ui(storage, tracking_uri, host, port, dashboard, dashboard_port) -> None:
     """
 
 
+
     local = sqlite_path(tracking_uri)
     if local is None:
         raise TinyoptError(f"{redact(tracking_uri)} is an MLflow server: open it in a browser")
@@ -226,7 +229,6 @@ def ui(storage, tracking_uri, host, port, dashboard, dashboard_port) -> None:
         raise click.UsageError(f"--dashboard-port and --port are both {port}: give each server its own")
     servers.check_free(host, port, "--port")
     if dashboard:
-
         servers.check_free(host, dashboard_port, "--dashboard-port")
         open_existing(storage)  # a missing or unreachable storage is an error now, not a dashboard that dies
     from tinyopt.track import views

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 
@@ -10,10 +11,11 @@ from tinyopt.cli.options import cache_option, data_option, storage_options
 from tinyopt.core import record
 from tinyopt.core.config import APPROACHES, preset_path
 from tinyopt.core.errors import ConfigError
-from tinyopt.sweep.runner import run_sweep
 
-# workers.py imports nothing heavy at module level, so --help stays fast.
-from tinyopt.sweep.workers import TRIALS_PER_PROCESS, SweepArgs, default_trials_per_process, parse_gpus, supervise
+# workers.py imports nothing heavy at module level, so --help stays fast. supervise is called through
+# its module, where the tests replace it.
+from tinyopt.sweep import workers as worker_processes
+from tinyopt.sweep.workers import TRIALS_PER_PROCESS, SweepArgs, default_trials_per_process, parse_gpus
 
 
 class _RichEvents:
@@ -125,8 +127,10 @@ def sweep(approach, trials, timeout, max_trials, source, cache_dir, preset, conf
     if is_worker:
         result = _run(args, _LineEvents(), owner=False)
     elif workers > 1 or gpu_ids or (trials_per_process and (trials is None or trials > trials_per_process)):
+        def emit(line: str) -> None:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
 
-        result = supervise(args, lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+        result = worker_processes.supervise(args, emit)
         _render(console, result)
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -144,14 +148,13 @@ def _seconds_since_start() -> float:
 
     A worker process is started with the time its supervisor had left, so it ends at the same deadline.
     """
-    import time
-
     import psutil
 
     return max(time.time() - psutil.Process().create_time(), 0.0)
 
 
 def _run(args, events, owner: bool = True):
+    from tinyopt.sweep.runner import run_sweep  # numpy and the objectives: not for --help
 
     return run_sweep(args.approach, trials=args.trials, timeout=args.timeout, max_trials=args.max_trials,
                      source=args.source, cache_dir=args.cache_dir, config_path=args.config_path,

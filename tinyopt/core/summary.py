@@ -12,6 +12,7 @@ from typing import Any
 
 from tinyopt.core import record
 from tinyopt.core.config.sections import Config
+from tinyopt.core.errors import StudyError
 from tinyopt.core.record import SCORES
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
@@ -143,13 +144,33 @@ def summarize_study(study: Any) -> StudySummary:
 
 
 def study_config(study: Any) -> Config:
-    """The resolved config a study's sweep stored (``record.CONFIG``), typed."""
-    return Config.from_dict(study.user_attrs[record.CONFIG])
+    """The resolved config a study's sweep stored (``record.CONFIG``), typed.
+
+    Raises:
+        StudyError: the study holds no config, or a damaged one.
+    """
+    stored = study.user_attrs.get(record.CONFIG)
+    if stored is None:
+        raise StudyError(f"study {study.study_name!r} holds no config: it was not made by `tinyopt sweep`")
+    try:
+        return Config.from_dict(stored)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise StudyError(f"the config stored with study {study.study_name!r} is damaged ({type(err).__name__}: "
+                         f"{err}); restore the storage from a copy, or sweep into a new study") from err
 
 
 def members_of(trial: Any) -> list[MemberRecord]:
-    """An ensemble trial's members (none for a trial of another approach)."""
-    return [MemberRecord.from_attr(attr) for attr in trial.user_attrs.get(record.MEMBERS, [])]
+    """An ensemble trial's members (none for a trial of another approach).
+
+    Raises:
+        StudyError: the trial's members record is damaged.
+    """
+    try:
+        return [MemberRecord.from_attr(attr) for attr in trial.user_attrs.get(record.MEMBERS, [])]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise StudyError(f"the {record.MEMBERS} record of ensemble trial {trial.number} is damaged "
+                         f"({type(err).__name__}: {err}); restore the storage from a copy, or sweep the "
+                         "ensemble into a new study") from err
 
 
 def _best_member_of(attr: dict[str, Any] | None) -> tuple[str, dict[str, float]] | None:

@@ -89,7 +89,7 @@ def verify(cache_dir: str | os.PathLike | None = None, *, checksums: bool = True
     With ``checksums``, the crc32 of every file is compared with the one recorded when it was
     prepared: that reads every byte, about 0.3 s a GB from the page cache and 1 s a GB from disk
     (0.1 s for the 0.3 GB of the dev subset, 0.45 s for the 1.35 GB of the full dataset), so it is
-    done once where a sweep (``tinyopt.sweep.runner.load_sweep_data``), ``prepare`` or
+    done once where a sweep (``tinyopt.data.splits.load_sweep_data``), ``prepare`` or
     ``tinyopt data info`` starts, and ``load_split`` leaves it out. A cache prepared before sizes
     and checksums were recorded gets the other checks.
 

@@ -271,7 +271,7 @@ def _source_weights(name: str, alpha: float, size: int, source: str, stamp: obje
 
 
 def weights_digest(model_cfg: ModelConfig) -> str | None:
-    """A digest of the pretrained weights a ``[model]`` table loads (None for ``weights = "none"``).
+    """A digest of the pretrained weights a ``[model]`` section loads (None for ``weights = "none"``).
 
     Taken from the loaded arrays: ``imagenet`` and the same file under another name agree, a file
     replaced in place does not.
@@ -317,7 +317,7 @@ def _pretrained_weights(name: str, spec: Backbone, alpha: float, model_cfg: Mode
 
 
 def check_weights(model_cfg: ModelConfig) -> None:
-    """Load the pretrained weights a ``[model]`` table names, before any study exists.
+    """Load the pretrained weights a ``[model]`` section names, before any study exists.
 
     They are cached, so the first trial does not load them again.
 

@@ -332,7 +332,6 @@ class EnsembleObjective(TrackedObjective):
         return {key.removeprefix(WEIGHT_PREFIX): share for key, share in self._shares(params).items()}
 
     def evaluate(self, trial: Any, params: dict[str, Any], run: Any) -> float:
-
         trial.set_user_attr(record.MODEL_KEPT, False)
         weights = [params[m.param] for m in self.search.members]
         flat = self.search.record(trial, weights)

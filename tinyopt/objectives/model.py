@@ -190,7 +190,6 @@ class ModelObjective(TrackedObjective):
         return self._run(trial, params, run)
 
     def _run(self, trial, params: dict[str, Any], run) -> float:
-
         model, policy, batch = build_model(self.approach, params, self.config, self.data.wnids, self.device)
         feed, cache_note = self._feed(model, params, policy)
         history: dict[str, list[float]] = {}
@@ -223,7 +222,6 @@ class ModelObjective(TrackedObjective):
         run.log_predictions(arrays)
         run.log_text(record.classes_tsv((c.index, c.wnid, c.name) for c in self.data.classes), record.CLASSES_FILE)
         if history:
-
             run.log_figure(lambda: learning_curve(history), record.LEARNING_CURVE)  # drawn in the background
         for key in record.SCORES:
             trial.set_user_attr(key, final[key])
@@ -282,7 +280,6 @@ class ModelObjective(TrackedObjective):
 
     def _fit(self, trial, feed, params: dict[str, Any], run, eval_batch: int) -> dict[str, list[float]]:
         import keras
-
 
         model = feed.trainee()
         compile_model(model, params, self.config.train.jit_compile)

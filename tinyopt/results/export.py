@@ -176,7 +176,6 @@ def _member_text(member: MemberRecord) -> str:
 
 
 def _member_params(members: Sequence[MemberRecord], storage_url: str) -> list[dict[str, Any]]:
-
     rows = []
     for member in members:
         trial = storage.load_study(member.study, storage_url).get_trials(deepcopy=False)[member.trial_number]

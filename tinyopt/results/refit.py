@@ -174,7 +174,6 @@ def refit_best(summary: Any, *, storage_url: str, tracking_uri: str, source: str
                 run.log_text(record.classes_tsv(classes), record.CLASSES_FILE)
                 run.log_model(model, tracker.experiment_id)
                 if export_dir is not None:
-
                     refit.bundle = export_refit(summary, refit, export_dir, model=model, classes=classes,
                                                 storage_url=storage_url, tracking_uri=tracking_uri,
                                                 overwrite=overwrite)

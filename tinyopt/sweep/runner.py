@@ -32,6 +32,7 @@ from tinyopt.models import approaches
 from tinyopt.objectives.ensemble import EnsembleObjective, prepare_search
 from tinyopt.objectives.model import ModelObjective, QuietEvents, TrialFailed
 from tinyopt.stores import storage as storages
+from tinyopt.sweep import recovery
 from tinyopt.sweep.summary import SweepResult, log_summary, summarize
 from tinyopt.track.names import identity
 from tinyopt.train import backend
@@ -69,7 +70,6 @@ def prepare(approach: str, *, study_name: str | None = None, config_path: str | 
     store.check(tracking_uri)
     _check_study_approach(storage, study_name or approach, approach)
     if approach == "ensemble":
-
         return Prepared(config, prepare_search(study_name or approach, config, storage, tracking_uri), "cpu (numpy)")
     data = load_sweep_data(config.data, source, cache_dir, progress)
     device = backend.load()
@@ -124,7 +124,7 @@ def open_sweep(approach: str, name: str, config: Config, *, storage: str, tracki
     """
     import optuna
 
-    from tinyopt.sweep import recovery, sampling
+    from tinyopt.sweep import sampling
     from tinyopt.track.tracking import Tracker
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -218,11 +218,9 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
             shown = prepared.device if approach == "ensemble" else f"{prepared.device} (Keras {backend.name()} backend)"
             events.sweep_started(shown, session.recovered)
             if approach == "ensemble":
-
                 search, skipped = prepared.data
                 objective = EnsembleObjective(search, config, tracker, events, notes=skipped)
             else:
-
                 objective = ModelObjective(approaches.get_approach(approach), config, prepared.data, tracker,
                                            seed, events, prepared.device, deadline)
 

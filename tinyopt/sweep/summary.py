@@ -45,8 +45,8 @@ def log_summary(tracker: Tracker, study: Any, summary: StudySummary, number: int
     optimisation history), the trial counts and compute time, tags and links the best trial (and
     moves the ``best`` tag to its run), redraws the history and importance plots and rewrites the
     description, and deletes the kept models of complete trials no longer among the best
-    ``study.keep_models``. Read from the study and its ``summary`` (``tinyopt.results.report.summarize_study``)
-    here; stored in the background, like a trial's logging.
+    ``study.keep_models``. Read from the study and its ``summary``
+    (``tinyopt.core.summary.summarize_study``) here; stored in the background, like a trial's logging.
     """
 
     counts, best = summary.counts, summary.best

@@ -26,16 +26,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tinyopt.core import record, signals
 from tinyopt.core.errors import ConfigError, TinyoptError
 from tinyopt.core.urls import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, first_line
 from tinyopt.core.worker import identity as worker_identity
 from tinyopt.stores import storage as storages
-from tinyopt.sweep import recovery, runner
+from tinyopt.sweep import recovery
 from tinyopt.train import backend
 from tinyopt.train.backend import SHARE_ENV
+
+if TYPE_CHECKING:
+    from tinyopt.sweep.summary import SweepResult
 
 # TensorFlow keeps 17 to 20 MiB per trained model (keras-team/keras#17458): 10 trials grow a worker
 # by 175 to 205 MiB, about 10% of its 2 GB, and its fresh process costs 9 to 11 s, about 1 s per
@@ -224,7 +227,7 @@ class _Supervisor:
         return process.pid, code
 
 
-def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = True) -> runner.SweepResult:
+def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = True) -> SweepResult:
     """Run ``args.workers`` worker processes (each maybe several, one after another) over one study.
 
     Args:
@@ -239,6 +242,10 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
     Raises:
         TinyoptError: anything ``runner.prepare`` or ``runner.open_sweep`` refuses; nothing is started.
     """
+    # The sweep's own code (numpy, the objectives) loads here, not with `tinyopt sweep --help`.
+    from tinyopt.sweep import runner
+    from tinyopt.sweep.summary import summarize
+
     deadline = time.monotonic() + args.timeout if args.timeout is not None else None
     prepared = runner.prepare(args.approach, study_name=args.name, config_path=args.config_path,
                               overrides=args.overrides, preset=args.preset,
@@ -284,7 +291,7 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     ran = _trials_of(session.study, supervisor.pids)
-    result = runner.summarize(session.study, args.storage, args.tracking_uri, new_trials=len(ran))
+    result = summarize(session.study, args.storage, args.tracking_uri, new_trials=len(ran))
     result.notes = supervisor.notes + runner.deadline_notes(session.study, ran)
     result.recovered = session.recovered
     if supervisor.signum is not None:

@@ -1,0 +1,1 @@
+"""Training on a Keras backend: the backend itself, batches, feeds, compiling and fitting, scores."""

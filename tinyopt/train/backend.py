@@ -17,6 +17,7 @@ import contextlib
 import gc
 import json
 import os
+import random
 import re
 import sys
 import tempfile
@@ -245,8 +246,6 @@ def seed(value: int) -> None:
     if name() == "tensorflow":
         keras.utils.set_random_seed(value)
         return
-    import random
-
     import numpy as np
     from keras.src.backend.common import global_state
     from keras.src.random import seed_generator

@@ -7,7 +7,8 @@ the default file, and every value must have the type of its default and obey ``t
 a typo is an error before any training, never a silently ignored setting or a failed trial.
 
 The defaults and presets are the package's own copy of ``sweeps/`` (see ``sweeps_dir``), never a
-``sweeps/`` folder of the working directory.
+``sweeps/`` folder of the working directory. The resolved config comes out typed
+(``tinyopt.core.config.sections.Config``): this package is the only one that reads it as TOML tables.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from tinyopt.core import schema
 from tinyopt.core.config.sections import Config, ModelConfig
 from tinyopt.core.errors import ConfigError
+from tinyopt.core.space import combinations, validate_space
 
 APPROACHES = ("pretrained", "finetune", "scratch", "ensemble")
 
@@ -192,8 +194,6 @@ def _check_values(config: dict[str, Any], defaults: dict[str, Any], prefix: str 
 
 
 def _check_sampler(config: dict[str, Any]) -> None:
-    from tinyopt.core.space import combinations
-
     if config.get("study", {}).get("sampler") == "bruteforce" and combinations(config.get("space", {})) is None:
         floats = [name for name, entry in config["space"].items()
                   if _is_distribution(entry) and entry["type"] == "float" and "step" not in entry]
@@ -218,9 +218,6 @@ def _drawn(entry: Any) -> Any:
 
 
 def _check_space(space: dict[str, Any], defaults: dict[str, Any]) -> None:
-    # Imported here because space.py validates distributions and config.py must stay importable alone.
-    from tinyopt.core.space import validate_space
-
     validate_space(space)
     for name, entry in space.items():
         key, like = f"space.{name}", _drawn(defaults[name])

@@ -52,7 +52,7 @@ def build(params: dict[str, Any], *, model: ModelConfig, wnids: list[str]) -> ke
     Args:
         params: ``stem_stride``, ``stages``, ``width``, ``blocks``, ``convs``, ``residual``, ``batch_norm``,
             ``dropout``, ``initializer``, ``augment``; other keys are ignored.
-        model: the ``[model]`` table; its only key, ``weights``, must be ``"none"`` (it exists so that
+        model: the ``[model]`` section; its only setting, ``weights``, must be ``"none"`` (it exists so that
             ``--set model.weights=none`` works the same for every approach).
         wnids: class wnids in class-index order (only their number matters).
 

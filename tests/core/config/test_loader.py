@@ -1,17 +1,12 @@
-"""Config loading, --set overrides, search spaces: all checked before any training."""
+"""Config loading: the defaults, presets, config files and --set overrides, all checked before any training."""
 
 from __future__ import annotations
 
-import dataclasses
-
-import optuna
 import pytest
 
 from tinyopt.core.config import APPROACHES, load_config, sweeps_dir
 from tinyopt.core.errors import ConfigError
-from tinyopt.core.space import defaults, searched, suggest, validate_space
-from tinyopt.core.urls import redact
-from tinyopt.sweep.sampling import make_pruner
+from tinyopt.core.space import validate_space
 
 
 @pytest.mark.parametrize("approach", APPROACHES)
@@ -160,90 +155,6 @@ def test_config_file_is_merged_onto_defaults_and_checked(tmp_path):
     broken.write_text("[train\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config("finetune", broken)
-
-
-@pytest.mark.parametrize("entry, fragment", [
-    ({"type": "float", "low": 1.0, "high": 0.1}, "greater than high"),
-    ({"type": "float", "low": 0.0, "high": 1.0, "log": True}, "log scale needs low > 0"),
-    ({"type": "gaussian", "low": 0, "high": 1}, "unknown type"),
-    ({"type": "categorical"}, "non-empty list"),
-    ({"type": "int", "low": "a", "high": 3}, "numeric"),
-    ({"type": "float", "low": 0.1, "high": 1.0, "lgo": True}, "unknown field"),
-    ({"type": "categorical", "choices": [1], "when": {"later": 1}}, "earlier entries"),
-    ({"low": 1, "high": 2}, "needs a 'type'"),
-])
-def test_malformed_space_entry_is_named(entry, fragment):
-    with pytest.raises(ConfigError) as err:
-        validate_space({"x": entry})
-    assert "'x'" in str(err.value) and fragment in str(err.value)
-
-
-SPACE = {
-    "optimizer": {"type": "categorical", "choices": ["adam", "sgd"]},
-    "momentum": {"type": "float", "low": 0.8, "high": 0.99, "when": {"optimizer": "sgd"}},
-    "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-    "width": {"type": "int", "low": 16, "high": 64, "step": 16},
-    "epochs": 3,
-}
-
-
-def test_suggest_follows_types_conditions_and_fixed_values():
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
-    seen_optimizers = set()
-    for _ in range(20):
-        trial = study.ask()
-        params = suggest(trial, SPACE)
-        seen_optimizers.add(params["optimizer"])
-        assert ("momentum" in params) == (params["optimizer"] == "sgd")
-        assert 1e-4 <= params["learning_rate"] <= 1e-2
-        assert params["width"] in (16, 32, 48, 64)
-        assert params["epochs"] == 3 and "epochs" not in trial.params
-        study.tell(trial, 0.0)
-    assert seen_optimizers == {"adam", "sgd"}
-
-
-def test_defaults_are_valid_and_enqueueable():
-    values = defaults(SPACE)
-    assert values == {"optimizer": "adam", "learning_rate": pytest.approx(1e-3), "width": 48, "epochs": 3}
-    study = optuna.create_study()
-    study.enqueue_trial(searched(SPACE, values))
-    assert suggest(study.ask(), SPACE) == values
-
-
-def test_redact_hides_secrets():
-    text = redact("postgresql+psycopg://bob:s3cr@t@db:5432/x and http://u:pw@h:5000/?token=abc&x=1")
-    assert "s3cr" not in text and "pw@" not in text and "abc" not in text
-    assert "bob:***@db:5432/x" in text and "token=***&x=1" in text
-
-
-def _pruned_at_epoch_one(settings: dict, values: list[float]) -> list[bool]:
-    """Which of trials reporting ``values`` (in turn) after their first epoch the pruner ``settings`` choose stops."""
-    study_cfg = dataclasses.replace(load_config("finetune").study, **settings)
-    study = optuna.create_study(direction="maximize", pruner=make_pruner(study_cfg, epochs=3))
-    pruned = []
-    for value in values:
-        trial = study.ask()
-        trial.report(value, 1)  # step = epochs trained
-        pruned.append(trial.should_prune())
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED) if pruned[-1] else study.tell(trial, value)
-    return pruned
-
-
-def test_pruners_judge_from_the_first_epoch_after_the_warmup_and_halving_keeps_one_in_reduction_factor():
-    values = [0.30, 0.10, 0.50, 0.20, 0.40, 0.05, 0.60, 0.15, 0.35, 0.25, 0.45, 0.55]
-    for pruner in ("median", "halving"):
-        assert not any(_pruned_at_epoch_one({"pruner": pruner, "pruner_warmup_epochs": 1}, values))
-    median = _pruned_at_epoch_one({"pruner": "median", "pruner_warmup_epochs": 0, "n_startup_trials": 3}, values)
-    assert not any(median[:3])  # start-up trials
-    assert median[5] and not median[6]  # 0.05 is below the median so far, 0.60 above it
-
-    def kept(factor: int) -> list[float]:
-        pruned = _pruned_at_epoch_one({"pruner": "halving", "pruner_warmup_epochs": 0,
-                                       "pruner_reduction_factor": factor}, values)
-        return [value for value, stopped in zip(values, pruned, strict=True) if not stopped]
-
-    assert len(kept(4)) < len(kept(2)) < len(values)
-    assert 0.60 in kept(4) and 0.05 not in kept(2)  # the best goes on, the worst does not
 
 
 def test_preset_is_merged_onto_the_defaults_before_the_config_file_and_the_overrides(tmp_path):

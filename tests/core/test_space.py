@@ -1,0 +1,57 @@
+"""Search spaces as data: malformed entries named, suggestions that follow types and conditions, defaults."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from tinyopt.core.errors import ConfigError
+from tinyopt.core.space import defaults, searched, suggest, validate_space
+
+
+@pytest.mark.parametrize("entry, fragment", [
+    ({"type": "float", "low": 1.0, "high": 0.1}, "greater than high"),
+    ({"type": "float", "low": 0.0, "high": 1.0, "log": True}, "log scale needs low > 0"),
+    ({"type": "gaussian", "low": 0, "high": 1}, "unknown type"),
+    ({"type": "categorical"}, "non-empty list"),
+    ({"type": "int", "low": "a", "high": 3}, "numeric"),
+    ({"type": "float", "low": 0.1, "high": 1.0, "lgo": True}, "unknown field"),
+    ({"type": "categorical", "choices": [1], "when": {"later": 1}}, "earlier entries"),
+    ({"low": 1, "high": 2}, "needs a 'type'"),
+])
+def test_malformed_space_entry_is_named(entry, fragment):
+    with pytest.raises(ConfigError) as err:
+        validate_space({"x": entry})
+    assert "'x'" in str(err.value) and fragment in str(err.value)
+
+
+SPACE = {
+    "optimizer": {"type": "categorical", "choices": ["adam", "sgd"]},
+    "momentum": {"type": "float", "low": 0.8, "high": 0.99, "when": {"optimizer": "sgd"}},
+    "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    "width": {"type": "int", "low": 16, "high": 64, "step": 16},
+    "epochs": 3,
+}
+
+
+def test_suggest_follows_types_conditions_and_fixed_values():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen_optimizers = set()
+    for _ in range(20):
+        trial = study.ask()
+        params = suggest(trial, SPACE)
+        seen_optimizers.add(params["optimizer"])
+        assert ("momentum" in params) == (params["optimizer"] == "sgd")
+        assert 1e-4 <= params["learning_rate"] <= 1e-2
+        assert params["width"] in (16, 32, 48, 64)
+        assert params["epochs"] == 3 and "epochs" not in trial.params
+        study.tell(trial, 0.0)
+    assert seen_optimizers == {"adam", "sgd"}
+
+
+def test_defaults_are_valid_and_enqueueable():
+    values = defaults(SPACE)
+    assert values == {"optimizer": "adam", "learning_rate": pytest.approx(1e-3), "width": 48, "epochs": 3}
+    study = optuna.create_study()
+    study.enqueue_trial(searched(SPACE, values))
+    assert suggest(study.ask(), SPACE) == values

@@ -1,0 +1,39 @@
+"""tinyopt's saved view of each experiment's runs table in the MLflow UI, and the links that open it."""
+
+from __future__ import annotations
+
+import json
+
+from mlflow import MlflowClient
+
+from tinyopt.core import record
+from tinyopt.track import tracking, views
+from tinyopt.track.store import open_client
+
+BASE = "http://127.0.0.1:5000"
+
+
+def test_each_tinyopt_experiment_gets_a_link_to_its_runs_table_and_the_saved_view(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ids = {name: tracking.Tracker(uri, name, "scratch").experiment_id for name in ("x", "ensemble")}
+    client = open_client(uri)
+    client.create_experiment("not-tinyopt")
+    assert views.experiment_urls(uri, BASE) == [
+        (f"tinyopt/{name}", f"{BASE}/#/experiments/{ids[name]}/runs?workflowType=machine_learning"
+                            f"&viewStateShareKey={views.RUNS_VIEW}") for name in ("ensemble", "x")]
+    experiment = client.get_experiment(ids["x"])
+    saved = json.loads(experiment.tags[f"mlflow.sharedViewState.{views.RUNS_VIEW}"])
+    assert saved["name"] == views.RUNS_VIEW and saved["createdAt"] == experiment.creation_time
+    state = json.loads(saved["state"])
+    assert state["orderByKey"] == f"metrics.`{record.BEST_SO_FAR}`" and state["orderByAsc"] is False
+    assert state["selectedColumns"] == ["attributes.`Models`", f"metrics.`{record.BEST_SO_FAR}`",
+                                        f"metrics.`{record.final(record.OBJECTIVE_NAME)}`",
+                                        f"tags.`{record.TAG_TRIAL_STATE}`", f"tags.`{record.TAG_BEST}`"]
+    tagged = []
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", lambda self, *args: tagged.append(args))
+    assert views.experiment_urls(uri, BASE)[1][0] == "tinyopt/x"
+    assert tagged == []  # a view already saved is left alone
+
+
+def test_a_store_without_experiments_has_no_links(tmp_path):
+    assert views.experiment_urls(f"sqlite:///{tmp_path / 'mlflow.db'}", BASE) == []
