@@ -43,6 +43,10 @@ SCORE_LABELS = {SELECTION_TOP1: "selection top-1", SELECTION_TOP5: "selection to
 MEMBERS = "members"  # an ensemble trial's members and their weights (see tinyopt.objectives.ensemble)
 UNIFORM = "uniform"  # the scores of the ensemble's uniform vote
 BEST_MEMBER = "best_member"  # the label and scores of the ensemble member with the best selection objective
+# An ensemble trial's Optuna and MLflow params: each member's weight (weight_<study>-<trial number>) and, in
+# MLflow, its calibration temperature.
+WEIGHT_PREFIX = "weight_"
+TEMPERATURE_PREFIX = "temperature_"
 
 # MLflow tags of a trial's run (FAIL_REASON is one too).
 TAG_APPROACH = "approach"
@@ -118,6 +122,9 @@ CLASSES_FILE = "classes.tsv"
 TRACEBACK_FILE = "traceback.txt"
 LEARNING_CURVE = "learning_curve.png"
 LOGGED_MODEL = "model"  # name of a kept trial's MLflow logged model
+# ... and of an ensemble trial's run: its members with their scores, and the bar chart comparing them.
+ENSEMBLE_MEMBERS_FILE = "ensemble_members.json"
+ENSEMBLE_COMPARISON = "ensemble_comparison.png"
 # ... and of the parent run.
 HISTORY = "history.png"
 IMPORTANCE = "importance.png"

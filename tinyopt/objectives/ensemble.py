@@ -64,8 +64,6 @@ from tinyopt.stores import storage as storages
 from tinyopt.track.names import safe_name  # the weight params end up in MLflow, whose rules it knows
 from tinyopt.train.metrics import scores
 
-WEIGHT_PREFIX = "weight_"
-TEMPERATURE_PREFIX = "temperature_"  # MLflow params of an ensemble trial: each member's temperature
 _SPLITS = ("selection", "test")
 
 
@@ -99,7 +97,7 @@ class Member:
     @property
     def param(self) -> str:
         """The name of this member's weight in the ensemble study."""
-        return f"{WEIGHT_PREFIX}{self.label}"
+        return f"{record.WEIGHT_PREFIX}{self.label}"
 
 
 class WeightSearch:
@@ -324,12 +322,12 @@ class EnsembleObjective(TrackedObjective):
 
     def logged_params(self, trial: Any, params: dict[str, Any]) -> dict[str, Any]:
         # The temperatures are fixed for the sweep, but a run's params are where a person compares runs.
-        temperatures = {f"{TEMPERATURE_PREFIX}{m.label}": float(f"{t:.4g}")
+        temperatures = {f"{record.TEMPERATURE_PREFIX}{m.label}": float(f"{t:.4g}")
                         for m, t in zip(self.search.members, self.search.temperatures, strict=True)}
         return {**self._shares(params), **temperatures}
 
     def headline(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {key.removeprefix(WEIGHT_PREFIX): share for key, share in self._shares(params).items()}
+        return {key.removeprefix(record.WEIGHT_PREFIX): share for key, share in self._shares(params).items()}
 
     def evaluate(self, trial: Any, params: dict[str, Any], run: Any) -> float:
         trial.set_user_attr(record.MODEL_KEPT, False)
@@ -342,8 +340,8 @@ class EnsembleObjective(TrackedObjective):
                       for key, value in found.items()}
         run.log_metrics({record.final(key): value for key, value in {**flat, **references}.items()})
         rows = self.search.comparison(weights)
-        run.log_text(json.dumps(rows, indent=2), "ensemble_members.json")
-        run.log_figure(comparison_chart(rows, f"ensemble trial {trial.number}"), "ensemble_comparison.png")
+        run.log_text(json.dumps(rows, indent=2), record.ENSEMBLE_MEMBERS_FILE)
+        run.log_figure(comparison_chart(rows, f"ensemble trial {trial.number}"), record.ENSEMBLE_COMPARISON)
         return self.search.value(flat)
 
 

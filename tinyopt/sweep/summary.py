@@ -14,7 +14,6 @@ from tinyopt.core import plots, record
 from tinyopt.core import space as search_space
 from tinyopt.core.summary import StudySummary, members_of, study_config
 from tinyopt.core.urls import redact
-from tinyopt.objectives.ensemble import WEIGHT_PREFIX
 from tinyopt.track.names import STATE_NAMES, TAG_LIMIT, markdown_table, objective_name, run_path, ui_command
 
 if TYPE_CHECKING:  # the tracker's module loads mlflow, which a sweep's --help and start-up do without
@@ -110,7 +109,7 @@ def _shown_params(trial) -> dict[str, Any]:
 
     members = members_of(trial)
     if members:
-        return {f"{WEIGHT_PREFIX}{m.label}": round(m.weight, 3) for m in members}
+        return {f"{record.WEIGHT_PREFIX}{m.label}": round(m.weight, 3) for m in members}
     return trial.params
 
 
