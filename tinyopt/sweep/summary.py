@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from tinyopt.core import plots, record
 from tinyopt.core import space as search_space
+from tinyopt.core.config.sections import Config
 from tinyopt.core.summary import StudySummary, members_of, study_config
 from tinyopt.core.urls import redact
 from tinyopt.track.names import STATE_NAMES, TAG_LIMIT, markdown_table, objective_name, run_path, ui_command
@@ -49,6 +50,7 @@ def log_summary(tracker: Tracker, study: Any, summary: StudySummary, number: int
     """
 
     counts, best = summary.counts, summary.best
+    config = study_config(study)  # once per trial: it deep-copies the stored config
     metrics = {f"{record.COUNT_PREFIX}{name}": counts.get(state, 0) for state, name in STATE_NAMES.items()}
     metrics[record.COMPUTE_SECONDS] = summary.compute_seconds
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
@@ -58,8 +60,8 @@ def log_summary(tracker: Tracker, study: Any, summary: StudySummary, number: int
         tags = {record.TAG_BEST_TRIAL: best.number, record.TAG_BEST_RUN: best.run_id or "-",
                 record.TAG_BEST_RUN_URL: tracker.run_url(best.run_id) if best.run_id else "-"}
     importances, why = plots.importances(study)
-    tags[record.TAG_DESCRIPTION] = _summary_text(tracker, study, command, counts, metrics, best, importances,
-                                                      why)[:TAG_LIMIT]
+    tags[record.TAG_DESCRIPTION] = _summary_text(tracker, study, config, command, counts, metrics, best,
+                                                 importances, why)[:TAG_LIMIT]
     parent = tracker.parent_run()
     parent.log_metrics(metrics, step=number)
     parent.set_tags(tags)
@@ -68,7 +70,7 @@ def log_summary(tracker: Tracker, study: Any, summary: StudySummary, number: int
         parent.log_figure(lambda: plots.importance_chart(study.study_name, importances), record.IMPORTANCE)
     if best is not None and best.run_id:
         parent.call(record.TAG_BEST, tracker.move_best_tag, best.run_id)
-    keep = study_config(study).study.keep_models
+    keep = config.study.keep_models
     if keep:
         # Only complete trials are ranked: a trial still running may have stored a model it keeps.
         ranked = sorted(complete, key=lambda t: -t.value)
@@ -77,11 +79,10 @@ def log_summary(tracker: Tracker, study: Any, summary: StudySummary, number: int
             parent.call("deletion of models out of the top", tracker.drop_models, dropped)
 
 
-def _summary_text(tracker: Tracker, study: Any, command: str, counts: dict[str, int], metrics: dict[str, float],
-                  best: Any, importances: dict[str, float], why: str | None) -> str:
+def _summary_text(tracker: Tracker, study: Any, config: Config, command: str, counts: dict[str, int],
+                  metrics: dict[str, float], best: Any, importances: dict[str, float], why: str | None) -> str:
     """The parent run's description, in markdown: the command, what is searched, the best trial."""
 
-    config = study_config(study)
     searched = [name for name, entry in config.space.items() if search_space.is_distribution(entry)]
     lines = [f"**Sweep of study `{study.study_name}`** ({config.approach}), "
              f"command: `{redact(command)}`", "",
