@@ -71,12 +71,16 @@ def test_best_shows_the_best_trial_of_each_study(storage, tmp_path):
     result = _invoke(["best", "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
     assert result.exit_code == 0, result.output
     [scratch] = [line for line in result.output.splitlines() if line.startswith("│ scratch ")]
-    assert [cell.strip() for cell in scratch.split("│")[1:-1]] == ["scratch", "0", "0.5000", "0.5000", "0.3750",
-                                                                   "0.8125"], scratch
+    assert [cell.strip() for cell in scratch.split("│")[1:-1]] == ["scratch", "0", "selection top-1", "0.5000",
+                                                                   "0.5000", "0.3750", "0.8125"], scratch
     [finetune] = [line for line in result.output.splitlines() if line.startswith("│ finetune ")]
-    assert [cell.strip() for cell in finetune.split("│")[1:-1]] == ["finetune", "no complete trial", "-", "-", "-",
+    assert [cell.strip() for cell in finetune.split("│")[1:-1]] == ["finetune", "-", "selection top-1", "-", "-", "-",
                                                                     "-"], finetune
-    assert "scratch MLflow run run-7; params: learning_rate=0.01235, optimizer=adam" in result.output
+    assert "best trial by selection top-1 (higher is better)" in result.output
+    lines = [line.rstrip() for line in result.output.splitlines()]
+    # A trial recorded without its run's link shows the run id.
+    assert "scratch trial 0: MLflow run run-7" in lines and "finetune: no complete trial" in lines
+    assert "  params: learning_rate=0.01235, optimizer=adam" in lines
 
 
 def test_best_export_without_a_complete_trial_is_one_line(storage, tmp_path):

@@ -7,6 +7,7 @@ import optuna
 import pytest
 
 from tinyopt.core import plots
+from tinyopt.core.objective import LOG_LOSS
 from tinyopt.core.record import SCORE_LABELS, SCORES
 
 DISTRIBUTIONS = {"learning_rate": optuna.distributions.FloatDistribution(0, 1),
@@ -37,11 +38,19 @@ def test_history_chart_shows_each_trial_and_the_best_so_far():
     complete = _study([0.3, 0.2, 0.5, 0.4]).get_trials()
     axis = plots.history_chart("scratch", complete[::-1]).axes[0]  # any order: drawn by trial number
     assert axis.get_title() == "optimisation history: scratch"
-    assert (axis.get_xlabel(), axis.get_ylabel()) == ("trial", "selection top-1")
+    assert (axis.get_xlabel(), axis.get_ylabel()) == ("trial", "selection top-1 (higher is better)")
     [best] = axis.get_lines()
     assert best.get_label() == "best so far"
     np.testing.assert_array_equal(best.get_xdata(), [0, 1, 2, 3])
     np.testing.assert_array_equal(best.get_ydata(), [0.3, 0.3, 0.5, 0.5])
+    assert all(float(tick).is_integer() for tick in axis.get_xticks())  # trial numbers, never 1.5
+
+
+def test_history_chart_of_a_loss_says_so_and_keeps_the_lowest():
+    complete = _study([1.9, 2.1, 1.7, 1.8]).get_trials()
+    axis = plots.history_chart("ensemble", complete, LOG_LOSS).axes[0]
+    assert axis.get_ylabel() == "selection log loss (lower is better)"
+    np.testing.assert_array_equal(axis.get_lines()[0].get_ydata(), [1.9, 1.9, 1.7, 1.7])
 
 
 def test_importances_rank_the_params_that_matter_and_sum_to_one():

@@ -70,7 +70,7 @@ def test_each_epoch_is_logged_and_reported_at_the_step_of_epochs_trained():
 def test_a_pruned_trial_stops_after_the_epoch_the_pruner_judged():
     trial, run, _, pruned = _fit(epochs=3, pruner=_Always())
     top1 = run.logged[0][1][record.SELECTION_TOP1]
-    assert str(pruned) == f"pruned after epoch 1 (selection top-1 {top1:.3f})"
+    assert str(pruned) == f"pruned after epoch 1 of 3 by _Always (selection top-1 {top1:.3f})"  # which pruner
     assert [step for step, _ in run.logged] == [1]
 
 

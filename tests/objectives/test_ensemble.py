@@ -8,6 +8,7 @@ import pytest
 from fixtures import drawn_logits, flat_member, member_predictions
 from scipy.special import softmax
 
+from tinyopt.core import objective as objectives
 from tinyopt.core import record
 from tinyopt.core.config import load_config
 from tinyopt.core.errors import ConfigError, DataError, StudyError
@@ -176,14 +177,86 @@ def test_ensemble_sweep_enqueues_the_greedy_weights_first(tmp_path, members_and_
               **stores)
     search = ensemble.WeightSearch(members, predictions)
     study = optuna.load_study(study_name="ensemble", storage=stores["storage"])
+    assert objectives.of_study(study) == objectives.LOG_LOSS  # a new study minimises the plain log loss
     first = study.trials[0]
     assert first.params == pytest.approx(search.greedy_params())
-    assert first.value == pytest.approx(search.value(search.evaluate(search.greedy)))
-    assert study.best_value >= first.value
+    assert first.value == pytest.approx(search.evaluate(search.greedy)["selection_log_loss"])
+    assert study.best_value <= first.value
     assert first.user_attrs[record.BEST_MEMBER]["label"] == "good-0"
+    for trial in study.trials:  # the Optuna params are the shares the run and the members attr show
+        assert sum(trial.params.values()) == pytest.approx(1.0, abs=1e-9)
+        shares = [m["weight"] for m in trial.user_attrs[record.MEMBERS]]
+        assert [trial.params[m.param] for m in members] == pytest.approx(shares, abs=1e-12)
     run = mlflow_store.get_run(first.user_attrs[record.RUN_ID], stores["tracking_uri"])
-    assert run.data.metrics[record.final("best_member_test_top1")] == pytest.approx(
-        search.member_scores[0]["test_top1"], abs=5e-5)
-    assert run.data.metrics[record.final("uniform_selection_log_loss")] == pytest.approx(
-        search.uniform_scores["selection_log_loss"], rel=5e-4)  # MLflow metrics keep 4 significant digits
+    assert run.info.run_name == "t0 w=" + "/".join(f"{w:.2f}" for w in search.greedy)
     assert float(run.data.params["temperature_good-0"]) == pytest.approx(search.temperatures[0], rel=1e-3)
+    assert float(run.data.params["weight_good-0"]) == round(search.greedy[0], 3)
+    # A trial logs what varies between trials; the references, the same for all, are the parent's.
+    assert run.data.metrics[record.final("selection_log_loss")] == pytest.approx(first.value, rel=5e-4)
+    assert not [key for key in run.data.metrics if key.startswith(("final_uniform_", "final_best_member_"))]
+    parent = mlflow_store.get_run(study.user_attrs[record.PARENT_RUN_ID], stores["tracking_uri"])
+    assert parent.data.metrics[record.final("best_member_test_top1")] == pytest.approx(
+        search.member_scores[0]["test_top1"], abs=5e-5)
+    assert parent.data.metrics[record.final("uniform_selection_log_loss")] == pytest.approx(
+        search.uniform_scores["selection_log_loss"], rel=5e-4)  # MLflow metrics keep 4 significant digits
+
+
+class _Run:
+    """Stands in for a ``TrialRun``: keeps what is logged to it."""
+
+    def __init__(self):
+        self.metrics: dict[str, float] = {}
+
+    def log_metrics(self, metrics, step=0):
+        self.metrics.update(metrics)
+
+    def log_text(self, text, name):
+        pass
+
+    def log_figure(self, figure, name):
+        pass
+
+
+class _Tracker:
+    def __init__(self):
+        self.parent = _Run()
+
+    def parent_run(self):
+        return self.parent
+
+
+@pytest.mark.parametrize("objective, value_of", [
+    (None, lambda scores: scores["selection_log_loss"]),  # a new study of objective "log_loss": minimised
+    (objectives.Objective("minus_selection_log_loss", maximize=True), lambda scores: -scores["selection_log_loss"]),
+    (objectives.TOP1, lambda scores: scores["selection_top1"]),
+])
+def test_ensemble_objective_returns_the_value_of_the_studys_objective(members_and_predictions, objective, value_of):
+    members, predictions = members_and_predictions
+    search = ensemble.WeightSearch(members, predictions)
+    tracker = _Tracker()
+    tracked = ensemble.EnsembleObjective(search, load_config("ensemble"), tracker, None, objective=objective)
+    assert tracked.objective == (objective or objectives.LOG_LOSS)
+    params = search.greedy_params()
+    run = _Run()
+    value = tracked.evaluate(optuna.trial.FixedTrial(params), params, run)
+    assert value == pytest.approx(value_of(search.evaluate(search.greedy)))
+    assert set(run.metrics) == {record.final(key) for key in search.evaluate(search.greedy)}
+    assert set(tracker.parent.metrics) == {record.final(f"{name}_{key}") for name in ("uniform", "best_member")
+                                           for key in search.uniform_scores}
+
+
+def test_ensemble_run_name_and_params_show_the_shares(members_and_predictions):
+    from tinyopt.track.names import run_name
+
+    members, predictions = members_and_predictions
+    search = ensemble.WeightSearch(members, predictions)
+    tracked = ensemble.EnsembleObjective(search, load_config("ensemble"), _Tracker(), None)
+    params = {m.param: w for m, w in zip(members, [0.1234, 0.4, 0.4766], strict=True)}
+    assert run_name(29, tracked.headline(params)) == "t29 w=0.12/0.40/0.48"
+    logged = tracked.logged_params(optuna.trial.FixedTrial(params), params)
+    assert logged == {"weight_finetune-12": 0.123, "weight_scratch-3": 0.4, "weight_pretrained-0": 0.477,
+                      **{f"temperature_{m.label}": float(f"{t:.4g}")
+                         for m, t in zip(members, search.temperatures, strict=True)}}
+    raw = {m.param: w for m, w in zip(members, [2.0, 1.0, 1.0], strict=True)}  # weights given otherwise
+    assert run_name(3, tracked.headline(raw)) == "t3 w=0.50/0.25/0.25"
+    assert run_name(4, tracked.headline(dict.fromkeys(raw, 0.0))) == "t4 w=0.00/0.00/0.00"

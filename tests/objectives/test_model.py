@@ -117,7 +117,9 @@ def test_any_other_tinyopt_error_stops_the_sweep_after_closing_the_run():
     assert objective.tracker.run.ended == ("FAIL", "ConfigError: space.epochs: got 0")
 
 
-def test_a_pruned_trial_kills_its_run():
-    objective = _Objective(optuna.TrialPruned("pruned after epoch 2"))
-    assert _run(objective).state.name == "PRUNED"
-    assert objective.tracker.run.ended == ("PRUNED", None)
+def test_a_pruned_trial_run_says_where_and_why_it_stopped_and_how_long_it_ran():
+    objective = _Objective(optuna.TrialPruned("pruned after epoch 2 of 3 by MedianPruner"))
+    trial = _run(objective)
+    assert trial.state.name == "PRUNED" and record.SECONDS in trial.user_attrs
+    assert objective.tracker.run.ended == ("PRUNED", "pruned after epoch 2 of 3 by MedianPruner")
+    assert record.TRIAL_SECONDS in objective.tracker.run.metrics

@@ -85,7 +85,7 @@ def _stored_run(tracking_uri: str, study: str, model: keras.Model) -> str:
                               tags={record.TAG_BACKEND: keras.backend.backend()})
     run.log_predictions(ARRAYS)
     run.log_text(record.classes_tsv(CLASSES), record.CLASSES_FILE)
-    run.log_model(model, tracker.experiment_id)
+    run.log_model(model, tracker.experiment_id, f"{study}-trial-0")
     run.end("COMPLETE")
     tracker.end_sweep()
     return run.run_id

@@ -8,6 +8,7 @@ tests need no training; the ensemble study is swept by the real runner on top of
 from __future__ import annotations
 
 import datetime
+import html
 import json
 
 import keras
@@ -24,7 +25,7 @@ from tinyopt.objectives import voting
 from tinyopt.results import bundle as bundles
 from tinyopt.results import report
 from tinyopt.results.predict import predict_images
-from tinyopt.stores.storage import open_storage
+from tinyopt.stores.storage import open_storage, optuna_experimental
 from tinyopt.sweep.runner import run_sweep
 from tinyopt.track import names as run_names
 from tinyopt.track import store as mlflow_store
@@ -75,7 +76,7 @@ def _sweep_approach(name: str, storage: str, tracking_uri: str, images: dict, la
         value = final["selection_top1"] + 0.001 * number  # no ties: one best trial per study
         kept = value > best_so_far
         if kept:
-            run.log_model(model, tracker.experiment_id)
+            run.log_model(model, tracker.experiment_id, run_names.model_name(name, number))
             best_so_far = value
         run.end("COMPLETE")
         attrs = {"mlflow_run_id": run.run_id, "model_kept": kept, "params": {**params, "epochs": 2},
@@ -128,7 +129,8 @@ def test_ensemble_sweep_records_the_contract(store):
         (name, t.number, t.user_attrs["mlflow_run_id"], True) for name, t in expected]
     assert sum(m["weight"] for m in members) == pytest.approx(1.0)
     assert set(best.params) == {f"weight_{name}-{t.number}" for name, t in expected}
-    assert best.value == -best.user_attrs["selection_log_loss"]
+    assert study.direction.name == "MINIMIZE" and study.metric_names == [record.SELECTION_LOG_LOSS]
+    assert best.value == best.user_attrs["selection_log_loss"]
     assert set(best.user_attrs[record.UNIFORM]) == {*report.SCORES, *record.LOG_LOSSES}
     assert best.user_attrs[record.BEST_MEMBER]["label"] in {m["label"] for m in members}
     assert best.user_attrs["model_kept"] is False
@@ -138,7 +140,7 @@ def test_ensemble_sweep_records_the_contract(store):
     for member in members:
         share = float(run.data.params[f"weight_{member['label']}"])
         assert share == pytest.approx(member["weight"], abs=5e-4)
-        assert f"{member['label']}={run_names.short_value(share)}" in run.info.run_name
+    assert run.info.run_name == f"t{best.number} w=" + "/".join(f"{m['weight']:.2f}" for m in members)
     assert run.data.metrics[record.final("test_top1")] == pytest.approx(best.user_attrs["test_top1"], abs=5e-5)
     rows = json.loads(mlflow_store.download_artifact(run.info.run_id, "ensemble_members.json", store["tracking_uri"],
                                                  store["root"] / "dl").read_text())
@@ -156,8 +158,8 @@ def test_best_prints_each_study(store):
         assert best.user_attrs["mlflow_run_id"] in result.output
         assert f"{best.user_attrs['test_top1']:.4f}" in result.output
     assert "learning_rate=" in result.output
-    for line in ("weighted vote: selection top-1", "best member ", "uniform vote: selection top-1"):
-        assert line in result.output
+    rows = [line.split("│")[1].strip() for line in result.output.splitlines() if line.strip().startswith("│")]
+    assert {"weighted vote", "uniform vote"} <= set(rows) and any(row.startswith("best member ") for row in rows)
 
 
 def test_exported_approach_predicts_what_its_trial_recorded(store, tmp_path):
@@ -271,7 +273,48 @@ def test_report_command(store, tmp_path):
     result = _invoke(["report", "--out", str(tmp_path / "out"), *_options(store)])
     assert result.exit_code == 0, result.output
     assert "selection top-1 over uniform" in result.output
-    assert "3/1/1" in result.output and "1m 06s" in result.output and (tmp_path / "out" / "report.md").is_file()
+    [finetune] = [line for line in result.output.splitlines() if line.startswith("│ finetune ") and "1m 06s" in line]
+    assert [cell.strip() for cell in finetune.split("│")[1:-1]] == ["finetune", "3", "1", "1", "1m 06s"], finetune
+    assert (tmp_path / "out" / "report.md").is_file()
+
+
+def _linked_storage(tmp_path) -> str:
+    """A pretrained trial that scored 0.1345 top-1 alone, and an ensemble where it scores 0.2800 in the vote."""
+    storage = f"sqlite:///{tmp_path / 'linked.db'}"
+    own = {"selection_top1": 0.1345, "test_top1": 0.1245}
+    pretrained = optuna.create_study(study_name="pretrained", storage=storage, direction="maximize")
+    pretrained.add_trial(optuna.trial.create_trial(value=0.1345, user_attrs={
+        **own, "mlflow_run_id": "p0", "mlflow_run_url": "http://mlflow.test/#/experiments/1/runs/p0"}))
+    member = {"label": "pretrained-0", "study": "pretrained", "trial_number": 0, "run_id": "p0", "model_kept": True,
+              "weight": 1.0, "temperature": 1.5, "selection_top1": 0.28, "test_top1": 0.27}
+    ensemble = optuna.create_study(study_name="ensemble", storage=storage, direction="minimize")
+    with optuna_experimental():
+        ensemble.set_metric_names([record.SELECTION_LOG_LOSS])
+    ensemble.add_trial(optuna.trial.create_trial(value=1.7551, user_attrs={
+        "members": [member], "selection_top1": 0.574, "test_top1": 0.56, "selection_log_loss": 1.7551,
+        "uniform": {"selection_top1": 0.28, "test_top1": 0.27}, "mlflow_run_url": "http://mlflow.test/#/experiments/2/runs/e0"}))
+    return storage
+
+
+def test_report_links_each_best_trial_titles_its_plots_and_explains_member_scores(tmp_path):
+    report.write_report(_linked_storage(tmp_path), "", tmp_path, log_to_mlflow=False)
+    markdown, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    for experiment, run in ((1, "p0"), (2, "e0")):
+        url = f"http://mlflow.test/#/experiments/{experiment}/runs/{run}?workflowType=machine_learning"
+        assert f"| [0]({url}) |" in markdown
+        assert f"<td><a href='{url}' target='_blank'>0</a></td>" in page
+    assert "| ensemble | ensemble | " in markdown and " | selection log loss (lower is better) | 1.7551 | " in markdown
+    titles = ["Optimisation history of pretrained: selection top-1 by trial, and the best so far",
+              "Optimisation history of ensemble: selection log loss by trial, and the best so far",
+              "Best trial of each study: selection and test scores"]
+    for title in titles:
+        assert f"### {title}" in markdown and f"<h3>{title}</h3>" in page
+    assert f"![{titles[0]}](history_pretrained.png)" in markdown
+    assert "<h3>history_" not in page and "<h3>comparison" not in page
+    note = ("pretrained-0 scores selection top-1 0.2800 and test top-1 0.2700 in the vote (calibrated, restricted to "
+            "the 200 classes), 0.1345 and 0.1245 as pretrained trial 0 in its own study")
+    assert f"- {note}" in markdown and f"<p>{html.escape(note)}</p>" in page
+    assert "A member's scores are those of its calibrated probabilities over the 200 classes, as they vote" in markdown
 
 
 def _unkept_storage(tmp_path) -> str:

@@ -29,21 +29,26 @@ from sweep_helpers import SMALL, failing_build, runs_of
 
 from tinyopt.cli import cli
 from tinyopt.core import record
+from tinyopt.core.objective import of_study
 from tinyopt.stores import servers
 from tinyopt.sweep import runner
+from tinyopt.track.names import DEFAULT_UI
 
 CHROMIUM = Path("/usr/bin/chromium")
 REPOSITORY = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("TINYOPT_TEST_ARTIFACTS") or REPOSITORY / "test-artifacts") / "ui"
-TRIALS = {"pretrained": 2, "scratch": 4}
+TRIALS = {"pretrained": 2, "scratch": 10, "ensemble": 8}
 FAILED, PRUNED = 1, 2  # scratch trial numbers
+# What MLflow 3 shows of a run or an experiment in its GenAI layout, which tinyopt's links must never open.
+GENAI = re.compile(r"Evaluation runs|Evaluations")
 EPOCHS = 2  # of a scratch trial (SMALL)
 PAGE_TIMEOUT_MS = 60_000  # the UI renders in a second or two; a loaded CI machine may take much longer
 
 
 @pytest.fixture(scope="module")
 def store(tiny_folder, mobilenet_weights_or_none, tmp_path_factory):
-    """Two studies swept for real: pretrained (the CPU preset, 2 trials) and scratch (4: a failed one, a pruned one).
+    """Three studies swept for real: pretrained (the CPU preset, 2 trials), scratch (10: a failed one, a
+    pruned one) and the ensemble of their best trials (8 trials, its objective the selection log loss).
 
     The pretrained trials run the real MobileNet ImageNet weights when ../shared/data has them.
     """
@@ -53,7 +58,9 @@ def store(tiny_folder, mobilenet_weights_or_none, tmp_path_factory):
         "pretrained": {"config_path": str(REPOSITORY / "sweeps" / "cpu" / "pretrained.toml"),
                        "overrides": (f"model.weights={mobilenet_weights_or_none}",
                                      "train.eval_batch_size=32")},
-        "scratch": {"overrides": SMALL["scratch"]},
+        # The learning rate searched, so that the parallel-coordinates chart has a param that varies.
+        "scratch": {"overrides": tuple(o for o in SMALL["scratch"] if not o.startswith("space.learning_rate"))},
+        "ensemble": {"overrides": ('ensemble.studies=["pretrained", "scratch"]', "ensemble.top_k=3")},
     }
     with pytest.MonkeyPatch.context() as patch:
         failing_build(patch, lambda number: number == FAILED)
@@ -62,7 +69,7 @@ def store(tiny_folder, mobilenet_weights_or_none, tmp_path_factory):
             runner.run_sweep(approach, trials=trials, source=str(tiny_folder), cache_dir=str(root / "cache"),
                              progress=False, **settings[approach], **stores)
     states = [t.state.name for t in optuna.load_study(study_name="scratch", storage=stores["storage"]).trials]
-    assert states == ["COMPLETE", "FAIL", "PRUNED", "COMPLETE"]
+    assert states == ["COMPLETE", "FAIL", "PRUNED"] + ["COMPLETE"] * 7
     return stores
 
 
@@ -164,17 +171,25 @@ def test_the_mlflow_ui_shows_each_study_and_its_trials(store, free_port):
     port = free_port()
     with tinyopt_ui("--tracking-uri", store["tracking_uri"], "--port", port, ports=[port]) as text:
         urls = _study_urls(text)
-        assert sorted(urls) == ["tinyopt/pretrained", "tinyopt/scratch"], text
+        assert sorted(urls) == sorted(f"tinyopt/{study}" for study in TRIALS), text
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-            page = browser.new_page(viewport={"width": 1920, "height": 1080})
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.set_default_timeout(PAGE_TIMEOUT_MS)
             expect.set_options(timeout=PAGE_TIMEOUT_MS)
             try:
+                # A fresh browser, with no layout chosen yet: every link tinyopt writes opens model training.
                 for study in TRIALS:
                     _check_runs_table(page, expect, urls[f"tinyopt/{study}"], *_runs(store, study))
-                _check_parent_run(page, expect, urls["tinyopt/scratch"], *_runs(store, "scratch"))
+                for study in ("scratch", "ensemble"):
+                    _check_stored_links(page, expect, port, *_runs(store, study))
+                # MLflow 3.17 opens a run clicked inside the UI in the layout last chosen with the switch at
+                # the top of its sidebar (kept in the browser), not the link's: a person chooses it once.
+                _choose_model_training(page, urls["tinyopt/scratch"])
+                for study in ("scratch", "ensemble"):
+                    _check_parent_run(page, expect, urls[f"tinyopt/{study}"], *_runs(store, study))
                 _check_trial_run(page, expect, urls["tinyopt/scratch"], *_runs(store, "scratch"))
+                _check_pruned_run(page, expect, urls["tinyopt/scratch"], *_runs(store, "scratch"))
             except BaseException:
                 _shot(page, "failure")
                 raise
@@ -185,7 +200,7 @@ def test_the_mlflow_ui_shows_each_study_and_its_trials(store, free_port):
 def _runs(store, study):
     """The study's name, its best trial, its parent run and its trial runs by number."""
     _, [parent], trials = runs_of(store, study)
-    return study, optuna.load_study(study_name=study, storage=store["storage"]).best_trial, parent, trials
+    return study, optuna.load_study(study_name=study, storage=store["storage"]), parent, trials
 
 
 def _row(page, run):
@@ -193,49 +208,98 @@ def _row(page, run):
     return page.locator(f'[row-id="{run.info.run_id}"]')
 
 
-def _check_runs_table(page, expect, url, study, best, parent, trials):
-    """The study's link opens its runs table (not MLflow's GenAI pages): the parent's best score, every trial."""
+def _choose_model_training(page, url):
+    """Choose the model-training layout with the UI's switch, as a person does once (the browser keeps it)."""
     page.goto(url)
-    expect(_row(page, parent).get_by_role("link", name=study, exact=True)).to_be_visible()
+    page.get_by_text("GenAI", exact=True).first.click()
+    page.get_by_text("Model training", exact=True).first.click()
+    page.wait_for_url(re.compile("workflowType=machine_learning"))
+
+
+def _check_layout(page, expect):
+    """The page is in MLflow's model-training layout, and names no loss "top-1"."""
+    expect(page.get_by_text(GENAI)).to_have_count(0)
+    body = page.inner_text("body")
+    assert not re.search(r"top-1\W{0,3}-\d", body), body
+
+
+def _check_runs_table(page, expect, url, name, study, parent, trials):
+    """The study's link opens its runs table: the parent first, then the trials ranked by the objective."""
+    page.goto(url)
+    expect(_row(page, parent).get_by_role("link", name=name, exact=True)).to_be_visible()
     assert "/runs" in page.url, page.url
-    for number in range(TRIALS[study]):  # the failed and pruned trials too
+    for number in range(TRIALS[name]):  # the failed and pruned trials too
         expect(_row(page, trials[number]).get_by_role("link", name=re.compile(rf"^t{number} "))).to_be_visible()
-    expect(page.get_by_role("columnheader", name=record.BEST_SO_FAR).first).to_be_visible()
-    parent_row = "\n".join(_row(page, parent).all_inner_texts())
-    assert any(value == pytest.approx(best.value) for value in _numbers(parent_row)), parent_row
-    expect(page.get_by_role("columnheader", name=record.TAG_BEST, exact=True).first).to_be_visible()
-    assert "true" in "\n".join(_row(page, trials[best.number]).all_inner_texts()).split()
-    _shot(page, f"{study}-runs")
+    objective = of_study(study)
+    for column in (record.RANK, record.final(objective.name), record.final(record.SELECTION_TOP1), record.TAG_BEST):
+        expect(page.get_by_role("columnheader", name=column, exact=True).first).to_be_visible()
+    complete = objective.ranked(t for t in study.trials if t.state.name == "COMPLETE")
+    order = sorted((int(_row(page, run).first.get_attribute("row-index")), run.info.run_id)
+                   for run in [parent, *trials.values()])
+    shown = [run_id for _, run_id in order]
+    assert shown[:len(complete) + 1] == [parent.info.run_id, *(trials[t.number].info.run_id for t in complete)]
+    assert "true" in "\n".join(_row(page, trials[study.best_trial.number]).all_inner_texts()).split()
+    _check_layout(page, expect)
+    _shot(page, f"{name}-runs")
 
 
-def _check_parent_run(page, expect, url, study, best, parent, trials):
-    """The parent run of a study: its best-so-far chart, a point per trial, and its history plot."""
+def _check_parent_run(page, expect, url, name, study, parent, trials):
+    """The parent run of a study: its objective by name, its best-so-far chart, its history plot."""
     page.goto(url)
-    _row(page, parent).get_by_role("link", name=study, exact=True).click()
+    _row(page, parent).get_by_role("link", name=name, exact=True).click()
     # Its description (the Overview tab): the command, what is searched, the best trial.
-    expect(page.get_by_text(f"Sweep of study {study}").first).to_be_visible()
+    expect(page.get_by_text(f"Sweep of study {name}").first).to_be_visible()
     page.get_by_text("Show more").first.click()
-    expect(page.get_by_text(f"Best: trial {best.number}").first).to_be_visible()
-    _shot(page, f"{study}-parent-overview")
+    objective = of_study(study)
+    expect(page.get_by_text(f"Best: trial {study.best_trial.number}").first).to_be_visible()
+    expect(page.get_by_text(objective.heading).first).to_be_visible()
+    _check_layout(page, expect)
+    _shot(page, f"{name}-parent-overview")
     page.get_by_role("tab", name="Model metrics").click()
-    expect(_chart(page, expect, record.BEST_SO_FAR).locator(".scatterlayer .point")).to_have_count(len(trials))
-    _shot(page, f"{study}-parent-metrics")
+    points = len(study.trials)  # one per trial that ended, once the first one completed (trial 0 did)
+    expect(_chart(page, expect, objective.best_metric).locator(".scatterlayer .point")).to_have_count(points)
+    _shot(page, f"{name}-parent-metrics")
     _artifact_image(page, expect, record.HISTORY)
-    _shot(page, f"{study}-parent-history")
+    _shot(page, f"{name}-parent-history")
 
 
-def _check_trial_run(page, expect, url, study, best, parent, trials):
+def _check_trial_run(page, expect, url, name, study, parent, trials):
     """The best trial: its per-epoch selection top-1 chart (step = epoch, from 1) and its learning curve."""
+    best = study.best_trial.number
     page.goto(url)
-    _row(page, trials[best.number]).get_by_role("link", name=re.compile(rf"^t{best.number} ")).click()
+    _row(page, trials[best]).get_by_role("link", name=re.compile(rf"^t{best} ")).click()
+    _check_layout(page, expect)
     page.get_by_role("tab", name="Model metrics").click()
     chart = _chart(page, expect, record.SELECTION_TOP1)
     expect(chart.locator(".scatterlayer .point")).to_have_count(EPOCHS)
     ticks = chart.locator(".xtick text").all_text_contents()
     assert ticks[0] == "1" and ticks[-1] == str(EPOCHS), ticks
-    _shot(page, f"{study}-trial-metrics")
+    _shot(page, f"{name}-trial-metrics")
     _artifact_image(page, expect, record.LEARNING_CURVE)
-    _shot(page, f"{study}-trial-learning-curve")
+    _shot(page, f"{name}-trial-learning-curve")
+
+
+def _check_pruned_run(page, expect, url, name, study, parent, trials):
+    """A pruned trial's run says it was pruned, after which epoch, by which pruner; it is no failure."""
+    page.goto(url)
+    _row(page, trials[PRUNED]).get_by_role("link", name=re.compile(rf"^t{PRUNED} ")).click()
+    expect(page.get_by_text(re.compile(r"pruned after epoch 1 of \d+ by")).first).to_be_visible()
+    assert trials[PRUNED].info.status == "FINISHED"
+    _check_layout(page, expect)
+    _shot(page, f"{name}-pruned-trial")
+
+
+def _check_stored_links(page, expect, port, name, study, parent, trials):
+    """The links tinyopt stores (the parent's best run, a trial's Optuna user attr) open the model-training layout."""
+    def here(url):  # they name tinyopt ui's default address; this one runs on another port
+        return url.replace(DEFAULT_UI, f"http://127.0.0.1:{port}")
+
+    best = study.best_trial
+    for url in (parent.data.tags[record.TAG_BEST_RUN_URL], best.user_attrs[record.RUN_URL]):
+        page.goto(here(url))
+        expect(page.get_by_role("tab", name="Model metrics")).to_be_visible()
+        _check_layout(page, expect)
+    _shot(page, f"{name}-best-run-link")
 
 
 def _chart(page, expect, metric):
@@ -264,6 +328,16 @@ def test_the_dashboard_lists_the_studies(store, free_port):
         with urllib.request.urlopen(f"{url}/api/studies", timeout=30) as response:
             studies = json.load(response)["study_summaries"]
         assert sorted(s["study_name"] for s in studies) == sorted(TRIALS)
+        # Notes, which the dashboard renders as markdown: the sweep's summary, and each trial's run as a link.
+        [scratch] = [s for s in studies if s["study_name"] == "scratch"]
+        with urllib.request.urlopen(f"{url}/api/studies/{scratch['study_id']}", timeout=30) as response:
+            detail = json.load(response)
+        assert detail["note"]["body"].startswith("**Sweep of study `scratch`**")
+        assert "Best: trial" in detail["note"]["body"] and "](http://127.0.0.1:5000/#/experiments/" in \
+            detail["note"]["body"]
+        first = detail["trials"][0]["note"]["body"]
+        assert re.fullmatch(r"\[MLflow run of trial 0\]\(http://\S+/runs/\w+\?workflowType=machine_learning\)",
+                            first), first
 
 
 def test_ui_refuses_a_port_in_use(tmp_path, free_port):

@@ -60,7 +60,7 @@ def test_sweep_records_every_trial_in_mlflow(approach, stores, tiny_folder, cach
         assert not any(key.startswith("system/") for key in run.data.metrics)  # auto: only with a GPU
         assert trial.user_attrs[record.RUN_ID] == run.info.run_id
         assert trial.user_attrs[record.RUN_URL].endswith(f"#/experiments/{run.info.experiment_id}/runs/"
-                                                         f"{run.info.run_id}")
+                                                         f"{run.info.run_id}?workflowType=machine_learning")
         # The searched params and a few identifying ones, not the resolved config (an artifact and a hash).
         identifying = {"approach", "backbone", "weights", "data", record.CONFIG_HASH} & set(run.data.params)
         assert set(run.data.params) == set(trial.params) | identifying
@@ -182,13 +182,15 @@ class _PruneTrialOne(optuna.pruners.BasePruner):
         return trial.number == 1
 
 
-def test_pruned_trial_run_is_killed(stores, tiny_folder, cache_root, monkeypatch):
+def test_a_pruned_trial_run_is_finished_and_says_where_it_was_pruned(stores, tiny_folder, cache_root, monkeypatch):
     monkeypatch.setattr(sampling, "make_pruner", lambda *args: _PruneTrialOne())
     sweep("scratch", stores, tiny_folder, cache_root, 2)
     states = [t.state for t in load_study(stores, "scratch").trials]
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
     client, _, children = runs_of(stores, "scratch")
-    assert children[1].info.status == "KILLED" and children[1].data.tags["trial_state"] == "PRUNED"
+    assert children[1].info.status == "FINISHED" and children[1].data.tags["trial_state"] == "PRUNED"
+    assert children[1].data.tags[record.TAG_OUTCOME].startswith("pruned after epoch 1 of 2 by _PruneTrialOne")
+    assert record.TRIAL_SECONDS in children[1].data.metrics
     assert len(client.get_metric_history(children[1].info.run_id, record.SELECTION_TOP1)) == 1
 
 
@@ -340,6 +342,7 @@ def test_a_trial_training_at_the_deadline_stops_and_is_pruned(stores, tiny_folde
     assert "trial 0 was still training at the --timeout deadline" in output
     assert "1 pruned" in output
     client, parents, children = runs_of(stores, "scratch")
-    assert children[0].info.status == "KILLED" and parents[0].info.status == "FINISHED"
+    assert children[0].info.status == "FINISHED" and parents[0].info.status == "FINISHED"
+    assert children[0].data.tags[record.TAG_OUTCOME].startswith("stopped at the --timeout deadline")
     history = client.get_metric_history(children[0].info.run_id, record.SELECTION_TOP1)
     assert max(m.step for m in history) == len(trials[0].intermediate_values)

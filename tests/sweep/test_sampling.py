@@ -89,3 +89,66 @@ def test_max_epochs_is_the_most_a_trial_of_the_space_can_train():
     assert sampling.max_epochs({"epochs": {"type": "int", "low": 2, "high": 12}}) == 12
     assert sampling.max_epochs({"epochs": {"type": "categorical", "choices": [8, 32, 16]}}) == 32
     assert sampling.max_epochs({"input_size": 64}) == 1
+
+
+SHARES = ["weight_a", "weight_b", "weight_c"]
+_TARGET = {"weight_a": 0.7, "weight_b": 0.1, "weight_c": 0.2}
+
+
+def _share_study(sampler: str = "tpe", trials: int = 15) -> optuna.Study:
+    """A study of three shares (TPE: 4 start-up trials), its first trial enqueued as the ensemble's is."""
+    study_cfg = dataclasses.replace(load_config("ensemble").study, sampler=sampler, n_startup_trials=4)
+    study = optuna.create_study(direction="minimize", sampler=sampling.make_sampler(study_cfg, 0, shares=SHARES))
+    study.enqueue_trial({"weight_a": 0.5, "weight_b": 0.5, "weight_c": 0.0})
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(lambda trial: sum((trial.suggest_float(name, 0.0, 1.0) - _TARGET[name]) ** 2 for name in SHARES),
+                   n_trials=trials)
+    return study
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_shares_are_sampled_on_the_simplex_and_the_enqueued_trial_kept(sampler):
+    study = _share_study(sampler)
+    assert isinstance(study.sampler, sampling.SimplexSampler)
+    assert study.trials[0].params == {"weight_a": 0.5, "weight_b": 0.5, "weight_c": 0.0}
+    for trial in study.trials:
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert sum(trial.params.values()) == pytest.approx(1.0, abs=1e-9)
+        assert all(0.0 <= value <= 1.0 for value in trial.params.values())
+    assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == len(study.trials)
+
+
+def test_tpe_models_the_shares_and_importance_is_computed_on_them():
+    from tinyopt.core import plots
+
+    study = _share_study(trials=30)
+    startup = [t.value for t in study.trials[1:5]]
+    assert study.best_value < min(startup)  # past its start-up, TPE draws near the good shares
+    found = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+    assert set(found) == set(SHARES)
+    importances, why = plots.importances(study)
+    assert set(importances) == set(SHARES) and why is None
+
+
+def test_shares_are_reproducible_per_trial():
+    assert [t.params for t in _share_study(trials=8).trials] == [t.params for t in _share_study(trials=8).trials]
+
+
+def test_without_shares_the_sampler_is_the_plain_one():
+    study_cfg = load_config("ensemble").study
+    plain = sampling.make_sampler(study_cfg, 0)
+    assert type(plain) is sampling.TrialSeededSampler
+    assert type(sampling.make_sampler(study_cfg, 0, shares=())) is sampling.TrialSeededSampler
+
+    def draws(sampler):
+        study = optuna.create_study(sampler=sampler)
+        for _ in range(3):
+            trial = study.ask()
+            for name in SHARES:
+                trial.suggest_float(name, 0.0, 1.0)
+        return [t.params for t in study.trials]
+
+    free = draws(sampling.make_sampler(study_cfg, 0, shares=()))
+    assert free == draws(plain)
+    assert any(abs(sum(p.values()) - 1.0) > 1e-3 for p in free)  # free weights, not shares

@@ -34,10 +34,12 @@ def test_summarize_counts_every_state_and_lists_the_best_first():
     result = summarize(_study(), "postgresql+psycopg://bob:hunter2@db/x", TRACKING, new_trials=3, top=3)
     assert (result.study_name, result.approach, result.new_trials) == ("scratch", "scratch", 3)
     assert result.counts == {"COMPLETE": 4, "PRUNED": 1, "FAIL": 1, "RUNNING": 1}
-    assert result.top == [
+    shown = [{key: row[key] for key in ("number", "value", "test_top1", "params", "run_id")} for row in result.top]
+    assert shown == [
         {"number": 1, "value": 0.6, "test_top1": 0.3, "params": {"learning_rate": 0.01}, "run_id": "run-1"},
         {"number": 3, "value": 0.5, "test_top1": 0.25, "params": {"learning_rate": 0.0001}, "run_id": "run-3"},
         {"number": 0, "value": 0.3, "test_top1": 0.15, "params": {"learning_rate": 0.1}, "run_id": "run-0"}]
+    assert result.objective.name == record.SELECTION_TOP1
     assert result.storage == "postgresql+psycopg://bob:***@db/x"
     assert result.ui_command == f"tinyopt ui --tracking-uri {TRACKING}"
     assert (result.exit_code, result.notes, result.interrupted) == (0, [], None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import optuna
 import pytest
 
 from tinyopt.core import record
@@ -66,14 +65,26 @@ def test_markdown_table_lists_every_param():
         "| param | value |", "| --- | --- |", "| learning_rate | 3e-4 |", "| optimizer | sgd |"]
 
 
-@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # set_metric_names; the runner too
-def test_experiments_links_and_the_objective_name():
+def test_experiment_names_and_run_links_open_the_model_training_layout():
     assert run_names.experiment_name("scratch") == "tinyopt/scratch"
-    assert run_names.run_path("3", "abc") == "#/experiments/3/runs/abc"
-    study = optuna.create_study(direction="maximize")
-    assert run_names.objective_name(study) == record.OBJECTIVE_NAME
-    study.set_metric_names(["minus_selection_log_loss"])
-    assert run_names.objective_name(study) == "minus_selection_log_loss"
+    assert run_names.run_path("3", "abc") == "#/experiments/3/runs/abc?workflowType=machine_learning"
+
+
+def test_params_read_at_four_significant_digits():
+    assert run_names.param_text(0.00020074099001954847) == "0.0002007"
+    assert run_names.param_text(0.5) == "0.5" and run_names.param_text(160) == "160"
+    assert run_names.param_text(True) == "True" and run_names.param_text("adamw") == "adamw"
+
+
+def test_kept_models_are_named_after_their_trial_in_names_mlflow_accepts():
+    assert run_names.model_name("finetune", 12) == "finetune-trial-12"
+    assert run_names.model_name("ft.v2/a", 3, refit=True) == "ft_v2_a-refit-of-3"
+
+
+def test_no_trial_run_wears_the_best_trials_colour():
+    colours = [run_names.run_colour(number) for number in range(100)]
+    assert run_names.BEST_COLOUR not in colours
+    assert len(set(colours[:16])) == 16  # neighbours never share one
 
 
 def test_ui_command_opens_an_embedded_store_and_names_a_server_without_its_secret():

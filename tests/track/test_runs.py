@@ -101,13 +101,37 @@ def test_the_model_is_saved_before_the_trial_goes_on(tmp_path):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     x = np.eye(3, dtype=np.float32)
     expected = model.predict(x, verbose=0)
-    run.log_model(model, tracker.experiment_id)
+    run.log_model(model, tracker.experiment_id, "scratch-trial-0", params={"learning_rate": 0.00020074099},
+                  metrics={record.final(record.SELECTION_TOP1): 0.41234567})
     model.set_weights([np.zeros_like(w) for w in model.get_weights()])  # what the next trial's clear_session may do
     release.set()
     run.end("COMPLETE")
     tracker.end_sweep()
     reloaded = keras.saving.load_model(mlflow_store.download_model(run.run_id, tracker.tracking_uri, tmp_path / "dl"))
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), expected, rtol=1e-6)
+    # MLflow's Models tab tells it apart and ranks it: its trial's name, params and scores.
+    [logged] = tracker.client.search_logged_models([tracker.experiment_id])
+    assert logged.name == "scratch-trial-0" and logged.params == {"learning_rate": "0.0002007"}
+    assert {m.key: m.value for m in logged.metrics} == {record.final(record.SELECTION_TOP1): 0.4123}
+
+
+@pytest.mark.parametrize("state, reason, status, outcome", [
+    ("COMPLETE", None, "FINISHED", "complete"),
+    ("PRUNED", "pruned after epoch 3 of 10 by MedianPruner (selection top-1 0.120)", "FINISHED",
+     "pruned after epoch 3 of 10 by MedianPruner (selection top-1 0.120)"),
+    ("FAIL", "ValueError: bad", "FAILED", "failed: ValueError: bad"),
+    ("KILLED", "interrupted by SIGTERM", "KILLED", "interrupted by SIGTERM"),
+])
+def test_a_closed_run_says_what_happened_to_its_trial(tmp_path, state, reason, status, outcome):
+    tracker = _tracker(tmp_path)
+    run = _trial(tracker, 0)
+    run.end(state, reason)
+    tracker.end_sweep()
+    stored = tracker.client.get_run(run.run_id)
+    assert stored.info.status == status and stored.data.tags[record.TAG_OUTCOME] == outcome
+    assert stored.data.tags[record.TAG_TRIAL_STATE] == state
+    # A pruned trial is not a failure: only a failed or interrupted one carries a fail reason.
+    assert stored.data.tags.get(record.FAIL_REASON) == (reason if state in ("FAIL", "KILLED") else None)
 
 
 def test_a_failed_upload_fails_the_run_with_the_reason_and_the_sweep_end(tmp_path, monkeypatch):

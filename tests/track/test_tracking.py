@@ -64,9 +64,12 @@ def test_a_trial_run_is_nested_named_and_identified(tracking_uri):
 
 def test_run_url_is_the_run_in_the_ui(tracking_uri):
     tracker = tracking.Tracker(tracking_uri, "links", "scratch")
-    path = f"#/experiments/{tracker.experiment_id}/runs/abc"
+    path = f"#/experiments/{tracker.experiment_id}/runs/abc?workflowType=machine_learning"
     assert tracker.run_url("abc") == f"http://127.0.0.1:5000/{path}"  # tinyopt ui's address, for an embedded store
-    assert tracker.run_url("abc", base="http://host:8000/") == f"http://host:8000/{path}"
+    server = tracking.Tracker.__new__(tracking.Tracker)
+    server.tracking_uri, server.experiment_id = "https://bob:hunter2@mlflow.example.com/", "4"
+    assert server.run_url("abc") == ("https://bob:***@mlflow.example.com/#/experiments/4/runs/abc"
+                                     "?workflowType=machine_learning")
 
 
 def test_the_best_tag_moves_to_the_new_best_run(tracking_uri):
@@ -77,7 +80,32 @@ def test_the_best_tag_moves_to_the_new_best_run(tracking_uri):
     tracker.end_sweep()
     tracker.move_best_tag(runs[0].run_id)
     tracker.move_best_tag(runs[2].run_id)
-    assert [tracker.client.get_run(run.run_id).data.tags.get(record.TAG_BEST) for run in runs] == [None, None, "true"]
+    tags = [tracker.client.get_run(run.run_id).data.tags for run in runs]
+    assert [t.get(record.TAG_BEST) for t in tags] == [None, None, "true"]
+    # The best trial's colour goes with the tag; the former best gets its own back.
+    assert [t[record.TAG_COLOR] for t in tags] == [run_names.run_colour(0), run_names.run_colour(1),
+                                                   run_names.BEST_COLOUR]
+
+
+def test_trial_runs_are_ranked_by_the_objective_and_only_changes_are_logged(tracking_uri, monkeypatch):
+    tracker = _tracker(tracking_uri, "ranks")
+    runs = [tracker.start_trial(number, {}, SCRATCH, tags={}) for number in range(3)]
+    for run in runs:
+        run.end("COMPLETE")
+    tracker.end_sweep()
+    ids = [run.run_id for run in runs]
+    tracker.rank_runs({ids[1]: 1, ids[0]: 2}, step=2)
+    logged = []
+    log_batch = tracker.client.log_batch
+    monkeypatch.setattr(tracker.client, "log_batch",
+                        lambda run_id, **kw: (logged.append(run_id), log_batch(run_id, **kw)))
+    tracker.rank_runs({ids[2]: 1, ids[1]: 2, ids[0]: 3}, step=3)
+    assert sorted(logged) == sorted(ids)  # all three moved
+    logged.clear()
+    tracker.rank_runs({ids[2]: 1, ids[1]: 2, ids[0]: 3}, step=3)
+    assert logged == []
+    ranked = tracker.client.search_runs([tracker.experiment_id], order_by=[f"metrics.`{record.RANK}` ASC"])
+    assert [run.info.run_id for run in ranked] == [tracker.parent_run_id, ids[2], ids[1], ids[0]]
 
 
 def test_a_run_left_running_is_found_and_closed_once(tracking_uri):

@@ -19,13 +19,106 @@ def _score(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _params_text(best) -> str:
-    if best.members:
-        return ", ".join(f"{m.label}={m.weight:.3f}"
-                         + (f" (temperature {m.temperature:.3g})" if m.temperature is not None else "")
-                         for m in best.members)
+def number_column(table, label: str) -> None:
+    """A right-aligned column of numbers (scores, trial numbers), its label wrapped ("selection" over "top-1").
+
+    Narrow on purpose: rich shrinks the columns of a table too wide for the terminal evenly, cutting
+    words, so the columns of numbers take what they need and the columns of text wrap in the rest.
+    """
+    table.add_column(label, justify="right", max_width=max(7, *map(len, label.split(" ", 1))))
+
+
+def _items(values: dict) -> str:
+    """``key=value, ...``: a terminal line breaks between the items, never inside one."""
     return ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                     for key, value in best.params.items())
+                     for key, value in values.items())
+
+
+def _details(best) -> list[tuple[str, str]]:
+    """What a best trial ran with, as (label, items): its params, or an ensemble's weights and temperatures."""
+    if not best.members:
+        return [("params", _items(best.params))]
+    details = [("weights", _items({m.label: f"{m.weight:.3f}" for m in best.members}))]
+    temperatures = {m.label: f"{m.temperature:.3g}" for m in best.members if m.temperature is not None}
+    if temperatures:  # trials recorded before calibration have none
+        details.append(("temperatures", _items(temperatures)))
+    return details
+
+
+def _labelled(label: str, text: str, style: str = ""):
+    """``label: text``, indented, the text's lines wrapped under its first (at spaces) rather than under the label."""
+    from rich.padding import Padding
+    from rich.table import Table
+    from rich.text import Text
+
+    grid = Table.grid(padding=(0, 1, 0, 0))
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    grid.add_row(Text(f"{label}:", style), Text(text))  # Text: a param's value may hold brackets, not markup
+    return Padding(grid, (0, 0, 0, 2))
+
+
+def _chosen_by(summaries) -> str:
+    """Which objective chose each study's best trial, and which way it is better (studies may differ)."""
+    studies: dict[str, list[str]] = {}
+    for s in summaries:
+        studies.setdefault(s.objective.heading, []).append(s.name)
+    if len(studies) == 1:
+        return f"best trial by {next(iter(studies))}"
+    return "best trial by " + "; by ".join(f"{heading} for {', '.join(names)}" for heading, names in studies.items())
+
+
+def _versus_table(best, title: str):
+    """An ensemble's weighted vote beside its best member alone and the uniform vote of the same members."""
+    from rich.table import Table
+
+    from tinyopt.results.report import VERSUS_COLUMNS
+
+    table = Table(title=title)
+    table.add_column("")
+    for _, label in VERSUS_COLUMNS:
+        number_column(table, label)
+    for name, found in best.versus():
+        table.add_row(name, *[_score(found.get(key)) for key, _ in VERSUS_COLUMNS])
+    return table
+
+
+def _best_table(summaries):
+    """One row per study: its best trial's objective, under the objective's name, beside its top-1s."""
+    from rich.table import Table
+
+    table = Table(title="best trial of each study", caption=_chosen_by(summaries), caption_justify="left")
+    table.add_column("study", no_wrap=True)
+    table.add_column("trial", justify="right", no_wrap=True)
+    table.add_column("objective")  # studies may differ (an ensemble's log loss): each row names its own
+    table.add_column("value", justify="right", no_wrap=True)
+    shown = (record.SELECTION_TOP1, record.TEST_TOP1, record.TEST_TOP5)
+    for key in shown:
+        number_column(table, record.SCORE_LABELS[key])
+    for s in summaries:
+        scores = s.best.scores if s.best else {}
+        table.add_row(s.name, str(s.best.number) if s.best else "-", s.objective.label,
+                      _score(s.best.value if s.best else None), *[_score(scores.get(key)) for key in shown])
+    return table
+
+
+def _print_best(console, summary) -> None:
+    """A study's best trial below the table: its MLflow run's link, what it ran with, an ensemble's votes."""
+    from rich.padding import Padding
+    from rich.text import Text
+
+    best = summary.best
+    if best is None:
+        console.print(Text.assemble((summary.name, "bold"), ": no complete trial"))
+        return
+    run = best.run_url or f"MLflow run {best.run_id or '-'}"  # trials recorded before run links have only the id
+    # soft_wrap: a link longer than the line stays one link to click or copy, the terminal wraps it.
+    console.print(Text.assemble((summary.name, "bold"), f" trial {best.number}: {run}"), soft_wrap=True)
+    for label, text in _details(best):
+        console.print(_labelled(label, text))
+    if best.members:
+        console.print(Padding(_versus_table(best, f"{summary.name} trial {best.number} against its best member and "
+                                                  "the uniform vote"), (0, 0, 0, 2)))
 
 
 @click.command()
@@ -55,11 +148,10 @@ def best(studies, export_dir, force, register_name, refit, source, cache_dir, st
     """
     # The library (numpy, and optuna or keras when they run) loads with the command that uses it.
     from rich.console import Console
-    from rich.table import Table
 
     from tinyopt.results.export import export_best
     from tinyopt.results.refit import refit_best
-    from tinyopt.results.report import summarize_studies, versus_lines
+    from tinyopt.results.report import summarize_studies
 
 
     if register_name and not export_dir:
@@ -70,23 +162,9 @@ def best(studies, export_dir, force, register_name, refit, source, cache_dir, st
         check_destination(export_dir, force)  # a refused folder is one line, before the table and any work
     summaries = summarize_studies(storage, studies)
     console = Console()
-    table = Table(title="best trial of each study")
-    for column in ("study", "trial", "value", "sel top-1", "test top-1", "test top-5"):
-        table.add_column(column, justify="left" if column == "study" else "right")
+    console.print(_best_table(summaries))
     for s in summaries:
-        scores = s.best.scores if s.best else {}
-        table.add_row(s.name, str(s.best.number) if s.best else "no complete trial",
-                      _score(s.best.value if s.best else None),
-                      *[_score(scores.get(key)) for key in (record.SELECTION_TOP1, record.TEST_TOP1, record.TEST_TOP5)])
-    console.print(table)
-    # Params and run ids are long: one line each below the table, wrapped by the terminal, never folded.
-    for s in summaries:
-        if s.best:
-            label = "weights" if s.best.members else "params"
-            console.print(f"[bold]{s.name}[/] MLflow run {s.best.run_id or '-'}; {label}: {_params_text(s.best)}",
-                          highlight=False, soft_wrap=True)
-            for line in versus_lines(s.best):
-                console.print(f"  {line}", highlight=False, soft_wrap=True)
+        _print_best(console, s)
     if not export_dir and not refit:
         return
     ranked = [s for s in summaries if s.best is not None]
@@ -177,30 +255,44 @@ def report(out_dir, storage, tracking_uri) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tinyopt.results.report import format_seconds, gain_label, versus_lines, write_report
+    from tinyopt.results.report import format_seconds, gain_label, write_report
 
 
     console = Console()
     with console.status("reading the studies and drawing the plots"):
         result = write_report(storage, tracking_uri, out_dir)
-    table = Table(title="studies side by side (test scores are only reported)")
-    for column in ("study", "trial", "sel\ntop-1", "sel\ntop-5", "test\ntop-1", "test\ntop-5", "trials\nc/p/f",
-                   "compute"):
-        table.add_column(column, justify="left" if column == "study" else "right")
+    # Two tables: the scores and the trial counts side by side would not fit 80 columns.
+    scores = Table(title="best trial of each study (test scores are only reported)",
+                   caption=_chosen_by(result.summaries), caption_justify="left")
+    scores.add_column("study", no_wrap=True)
+    number_column(scores, "best trial")
+    for key in record.SCORES:
+        number_column(scores, record.SCORE_LABELS[key])
+    trials = Table(title="trials of each study")
+    trials.add_column("study", no_wrap=True)
+    for column in (*_COUNTED.values(), "compute"):
+        trials.add_column(column, justify="right", no_wrap=True)
     for s in result.summaries:
-        scores = [_score(s.best.scores.get(key) if s.best else None) for key in record.SCORES]
-        counts = "/".join(str(s.counts[state]) for state in ("COMPLETE", "PRUNED", "FAIL"))
-        table.add_row(s.name, str(s.best.number) if s.best else "-", *scores, counts,
-                      format_seconds(s.compute_seconds))
-    console.print(table)
+        scores.add_row(s.name, str(s.best.number) if s.best else "-",
+                       *[_score(s.best.scores.get(key) if s.best else None) for key in record.SCORES])
+        trials.add_row(s.name, *[str(s.counts[state]) for state in _COUNTED], format_seconds(s.compute_seconds))
+    console.print(scores)
+    console.print(trials)
     for s in result.summaries:
-        for line in versus_lines(s.best) if s.best else []:
-            console.print(f"{s.name} {line}", highlight=False, soft_wrap=True)
-        for key, value in (s.best.gains() if s.best else {}).items():
-            console.print(f"{s.name}: {gain_label(key)} {value:+.4f}", highlight=False)
+        if not (s.best and s.best.members):
+            continue
+        console.print(_versus_table(s.best, f"{s.name} trial {s.best.number} against its best member and the "
+                                            "uniform vote"))
+        gains = ", ".join(f"{gain_label(key)} {value:+.4f}" for key, value in s.best.gains().items())
+        console.print(_labelled("gains", gains))
+        for line in result.members.get(s.name, []):
+            console.print(_labelled("note", line, style="yellow"))
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(_labelled("note", note, style="yellow"))
     console.print(f"wrote {len(result.files)} files to {out_dir}; MLflow run {result.mlflow_run_id}", highlight=False)
+
+
+_COUNTED = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
 
 
 @click.command()

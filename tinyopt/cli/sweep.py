@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 import time
 
 import click
 
 from tinyopt.cli.options import cache_option, data_option, storage_options
+from tinyopt.cli.results import number_column
 from tinyopt.core import record
 from tinyopt.core.config import APPROACHES, preset_path
 from tinyopt.core.errors import ConfigError
@@ -125,6 +128,9 @@ def sweep(approach, trials, timeout, max_trials, source, cache_dir, preset, conf
                      study_name, storage, tracking_uri, seed, trials_per_process, workers, gpu_ids, preset)
     console = Console()
     if is_worker:
+        # A worker that does not stop after SIGINT/SIGTERM is asked for its stacks before it is killed
+        # (tinyopt.sweep.workers.STOP_GRACE): they say where it was stuck.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         result = _run(args, _LineEvents(), owner=False)
     elif workers > 1 or gpu_ids or (trials_per_process and (trials is None or trials > trials_per_process)):
         def emit(line: str) -> None:
@@ -163,19 +169,12 @@ def _run(args, events, owner: bool = True):
 
 
 def _render(console, result) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"study {result.study_name}: top {len(result.top)} trials")
-    for column in ("trial", "selection top-1", "test top-1"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("params", overflow="fold")
-    table.add_column("MLflow run", overflow="fold")
-    for row in result.top:
-        params = ", ".join(f"{k}={_short(v)}" for k, v in row["params"].items())
-        test = f"{row['test_top1']:.4f}" if row["test_top1"] is not None else "-"
-        table.add_row(str(row["number"]), f"{row['value']:.4f}", test, params, row["run_id"] or "-")
     if result.top:
-        console.print(table)
+        console.print(_top_table(result))
+        # soft_wrap: a link longer than the line stays one link to click or copy, the terminal wraps it.
+        for row in result.top:
+            run = row["run_url"] or f"MLflow run {row['run_id'] or '-'}"  # trials recorded before links: the id
+            console.print(f"trial {row['number']}: {run}", markup=False, highlight=False, soft_wrap=True)
     counts = result.counts
     lines = [f"note: {note}" for note in result.notes]
     if result.recovered:  # each was named in a line of its own when the sweep started
@@ -186,10 +185,32 @@ def _render(console, result) -> None:
                      "sweep is closed; rerun the same command to continue the study")
     lines.append(f"{result.new_trials} new trials; study totals: {counts['COMPLETE']} complete, "
                  f"{counts['PRUNED']} pruned, {counts['FAIL']} failed (storage {result.storage})")
-    lines.append(f"Review every trial: {result.ui_command}")
-    for line in lines:
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    for line in lines:  # wrapped at spaces, never inside a word
+        console.print(line, markup=False, highlight=False)
+    # A command to copy: the terminal wraps it, as a link.
+    console.print(f"Review every trial: {result.ui_command}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _top_table(result):
+    """The best trials, best first: the objective under its name (a loss with the selection top-1 beside it)."""
+    from rich.table import Table
+
+    scores = ([record.SELECTION_TOP1] if result.objective.is_loss else []) + [record.TEST_TOP1]
+    table = Table(title=f"study {result.study_name}: top {len(result.top)} trials, by {result.objective.heading}")
+    table.add_column("trial", justify="right", no_wrap=True)
+    number_column(table, result.objective.label)
+    for key in scores:
+        number_column(table, record.SCORE_LABELS[key])
+    table.add_column("params")  # "key=value" items: the column wraps between them, never inside one
+    for row in result.top:
+        params = ", ".join(f"{k}={_short(v)}" for k, v in row["params"].items())
+        table.add_row(str(row["number"]), _four(row["value"]), *[_four(row[key]) for key in scores], params)
+    return table
 
 
 def _short(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _four(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

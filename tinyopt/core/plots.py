@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from tinyopt.core.objective import TOP1, Objective, of_study
 from tinyopt.core.record import SCORE_LABELS, SCORES
 
 IMPORTANCE_METHOD = "PED-ANOVA"
@@ -37,9 +38,10 @@ def comparison_chart(rows: Sequence[Mapping[str, Any]], title: str) -> Any:
     return figure
 
 
-def history_chart(study_name: str, complete: Sequence[Any]) -> Any:
-    """Objective value of each complete trial (``FrozenTrial``), and the best so far, by trial number."""
+def history_chart(study_name: str, complete: Sequence[Any], objective: Objective = TOP1) -> Any:
+    """The objective of each complete trial (``FrozenTrial``), and the best so far, by trial number."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     trials = sorted(complete, key=lambda t: t.number)
     figure = Figure(figsize=(6, 3.5))
@@ -47,9 +49,10 @@ def history_chart(study_name: str, complete: Sequence[Any]) -> Any:
     numbers = [t.number for t in trials]
     values = [t.value for t in trials]
     axis.scatter(numbers, values, s=12, label="trial")
-    axis.step(numbers, np.maximum.accumulate(values) if values else [], where="post", color="C1", label="best so far")
+    axis.step(numbers, objective.best_so_far(values), where="post", color="C1", label="best so far")
     axis.set_xlabel("trial")
-    axis.set_ylabel("selection top-1")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers, never 2.5
+    axis.set_ylabel(objective.heading)
     axis.set_title(f"optimisation history: {study_name}")
     axis.legend()
     figure.tight_layout()
@@ -59,8 +62,9 @@ def history_chart(study_name: str, complete: Sequence[Any]) -> Any:
 def importances(study: Any) -> tuple[dict[str, float], str | None]:
     """Each searched param's importance to the objective, computed as optuna-dashboard computes it.
 
-    PED-ANOVA (``optuna.importance.PedAnovaImportanceEvaluator``) on the negated objective, the
-    dashboard's choice: ``tinyopt report``, the sweep's MLflow summary and the dashboard then agree.
+    PED-ANOVA (``optuna.importance.PedAnovaImportanceEvaluator``, which ranks low targets best) on the
+    objective, negated where it is maximised, the dashboard's choice: ``tinyopt report``, the sweep's
+    MLflow summary and the dashboard then agree.
 
     Returns:
         The importances, most important first (normalised to sum 1), and why there are none when
@@ -68,6 +72,7 @@ def importances(study: Any) -> tuple[dict[str, float], str | None]:
     """
     import optuna
 
+    objective = of_study(study)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if len(complete) < 2:
         return {}, f"{len(complete)} complete trial(s), at least 2 are needed"
@@ -79,7 +84,8 @@ def importances(study: Any) -> tuple[dict[str, float], str | None]:
             # Few trials per category ("may be inaccurate"): the plot is a guide, a sweep's output no place for it.
             warnings.filterwarnings("ignore", category=UserWarning, module="optuna")
             found = optuna.importance.get_param_importances(
-                study, target=lambda t: -t.value, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+                study, target=lambda t: objective.rank_key(t.value),
+                evaluator=optuna.importance.PedAnovaImportanceEvaluator())
     except (ValueError, RuntimeError) as err:
         return {}, str(err)
     if not found:

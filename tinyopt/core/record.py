@@ -63,10 +63,15 @@ TAG_ACTIVATION_CACHE = "activation_cache"
 TAG_WORKER = "worker"
 TAG_PARENT = "tinyopt.parent"
 TAG_BEST = "best"  # "true" on the study's current best trial run only
+# What happened to the trial, in words: "complete", "pruned after epoch 3 of 10 by MedianPruner (...)",
+# "failed: <reason>", "interrupted by SIGTERM".
+TAG_OUTCOME = "outcome"
+TAG_COLOR = "mlflow.runColor"  # the run's colour in the MLflow UI's charts: the best trial's is its own
 TAG_MODEL_KEPT = "model_kept"  # "true" | "false"
 TAG_MODEL_URI = "model_uri"  # models:/<id> of the kept model, an MLflow logged model
 TAG_DESCRIPTION = "mlflow.note.content"  # the run's markdown description in the MLflow UI
 # Tags of the parent run.
+TAG_OBJECTIVE = "objective"  # e.g. "selection log loss (lower is better)"
 TAG_BEST_TRIAL = "best_trial"
 TAG_BEST_RUN = "best_run_id"
 TAG_BEST_RUN_URL = "best_run_url"
@@ -107,13 +112,17 @@ def final(score: str) -> str:
 
 # MLflow metrics of the parent run, re-logged after every trial.
 # step = trial number: the experiment's chart is the optimisation history. "best_" + the study's metric
-# name: this for the approaches, best_minus_selection_log_loss for an ensemble of that objective.
+# name: this for the approaches, best_selection_log_loss for an ensemble of that objective.
 BEST_SO_FAR = "best_selection_top1"
 COUNT_PREFIX = "trials_"  # trials_complete, trials_pruned, trials_failed, trials_running
 COMPUTE_SECONDS = "compute_seconds"
 
 # MLflow metrics of a trial's run that are not scores.
 PEAK_GPU_MEMORY = "peak_gpu_memory_mb"
+# A complete trial's place by the study's objective (1: the best), brought up to date after every trial
+# (step: the complete trials ranked then); the parent run's is 0. Sorted by it, the runs table starts
+# with the parent, then the trials from the best; trials without one (pruned, failed) come last.
+RANK = "rank"
 
 # MLflow artifacts of a trial's run.
 PREDICTIONS = "predictions.npz"

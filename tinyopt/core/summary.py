@@ -13,7 +13,9 @@ from typing import Any
 from tinyopt.core import record
 from tinyopt.core.config.sections import Config
 from tinyopt.core.errors import StudyError
+from tinyopt.core.objective import TOP1, Objective, of_study
 from tinyopt.core.record import SCORES
+from tinyopt.core.urls import ml_layout
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
 
@@ -63,10 +65,11 @@ class BestTrial:
 
     Attributes:
         number: the trial number.
-        value: the objective value (selection top-1, or minus the log loss for such an ensemble).
+        value: the objective value (``tinyopt.core.objective.of_study`` names it).
         scores: ``record.SCORES`` where recorded.
         params: every param of the trial, fixed ones included.
         run_id: its MLflow run.
+        run_url: its MLflow run's page, in the UI's model-training layout (None if it recorded none).
         model_kept: whether that run holds the trained model.
         members: ensemble only: its members (``record.MEMBERS``).
         uniform: ensemble only: scores of the uniform vote of the same members.
@@ -81,6 +84,7 @@ class BestTrial:
     params: dict[str, Any]
     run_id: str | None
     model_kept: bool
+    run_url: str | None = None
     members: list[MemberRecord] = field(default_factory=list)
     uniform: dict[str, float] = field(default_factory=dict)
     best_member: tuple[str, dict[str, float]] | None = None
@@ -113,13 +117,14 @@ class BestTrial:
 
 @dataclass
 class StudySummary:
-    """One study: its trial counts, compute time and best trial (``None`` without a complete trial)."""
+    """One study: its trial counts, compute time, best trial (``None`` without a complete trial) and objective."""
 
     name: str
     approach: str
     counts: dict[str, int]
     compute_seconds: float
     best: BestTrial | None
+    objective: Objective = TOP1
 
 
 def summarize_study(study: Any) -> StudySummary:
@@ -135,12 +140,13 @@ def summarize_study(study: Any) -> StudySummary:
         best = BestTrial(
             number=trial.number, value=trial.value, scores={k: attrs[k] for k in SCORES if k in attrs},
             params=attrs.get(record.PARAMS, trial.params), run_id=attrs.get(record.RUN_ID),
+            run_url=ml_layout(attrs.get(record.RUN_URL)) or None,
             model_kept=bool(attrs.get(record.MODEL_KEPT)), members=members_of(trial),
             uniform=attrs.get(record.UNIFORM, {}), best_member=_best_member_of(attrs.get(record.BEST_MEMBER)),
             log_losses={k: attrs[k] for k in record.LOG_LOSSES if k in attrs})
     return StudySummary(name=study.study_name, approach=study.user_attrs.get(record.APPROACH, study.study_name),
                         counts={state: counts.get(state, 0) for state in STATES}, compute_seconds=seconds,
-                        best=best)
+                        best=best, objective=of_study(study))
 
 
 def study_config(study: Any) -> Config:

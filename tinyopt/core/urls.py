@@ -29,3 +29,15 @@ def first_line(err: BaseException) -> str:
 def sqlite_path(url: str) -> Path | None:
     """The file of a ``sqlite:///FILE`` URL (relative to the working folder unless absolute), else None."""
     return Path(url.removeprefix(_SQLITE)) if url.startswith(_SQLITE) else None
+
+
+# MLflow 3's UI opens an experiment or a run in its GenAI layout ("Evaluation runs") unless the link
+# asks for the model-training one: every link tinyopt writes to the UI carries this.
+ML_LAYOUT = "workflowType=machine_learning"
+
+
+def ml_layout(url: str) -> str:
+    """An MLflow UI link that opens the model-training layout (links stored before it lack the query)."""
+    if not url or ML_LAYOUT in url:
+        return url
+    return url + ("&" if "?" in url.split("#")[-1] else "?") + ML_LAYOUT

@@ -68,7 +68,8 @@ def trial_callback(trial, run, events: Any, train_images: int, deadline: Any = N
                 # A trial that has trained its last epoch has finished its schedule: it completes, even where
                 # a pruner's rung falls on that epoch (its model and probabilities are then kept).
                 if epoch + 1 < self.params["epochs"] and trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} "
-                                             f"(selection top-1 {metrics[record.SELECTION_TOP1]:.3f})")
+                    pruner = type(trial.study.pruner).__name__
+                    raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} of {self.params['epochs']} by "
+                                             f"{pruner} (selection top-1 {metrics[record.SELECTION_TOP1]:.3f})")
 
     return TrialCallback()

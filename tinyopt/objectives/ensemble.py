@@ -16,9 +16,11 @@ Three steps, each on the selection split:
 2. Greedy ensemble selection with replacement (Caruana et al., 2004, as auto-sklearn and AutoGluon
    do; ``greedy_weights``): the ensemble study's first trial, a strong baseline the study can only
    improve on.
-3. The study: weights sampled in [0, 1] per member, normalised, maximising the selection objective:
-   minus the selection log loss (``ensemble.objective = "log_loss"``, a proper score, the default) or
-   the selection top-1.
+3. The study: one share of the vote per member, the shares summing to 1, sampled as such
+   (``tinyopt.sweep.sampling.SimplexSampler``), minimising the selection log loss
+   (``ensemble.objective = "log_loss"``, a proper score, the default) or maximising the selection top-1.
+   Studies made before the direction was stored maximise minus the selection log loss; each study
+   keeps its objective (``tinyopt.core.objective.of_study``).
 
 An ensemble trial records what ``best --export`` and ``report`` need in its user attrs
 (see ``WeightSearch.record``)::
@@ -32,15 +34,16 @@ An ensemble trial records what ``best --export`` and ``report`` need in its user
     "selection_top1", "selection_top5", "test_top1", "test_top5",
     "selection_log_loss", "test_log_loss"
 
-plus, from ``EnsembleObjective``, the user attrs every approach trial has: ``params`` (the raw
-weights), ``mlflow_run_id``, ``seconds`` and ``model_kept`` (always False: the members keep the
-models). The raw weights are the sampler's coordinates; what a person reads (``members``, the
-trial's MLflow params and run name, ``best``, ``report``) is each member's share of the vote, the
-weights normalised to sum 1. A member's scores are those of its calibrated probabilities (top-1 and
-top-5 are its own; the log loss is after temperature scaling). Trials recorded before calibration
-have no ``temperature``: their members voted with their probabilities as saved. Only numpy loads
-with this module; scipy, sklearn (through ``tinyopt.train.metrics``), optuna, matplotlib and mlflow load
-in the functions that use them.
+plus, from ``EnsembleObjective``, the user attrs every approach trial has: ``params`` (the shares),
+``mlflow_run_id``, ``seconds`` and ``model_kept`` (always False: the members keep the models). A
+trial's Optuna params are the shares of the vote themselves, so the study, its importance, the
+trial's MLflow params and run name, ``best`` and ``report`` all show the same numbers. Trials of
+studies swept before that stored raw weights in [0, 1], which the vote normalises: ``members``
+holds the shares for every trial. A member's scores are those of its calibrated probabilities
+(top-1 and top-5 are its own; the log loss is after temperature scaling). Trials recorded before
+calibration have no ``temperature``: their members voted with their probabilities as saved. Only
+numpy loads with this module; scipy, sklearn (through ``tinyopt.train.metrics``), optuna,
+matplotlib and mlflow load in the functions that use them.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ import numpy as np
 from tinyopt.core import record
 from tinyopt.core.config.sections import Config
 from tinyopt.core.errors import ConfigError, DataError, StudyError, TrialError
+from tinyopt.core.objective import Objective, of_setting
 from tinyopt.core.plots import comparison_chart
 from tinyopt.core.schema import ENSEMBLE_OBJECTIVES as OBJECTIVES
 from tinyopt.core.summary import MemberRecord
@@ -111,8 +115,8 @@ class WeightSearch:
         members: the members, in a fixed order.
         predictions: per member, the arrays of its ``predictions.npz`` (``selection_probs``,
             ``selection_labels``, ``test_probs``, ``test_labels``).
-        objective: ``"log_loss"`` (minus the selection log loss, so that the study maximises in both
-            cases) or ``"top1"`` (selection top-1).
+        objective: ``"log_loss"`` (the selection log loss) or ``"top1"`` (the selection top-1): what
+            the best member and the greedy weights are chosen by.
         greedy_rounds: rounds of the greedy selection of the first trial's weights (``greedy_weights``).
 
     Attributes:
@@ -156,13 +160,20 @@ class WeightSearch:
         return _split_scores(self.vote(weights), self._labels)
 
     def value(self, flat_scores: Mapping[str, float]) -> float:
-        """The number the study maximises."""
+        """The selection objective, higher is better (minus the log loss): what ranks members and votes here.
+
+        A tracked study's value is its own objective's (``EnsembleObjective``), which may be the plain log loss.
+        """
         if self.objective == "log_loss":
             return -flat_scores[record.SELECTION_LOG_LOSS]
         return flat_scores[record.SELECTION_TOP1]
 
     def suggest(self, trial: Any) -> list[float]:
-        """Sample one weight in [0, 1] per member, named ``weight_<member label>``."""
+        """Sample one weight in [0, 1] per member, named ``weight_<member label>``.
+
+        Under ``tinyopt.sweep.sampling.make_sampler(..., shares=...)`` they are the shares of the vote
+        (summing to 1); any other sampler draws free weights, which the vote normalises.
+        """
         return [trial.suggest_float(member.param, 0.0, 1.0) for member in self.members]
 
     def greedy_params(self) -> dict[str, float]:
@@ -191,7 +202,7 @@ class WeightSearch:
         return flat
 
     def __call__(self, trial: Any) -> float:
-        """The objective without tracking: suggest weights, score and record their vote."""
+        """The objective without tracking, for a study that maximises ``value``: suggest, score and record a vote."""
         return self.value(self.record(trial, self.suggest(trial)))
 
     def comparison(self, weights: Sequence[float]) -> list[dict[str, Any]]:
@@ -290,59 +301,68 @@ def load_weight_search(members: Sequence[Member], tracking_uri: str, objective: 
 class EnsembleObjective(TrackedObjective):
     """The ensemble study's objective with tracking: one MLflow run per trial, like the approaches.
 
-    Each run gets the weights (shares of the vote) and the members' temperatures as params; the
-    vote's scores, the uniform vote's (``uniform_...``) and the best member's (``best_member_...``) as
-    metrics; and ``ensemble_members.json`` plus ``ensemble_comparison.png``: every member, the best
-    member, the uniform and the weighted vote on selection and test.
+    Each run is named after the shares of the vote (``t29 w=0.12/0.40/0.48``, in member order) and
+    gets the shares and the members' temperatures as params; the vote's scores as metrics
+    (``final_...``); and ``ensemble_members.json`` plus ``ensemble_comparison.png``: every member,
+    the best member, the uniform and the weighted vote on selection and test. The scores of the
+    uniform vote (``final_uniform_...``) and of the best member (``final_best_member_...``) are the
+    same for every trial of a sweep: they are logged once, on the sweep's parent run.
 
     Args:
         search: the members and their probabilities.
         config: the resolved ensemble config (logged with each run).
-        tracker: a ``tinyopt.track.tracking.Tracker`` with its sweep started.
+        tracker: a ``tinyopt.track.tracking.Tracker`` with its sweep started (its parent run exists).
         events: progress listener (``tinyopt.objectives.model.Events``).
         notes: messages about skipped studies, for the sweep summary.
+        objective: the study's value (``tinyopt.core.objective.of_study``); default: that of a new
+            study of ``config.ensemble.objective``.
     """
 
     def __init__(self, search: WeightSearch, config: Config, tracker: Any, events: Any,
-                 notes: Sequence[str] = ()):
+                 notes: Sequence[str] = (), objective: Objective | None = None):
         super().__init__(config, tracker, events, device="cpu (numpy)")
         self.search = search
         self.notes = list(notes)
+        self.objective = objective or of_setting(config.ensemble.objective)
+        references = {f"{name}_{key}": value
+                      for name, found in ((record.UNIFORM, search.uniform_scores),
+                                          (record.BEST_MEMBER, search.member_scores[search.best_index]))
+                      for key, value in found.items()}
+        tracker.parent_run().log_metrics({record.final(key): value for key, value in references.items()})
 
     def choose(self, trial: Any) -> dict[str, Any]:
         weights = self.search.suggest(trial)
         return {m.param: w for m, w in zip(self.search.members, weights, strict=True)}
 
-    def _shares(self, params: dict[str, Any]) -> dict[str, float]:
+    def _shares(self, params: dict[str, Any]) -> list[float]:
+        # The sampler's params are the shares already; normalised here all the same, so that weights
+        # given otherwise (an enqueued trial, another sampler) are shown as the shares the vote uses.
         try:
-            shares = normalise_weights([params[m.param] for m in self.search.members])
+            return normalise_weights([params[m.param] for m in self.search.members]).tolist()
         except TrialError:  # every weight 0: the trial fails in evaluate, with the reason
-            shares = np.zeros(len(self.search.members))
-        return {m.param: round(float(s), 3) for m, s in zip(self.search.members, shares, strict=True)}
+            return [0.0] * len(self.search.members)
 
     def logged_params(self, trial: Any, params: dict[str, Any]) -> dict[str, Any]:
+        shares = {m.param: round(s, 3) for m, s in zip(self.search.members, self._shares(params), strict=True)}
         # The temperatures are fixed for the sweep, but a run's params are where a person compares runs.
         temperatures = {f"{record.TEMPERATURE_PREFIX}{m.label}": float(f"{t:.4g}")
                         for m, t in zip(self.search.members, self.search.temperatures, strict=True)}
-        return {**self._shares(params), **temperatures}
+        return {**shares, **temperatures}
 
     def headline(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {key.removeprefix(record.WEIGHT_PREFIX): share for key, share in self._shares(params).items()}
+        # One value for every member: a "label=share" each would be cut in the MLflow runs table. The
+        # value carries its "w=" because run_name shows a str value without its key.
+        return {"w": "w=" + "/".join(f"{share:.2f}" for share in self._shares(params))}
 
     def evaluate(self, trial: Any, params: dict[str, Any], run: Any) -> float:
         trial.set_user_attr(record.MODEL_KEPT, False)
         weights = [params[m.param] for m in self.search.members]
         flat = self.search.record(trial, weights)
-        search = self.search
-        references = {f"{name}_{key}": value
-                      for name, found in ((record.UNIFORM, search.uniform_scores),
-                                          (record.BEST_MEMBER, search.member_scores[search.best_index]))
-                      for key, value in found.items()}
-        run.log_metrics({record.final(key): value for key, value in {**flat, **references}.items()})
+        run.log_metrics({record.final(key): value for key, value in flat.items()})
         rows = self.search.comparison(weights)
         run.log_text(json.dumps(rows, indent=2), record.ENSEMBLE_MEMBERS_FILE)
         run.log_figure(comparison_chart(rows, f"ensemble trial {trial.number}"), record.ENSEMBLE_COMPARISON)
-        return self.search.value(flat)
+        return self.objective.value_of(flat)
 
 
 def prepare_search(study_name: str, config: Config, storage: str, tracking_uri: str

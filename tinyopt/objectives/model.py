@@ -23,6 +23,8 @@ from tinyopt.core.worker import identity as worker_identity
 from tinyopt.data.activations import CacheUnavailable, Store, ram_budget
 from tinyopt.data.splits import SweepData
 from tinyopt.objectives.callbacks import deadline_stop, trial_callback
+from tinyopt.stores import notes
+from tinyopt.track.names import model_name  # pure names: no mlflow loads with it
 from tinyopt.train import backend
 from tinyopt.train.feeds import CachedFeed, ImageFeed
 from tinyopt.train.metrics import scores
@@ -117,14 +119,19 @@ class TrackedObjective:
                                        searched=logged, headline=self.headline(params),
                                        system_metrics=system_metrics(self.config, self.device))
         trial.set_user_attr(record.RUN_ID, run.run_id)
-        trial.set_user_attr(record.RUN_URL, self.tracker.run_url(run.run_id))
+        url = self.tracker.run_url(run.run_id)
+        trial.set_user_attr(record.RUN_URL, url)
+        notes.save(trial, f"[MLflow run of trial {trial.number}]({url})")  # a link in optuna-dashboard
         started = time.perf_counter()
         try:
             with signals.interruptible():
                 self.events.trial_started(trial.number, self.epochs(params))
                 value = self.evaluate(trial, params, run)
         except optuna.TrialPruned as pruned:
-            run.end("PRUNED")
+            seconds = time.perf_counter() - started
+            trial.set_user_attr(record.SECONDS, seconds)
+            run.log_metrics({record.TRIAL_SECONDS: seconds})
+            run.end("PRUNED", str(pruned) or None)
             self.events.trial_ended(trial.number, "PRUNED", None, str(pruned))
             raise
         except KeyboardInterrupt as stop:
@@ -227,7 +234,9 @@ class ModelObjective(TrackedObjective):
             trial.set_user_attr(key, final[key])
         kept = _in_top(trial, value, self.config.study.keep_models)
         if kept:
-            run.log_model(inference_model(model), self.tracker.experiment_id)
+            run.log_model(inference_model(model), self.tracker.experiment_id,
+                          model_name(self.tracker.study_name, trial.number), params=dict(trial.params),
+                          metrics={record.final(key): final[key] for key in record.SCORES})
         trial.set_user_attr(record.MODEL_KEPT, kept)
         return value
 

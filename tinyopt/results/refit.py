@@ -30,6 +30,7 @@ from tinyopt.models import approaches
 from tinyopt.objectives.model import headline
 from tinyopt.results.bundle import WHAT, check_destination, write_bundle
 from tinyopt.stores import storage as storages
+from tinyopt.track.names import model_name  # pure names: no mlflow loads with it
 from tinyopt.train import backend
 from tinyopt.train.feeds import ImageFeed
 from tinyopt.train.metrics import scores
@@ -172,7 +173,9 @@ def refit_best(summary: Any, *, storage_url: str, tracking_uri: str, source: str
                 run.log_metrics({record.final(key): value for key, value in refit.scores.items()})
                 classes = [(c.index, c.wnid, c.name) for c in data.classes]
                 run.log_text(record.classes_tsv(classes), record.CLASSES_FILE)
-                run.log_model(model, tracker.experiment_id)
+                run.log_model(model, tracker.experiment_id, model_name(summary.name, trial.number, refit=True),
+                              params=dict(trial.params),
+                              metrics={record.final(key): value for key, value in refit.scores.items()})
                 if export_dir is not None:
                     refit.bundle = export_refit(summary, refit, export_dir, model=model, classes=classes,
                                                 storage_url=storage_url, tracking_uri=tracking_uri,

@@ -64,6 +64,26 @@ def recover(study: Any, storage: Any, tracker: Any, when: str = "when the next s
     return messages + _close_ended_runs(study, tracker)
 
 
+def fail_interrupted(study: Any, storage: Any, tracker: Any, numbers: list[int], reason: str) -> None:
+    """Fail trials whose worker was killed after it ignored SIGINT/SIGTERM, as the signal would have.
+
+    Like a trial the signal interrupted, they are not queued again: the user stopped the sweep.
+    """
+    import optuna
+
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for number in numbers:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        try:
+            storage.set_trial_user_attr(trial_id, record.FAIL_REASON, reason)
+            storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # it ended after all
+        run_id = storage.get_trial(trial_id).user_attrs.get(record.RUN_ID)
+        if run_id:
+            tracker.close_run(run_id, "KILLED", f"{reason} (its worker did not stop and was killed)")
+
+
 def close_stale(tracker: Any, trial: Any, grace_seconds: int) -> None:
     """Close the run of a trial that a heartbeat check just failed (Optuna calls this in a living worker).
 

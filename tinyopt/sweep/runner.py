@@ -16,7 +16,7 @@ import logging
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,8 @@ from tinyopt.core import space as search_space
 from tinyopt.core.config import load_config
 from tinyopt.core.config.sections import Config
 from tinyopt.core.errors import StudyError
+from tinyopt.core.objective import of_setting
+from tinyopt.core.objective import of_study as objective_of_study
 from tinyopt.core.summary import summarize_study
 from tinyopt.core.urls import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, redact
 from tinyopt.data.splits import load_sweep_data
@@ -107,7 +109,7 @@ class Session:
 
 def open_sweep(approach: str, name: str, config: Config, *, storage: str, tracking_uri: str,
                seed: int = 0, owner: bool = True, workers: int = 1,
-               first_trial: dict[str, Any] | None = None) -> Session:
+               first_trial: dict[str, Any] | None = None, shares: Sequence[str] = ()) -> Session:
     """Create or load the study and its MLflow parent run, and recover the trials of dead workers.
 
     Everything happens under the study's lock, so workers that start together on fresh stores
@@ -118,6 +120,7 @@ def open_sweep(approach: str, name: str, config: Config, *, storage: str, tracki
         workers: how many worker processes will share the study (a SQLite study moves to a journal file).
         first_trial: the params of the study's first trial, enqueued when it has no trial yet
             (default: the defaults of the config's ``[space]``).
+        shares: params sampled together as shares of one whole, summing to 1 (an ensemble's weights).
 
     Raises:
         StudyError: the study belongs to another approach, or a store cannot be opened.
@@ -137,15 +140,18 @@ def open_sweep(approach: str, name: str, config: Config, *, storage: str, tracki
         opened = storages.open_storage(url, interval,
                                        on_stale=lambda trial: recovery.close_stale(tracker, trial, 2 * interval))
         pruner = sampling.make_pruner(config.study, sampling.max_epochs(config.space))
-        study = optuna.create_study(study_name=name, storage=opened, pruner=pruner, direction="maximize",
+        # A study keeps the direction it was made with (ensemble studies made before minimised nothing).
+        wanted = of_setting(config.ensemble.objective if config.ensemble is not None else None)
+        study = optuna.create_study(study_name=name, storage=opened, pruner=pruner, direction=wanted.direction,
                                     load_if_exists=True)
-        study.sampler = sampling.make_sampler(config.study, seed)
+        study.sampler = sampling.make_sampler(config.study, seed, shares=shares)
         owner_approach = study.user_attrs.get(record.APPROACH)
         _refuse_other_approach(name, owner_approach, approach)  # checked again: another command may have made it
         if owner_approach is None:
             study.set_user_attr(record.APPROACH, approach)
-        with storages.optuna_experimental():
-            study.set_metric_names([_objective_name(config)])  # optuna-dashboard's name for the value
+        if not study.metric_names:
+            with storages.optuna_experimental():
+                study.set_metric_names([wanted.name])  # optuna-dashboard's name for the value
         if not study.get_trials(deepcopy=False):
             # The first trial is a known-sane baseline for TPE to beat: the defaults of the space, or the
             # ensemble's greedy weights (tinyopt.objectives.voting.greedy_weights), so its best is at least theirs.
@@ -156,7 +162,10 @@ def open_sweep(approach: str, name: str, config: Config, *, storage: str, tracki
         study.set_user_attr(record.CONFIG, config.as_dict())
         study.set_user_attr(record.EXPERIMENT_ID, tracker.experiment_id)
         tags = {"storage": redact(storage), record.TAG_BACKEND: backend.name()}
-        parent = tracker.start_sweep(config.as_dict(), identity(config), tags=tags, reopen=owner)
+        searched = list(shares) or [key for key, entry in (config.space or {}).items()
+                                    if search_space.is_distribution(entry)]
+        parent = tracker.start_sweep(config.as_dict(), identity(config), tags=tags, reopen=owner,
+                                     objective=objective_of_study(study), searched=searched)
         study.set_user_attr(record.PARENT_RUN_ID, parent)
         recovered = recovery.recover(study, opened, tracker)
     return Session(study, opened, url, tracker, recovered)
@@ -207,7 +216,8 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
     with signals.deferred(), _quiet_trial_failures():
         session = open_sweep(approach, name, config, storage=storage, tracking_uri=tracking_uri, seed=seed,
                              owner=owner,
-                             first_trial=prepared.data[0].greedy_params() if approach == "ensemble" else None)
+                             first_trial=prepared.data[0].greedy_params() if approach == "ensemble" else None,
+                             shares=[m.param for m in prepared.data[0].members] if approach == "ensemble" else ())
         study, tracker = session.study, session.tracker
         policy = _FailurePolicy(config.study.max_consecutive_failures)
         cap = _TrialCap(study, max_trials, lambda: storages.study_lock(storage, name))
@@ -219,7 +229,8 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
             events.sweep_started(shown, session.recovered)
             if approach == "ensemble":
                 search, skipped = prepared.data
-                objective = EnsembleObjective(search, config, tracker, events, notes=skipped)
+                objective = EnsembleObjective(search, config, tracker, events, notes=skipped,
+                                              objective=objective_of_study(study))
             else:
                 objective = ModelObjective(approaches.get_approach(approach), config, prepared.data, tracker,
                                            seed, events, prepared.device, deadline)
@@ -280,13 +291,6 @@ def deadline_notes(study: Any, numbers: list[int]) -> list[str]:
                          f"{stop['epochs']:g} epochs and recorded as pruned "
                          f"(selection top-1 {stop[record.SELECTION_TOP1]:.3f} then)")
     return notes
-
-
-def _objective_name(config: Config) -> str:
-    """What the study's value is: selection top-1, or minus the selection log loss for such an ensemble."""
-    if config.ensemble is not None and config.ensemble.objective == "log_loss":
-        return "minus_selection_log_loss"
-    return record.OBJECTIVE_NAME
 
 
 def _command() -> str:

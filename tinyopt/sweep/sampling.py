@@ -1,9 +1,9 @@
-"""The sampler and pruner a ``[study]`` table asks for."""
+"""The sampler and pruner a ``[study]`` table asks for; an ensemble's weights sampled as shares of the vote."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,22 +56,83 @@ class TrialSeededSampler(BaseSampler):
         self._for(trial).after_trial(study, trial, state, values)
 
 
-def make_sampler(study: StudyConfig, seed: int) -> BaseSampler:
+class SimplexSampler(BaseSampler):
+    """Samples the params ``shares`` as shares of one whole: in [0, 1], summing to 1.
+
+    An ensemble's weights matter only as shares of the vote. Sampled as free weights in [0, 1] and
+    normalised afterwards, the study would store coordinates no one reads (a weight of 0.797 that is
+    a share of 0.404), and importance computed on them would rank a member the best vote leaves out
+    as important. Here the study stores the shares themselves, so the sampler's model, the params
+    every view shows and the importance are all about the same numbers.
+
+    Each share is drawn as a value in [0, 1] by ``base``, then the draws are normalised to sum 1
+    (uniform if all are 0). ``base`` draws them jointly where its relative search space holds them
+    (multivariate TPE, once past its start-up trials), else one by one through its
+    ``sample_independent`` (start-up trials: uniform draws). Either way it models the shares the
+    study stored, so it draws near the shares of good trials and normalising moves them little.
+    Params given as fixed (``study.enqueue_trial``, such as the ensemble's greedy weights, which
+    already sum to 1) are taken as they are: Optuna reads fixed params before relative ones.
+
+    Args:
+        base: the sampler of every other param, and of the raw draws.
+        shares: the names of the params sampled as shares; each must be suggested as
+            ``trial.suggest_float(name, 0.0, 1.0)``.
+    """
+
+    def __init__(self, base: BaseSampler, shares: Sequence[str]):
+        self._base = base
+        self._shares = {name: optuna.distributions.FloatDistribution(0.0, 1.0) for name in shares}
+
+    def infer_relative_search_space(self, study, trial):
+        return {**self._base.infer_relative_search_space(study, trial), **self._shares}
+
+    def sample_relative(self, study, trial, search_space):
+        # Only what ``base`` itself samples jointly: handed shares it left out, TPE would model them
+        # jointly all the same, even with ``multivariate=False``.
+        own = self._base.infer_relative_search_space(study, trial)
+        drawn = self._base.sample_relative(study, trial, {name: dist for name, dist in search_space.items()
+                                                          if name in own})
+        raw = np.array([drawn[name] if name in drawn
+                        else self._base.sample_independent(study, trial, name, distribution)
+                        for name, distribution in self._shares.items()], dtype=np.float64)
+        total = raw.sum()
+        shares = raw / total if total > 0 else np.full(len(raw), 1.0 / len(raw))
+        return {**drawn, **{name: float(share) for name, share in zip(self._shares, shares, strict=True)}}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):
+        self._base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self._base.after_trial(study, trial, state, values)
+
+
+def make_sampler(study: StudyConfig, seed: int, shares: Sequence[str] = ()) -> BaseSampler:
     """The configured sampler (``tpe``, ``random`` or ``bruteforce``), seeded per trial.
 
     TPE runs with ``constant_liar``: a trial still running elsewhere counts as a poor result, so
     parallel workers spread out instead of crowding the same promising region. ``bruteforce`` draws
     combinations in random order and never one the study already has, and stops the study when
     none is left: for small discrete spaces such as pretrained's, where TPE would repeat trials.
+
+    Args:
+        study: the ``[study]`` table.
+        seed: the sweep's ``--seed``.
+        shares: params sampled as shares of one whole, summing to 1 (``SimplexSampler``): an
+            ensemble's weights. None by default.
     """
     name = study.sampler
     if name == "random":
-        return TrialSeededSampler(lambda s: optuna.samplers.RandomSampler(seed=s), seed)
-    if name == "bruteforce":
-        return TrialSeededSampler(_bruteforce, seed)
-    startup = study.n_startup_trials
-    return TrialSeededSampler(
-        lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=startup, constant_liar=True), seed)
+        sampler = TrialSeededSampler(lambda s: optuna.samplers.RandomSampler(seed=s), seed)
+    elif name == "bruteforce":
+        sampler = TrialSeededSampler(_bruteforce, seed)
+    else:
+        startup = study.n_startup_trials
+        sampler = TrialSeededSampler(
+            lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=startup, constant_liar=True), seed)
+    return SimplexSampler(sampler, shares) if shares else sampler
 
 
 def _bruteforce(seed: int) -> BaseSampler:

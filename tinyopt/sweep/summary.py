@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 from tinyopt.core import plots, record
 from tinyopt.core import space as search_space
 from tinyopt.core.config.sections import Config
+from tinyopt.core.objective import TOP1, Objective, of_study
 from tinyopt.core.summary import StudySummary, members_of, study_config
-from tinyopt.core.urls import redact
-from tinyopt.track.names import STATE_NAMES, TAG_LIMIT, markdown_table, objective_name, run_path, ui_command
+from tinyopt.core.urls import ml_layout, redact
+from tinyopt.stores import notes
+from tinyopt.track.names import STATE_NAMES, TAG_LIMIT, markdown_table, run_path, ui_command
 
 if TYPE_CHECKING:  # the tracker's module loads mlflow, which a sweep's --help and start-up do without
     from tinyopt.track.tracking import Tracker
@@ -29,13 +31,14 @@ class SweepResult:
     approach: str
     storage: str
     counts: dict[str, int]
-    top: list[dict[str, Any]]
+    top: list[dict[str, Any]]  # the best complete trials, best first: number, value, scores, params, run
     ui_command: str
     new_trials: int = 0
     notes: list[str] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)
     interrupted: str | None = None  # the signal that stopped the sweep, e.g. "SIGTERM"
     exit_code: int = 0
+    objective: Objective = TOP1  # what ``value`` is
 
 
 def log_summary(tracker: Tracker, study: Any, summary: StudySummary, number: int, command: str) -> None:
@@ -49,23 +52,27 @@ def log_summary(tracker: Tracker, study: Any, summary: StudySummary, number: int
     (``tinyopt.core.summary.summarize_study``) here; stored in the background, like a trial's logging.
     """
 
-    counts, best = summary.counts, summary.best
+    counts, best, objective = summary.counts, summary.best, summary.objective
     config = study_config(study)  # once per trial: it deep-copies the stored config
     metrics = {f"{record.COUNT_PREFIX}{name}": counts.get(state, 0) for state, name in STATE_NAMES.items()}
     metrics[record.COMPUTE_SECONDS] = summary.compute_seconds
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    ranked = objective.ranked(complete)
     tags: dict[str, Any] = {}
     if best is not None:
-        metrics[f"best_{objective_name(study)}"] = best.value
+        metrics[objective.best_metric] = best.value
         tags = {record.TAG_BEST_TRIAL: best.number, record.TAG_BEST_RUN: best.run_id or "-",
                 record.TAG_BEST_RUN_URL: tracker.run_url(best.run_id) if best.run_id else "-"}
     importances, why = plots.importances(study)
-    tags[record.TAG_DESCRIPTION] = _summary_text(tracker, study, config, command, counts, metrics, best,
-                                                 importances, why)[:TAG_LIMIT]
+    description = _summary_text(tracker, study, config, command, summary, metrics, importances, why)
+    tags[record.TAG_DESCRIPTION] = description[:TAG_LIMIT]
+    notes.save(study, notes.absolute_links(description, tracker.ui_base()))  # the study's note in optuna-dashboard
     parent = tracker.parent_run()
     parent.log_metrics(metrics, step=number)
     parent.set_tags(tags)
-    parent.log_figure(lambda: plots.history_chart(study.study_name, complete), record.HISTORY)
+    parent.log_figure(lambda: plots.history_chart(study.study_name, complete, objective), record.HISTORY)
+    ranks = {t.user_attrs[record.RUN_ID]: place for place, t in enumerate(ranked, 1) if t.user_attrs.get(record.RUN_ID)}
+    parent.call(record.RANK, tracker.rank_runs, ranks, len(ranked))
     if importances:
         parent.log_figure(lambda: plots.importance_chart(study.study_name, importances), record.IMPORTANCE)
     if best is not None and best.run_id:
@@ -73,29 +80,31 @@ def log_summary(tracker: Tracker, study: Any, summary: StudySummary, number: int
     keep = config.study.keep_models
     if keep:
         # Only complete trials are ranked: a trial still running may have stored a model it keeps.
-        ranked = sorted(complete, key=lambda t: -t.value)
         dropped = {t.user_attrs[record.RUN_ID] for t in ranked[keep:] if t.user_attrs.get(record.MODEL_KEPT)}
         if dropped:
             parent.call("deletion of models out of the top", tracker.drop_models, dropped)
 
 
-def _summary_text(tracker: Tracker, study: Any, config: Config, command: str, counts: dict[str, int],
-                  metrics: dict[str, float], best: Any, importances: dict[str, float], why: str | None) -> str:
+def _summary_text(tracker: Tracker, study: Any, config: Config, command: str, summary: StudySummary,
+                  metrics: dict[str, float], importances: dict[str, float], why: str | None) -> str:
     """The parent run's description, in markdown: the command, what is searched, the best trial."""
 
+    counts, best, objective = summary.counts, summary.best, summary.objective
     searched = [name for name, entry in config.space.items() if search_space.is_distribution(entry)]
     lines = [f"**Sweep of study `{study.study_name}`** ({config.approach}), "
              f"command: `{redact(command)}`", "",
-             f"Searched: {', '.join(searched) or 'the ensemble weights'}. "
-             f"The objective is {objective_name(study).replace('_', ' ')}; test scores are only reported.", "",
+             f"Searched: {', '.join(searched) or 'the ensemble weights (shares of the vote)'}. "
+             f"The objective is the {objective.heading}; test scores are only reported.", "",
              "Trials: " + ", ".join(f"{counts.get(state, 0)} {name}" for state, name in STATE_NAMES.items())
              + f"; compute {metrics[record.COMPUTE_SECONDS] / 60:.1f} min.", ""]
     if best is None:
         return "\n".join([*lines, "No complete trial yet."])
     link = f"[run {best.run_id[:8]}]({run_path(tracker.experiment_id, best.run_id)})" if best.run_id else "no run"
-    lines += [f"**Best: trial {best.number}** ({link}), selection top-1 {best.value:.4f}"
-              + "".join(f", {key.replace('_', ' ')} {value:.4f}" for key, value in best.scores.items()
-                        if key != record.SELECTION_TOP1), "",
+    # The objective first, then every score under its own name (a loss is never called top-1).
+    labels = {objective.name: objective.label, **record.SCORE_LABELS}
+    shown = {objective.name: best.value, **best.scores, **best.log_losses}
+    lines += [f"**Best: trial {best.number}** ({link}): "
+              + ", ".join(f"{labels[key]} {value:.4f}" for key, value in shown.items()), "",
               *markdown_table(best.params)]
     if importances:
         lines += ["", "Importance (PED-ANOVA, as in optuna-dashboard): "
@@ -126,9 +135,11 @@ def summarize(study, storage: str, tracking_uri: str, new_trials: int = 0, top: 
         if trial.state.name in counts:
             counts[trial.state.name] += 1
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    best = sorted(complete, key=lambda t: t.value, reverse=True)[:top]
-    rows = [{"number": t.number, "value": t.value, "test_top1": t.user_attrs.get(record.TEST_TOP1),
-             "params": _shown_params(t), "run_id": t.user_attrs.get(record.RUN_ID)} for t in best]
+    objective = of_study(study)
+    rows = [{"number": t.number, "value": t.value, "selection_top1": t.user_attrs.get(record.SELECTION_TOP1),
+             "test_top1": t.user_attrs.get(record.TEST_TOP1), "params": _shown_params(t),
+             "run_id": t.user_attrs.get(record.RUN_ID), "run_url": ml_layout(t.user_attrs.get(record.RUN_URL))}
+            for t in objective.ranked(complete)[:top]]
     return SweepResult(study_name=study.study_name, approach=study.user_attrs.get(record.APPROACH, ""),
                        storage=redact(storage), counts=counts, top=rows, ui_command=ui_command(tracking_uri),
-                       new_trials=new_trials)
+                       new_trials=new_trials, objective=objective)

@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 # by 175 to 205 MiB, about 10% of its 2 GB, and its fresh process costs 9 to 11 s, about 1 s per
 # trial (benchmarks/bench_trial_memory.py, BENCHMARKS.md).
 TRIALS_PER_PROCESS = 10
+# A worker still running this long after the supervisor passed SIGINT/SIGTERM on is stuck: it is asked
+# for its threads' stacks (SIGUSR1, see tinyopt.cli.sweep) and killed, as SLURM and Kubernetes kill a job
+# their grace period after SIGTERM; its trial is failed as interrupted.
+STOP_GRACE = 60.0
 # A worker whose processes die this many times in a row without finishing a trial is given up: something
 # kills every one of them (memory, a broken GPU), and starting more would only repeat it.
 DEATHS_IN_A_ROW = 3
@@ -135,15 +139,40 @@ class _Supervisor:
         self.codes: list[int] = []  # the exit codes that end a worker's share early
         self.notes: list[str] = []  # one per worker process that died
         self.signum: int | None = None
+        self.signalled: float | None = None  # time.monotonic() when the first signal was passed on
+        self.killed: set[int] = set()  # pids of the workers killed after STOP_GRACE
 
     def forward(self, signum: int, _frame=None) -> None:
         self.signum = signum
+        self.signalled = self.signalled or time.monotonic()
         with self.lock:
             for process in self.running.values():
                 try:
                     os.killpg(process.pid, signum)
                 except ProcessLookupError:
                     pass
+
+    def kill_stuck(self) -> None:
+        """Kill the workers still running ``STOP_GRACE`` after the signal, once they printed their stacks."""
+        if self.signalled is None or time.monotonic() - self.signalled < STOP_GRACE:
+            return
+        with self.lock:
+            stuck = {index: process for index, process in self.running.items() if process.pid not in self.killed}
+        for index, process in stuck.items():
+            self.emit(f"worker {index} (pid {process.pid}) did not stop within {STOP_GRACE:g} s of the signal; "
+                      "its threads' stacks follow, then it is killed")
+            self._signal(process, signal.SIGUSR1)
+        time.sleep(2)  # for the stacks to come through
+        for process in stuck.values():
+            self._signal(process, signal.SIGKILL)
+            self.killed.add(process.pid)
+
+    @staticmethod
+    def _signal(process: subprocess.Popen, signum: int) -> None:
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            pass
 
     def slot(self, index: int, trials: int | None, deadline: float | None) -> None:
         """Worker ``index``: its share of the trials, in consecutive processes of at most ``trials_per_process``.
@@ -283,6 +312,13 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
             for thread in threads:
                 while thread.is_alive():  # join with a timeout, so that the signal handler runs meanwhile
                     thread.join(0.2)
+                    supervisor.kill_stuck()
+            if supervisor.killed:
+                reason = f"interrupted by {signal.Signals(supervisor.signum).name}"
+                import optuna
+
+                stuck = _trials_of(session.study, supervisor.killed, optuna.trial.TrialState.RUNNING)
+                recovery.fail_interrupted(session.study, session.storage, session.tracker, stuck, reason)
             failed = supervisor.codes
             status = "KILLED" if supervisor.signum is not None else "FAILED" if failed else "FINISHED"
         finally:

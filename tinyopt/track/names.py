@@ -14,14 +14,19 @@ from typing import Any
 
 from tinyopt.core import record
 from tinyopt.core.config.sections import Config
-from tinyopt.core.urls import redact, sqlite_path
+from tinyopt.core.urls import ML_LAYOUT, redact, sqlite_path
 
 # Where `tinyopt ui` serves an embedded store: the links an Optuna trial carries to its run.
 DEFAULT_UI = "http://127.0.0.1:5000"
 TAG_LIMIT = 8000  # MLflow rejects longer tag values (a run's description is one)
 _UNSAFE = re.compile(r"[^\w.\-]")  # MLflow accepts only these characters in param and metric names
+_MODEL_UNSAFE = re.compile(r"[^\w\-]")
 _SHORT_KEYS = {"learning_rate": "lr", "weight_decay": "wd", "batch_size": "bs", "label_smoothing": "ls",
                "trainable_stages": "train_stages", "input_size": "px"}
+# Run colours: MLflow's own repeat every few runs, so the best trial would share its colour with another.
+BEST_COLOUR = "#d62728"
+_PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+            "#aec7e8", "#98df8a", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5", "#393b79")
 STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
 
 
@@ -38,6 +43,27 @@ def short_value(value: Any) -> str:
             return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
         return f"{value:.3g}"
     return str(value)
+
+
+def param_text(value: Any) -> str:
+    """A param as a run shows it: floats to 4 significant digits (``0.0002007``, not ``0.00020074099001954847``).
+
+    The exact values stay in the run's ``config.json``, its description and the Optuna trial.
+    """
+    if isinstance(value, float) and not isinstance(value, bool):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def model_name(study_name: str, number: int, refit: bool = False) -> str:
+    """The name of a trial's kept model in MLflow's Models tab: ``finetune-trial-12``, ``finetune-refit-of-12``."""
+    # MLflow refuses / : . % " ' in a logged model's name.
+    return _MODEL_UNSAFE.sub("_", f"{study_name}-{'refit-of' if refit else 'trial'}-{number}")
+
+
+def run_colour(number: int) -> str:
+    """The colour of trial ``number``'s run in the MLflow UI's charts; never ``BEST_COLOUR``."""
+    return _PALETTE[number % len(_PALETTE)]
 
 
 def run_name(number: int, headline: dict[str, Any]) -> str:
@@ -78,21 +104,17 @@ def markdown_table(params: dict[str, Any]) -> list[str]:
     return ["| param | value |", "| --- | --- |", *rows]
 
 
-
 def experiment_name(study_name: str) -> str:
     """The MLflow experiment that holds a study's runs."""
     return f"tinyopt/{study_name}"
 
 
-
-def objective_name(study: Any) -> str:
-    """The name of the study's value (``selection_top1``, ``minus_selection_log_loss``), as the runner set it."""
-    return (study.metric_names or [record.OBJECTIVE_NAME])[0]
-
-
 def run_path(experiment_id: str, run_id: str) -> str:
-    """A run's page within the MLflow UI, relative to its address (a description's links work on any host)."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}"
+    """A run's page within the MLflow UI, relative to its address (a description's links work on any host).
+
+    In the model-training layout: without ``workflowType`` MLflow 3 shows a run as a GenAI "evaluation run".
+    """
+    return f"#/experiments/{experiment_id}/runs/{run_id}?{ML_LAYOUT}"
 
 
 def ui_command(tracking_uri: str) -> str:
@@ -100,9 +122,3 @@ def ui_command(tracking_uri: str) -> str:
     if sqlite_path(tracking_uri) is None:
         return f"open {redact(tracking_uri)} in a browser"
     return f"tinyopt ui --tracking-uri {tracking_uri}"
-
-
-# tinyopt's view of an experiment's runs table, kept in an experiment tag as the MLflow UI keeps a
-# view saved from its Views menu: without it the table shows no metric and folds the trials under
-# their parent. Sorted by the best-so-far metric, which only the parent has, the runs come flat:
-# the parent first, then every trial, newest first. An MLflow that reads no such view ignores the

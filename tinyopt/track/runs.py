@@ -17,6 +17,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from tinyopt.core import record
 from tinyopt.core.errors import StudyError
 from tinyopt.core.urls import first_line
+from tinyopt.track.names import param_text
 
 _PARAM_LIMIT = 6000  # MLflow rejects longer param values
 # MLflow metrics keep 4 significant digits: a top-1 over 5,000 images moves by 2e-4, and 0.46399998664855957
@@ -49,7 +50,7 @@ class TrialRun:
         self._failure: str | None = None  # what the first failed background call could not store, and why
 
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [Param(k, str(v)[:_PARAM_LIMIT]) for k, v in params.items()]
+        items = [Param(k, param_text(v)[:_PARAM_LIMIT]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.call("params", self.client.log_batch, self.run_id, params=items[start:start + 100])
 
@@ -76,15 +77,18 @@ class TrialRun:
         """Store the class-probability arrays the ensemble study reads back."""
         self.call(record.PREDICTIONS, self._store_predictions, arrays)
 
-    def log_model(self, model: Any, experiment_id: str) -> None:
+    def log_model(self, model: Any, experiment_id: str, name: str, params: dict[str, Any] | None = None,
+                  metrics: dict[str, float] | None = None) -> None:
         """Store a Keras model as an MLflow logged model of this run (``mlflow.keras``, reloadable without tinyopt).
 
-        The run gets the tags ``model_kept`` and ``model_uri`` (``models:/<id>``); the model's
-        ``data/model.keras`` loads with plain Keras too.
+        The model is named ``name`` (``tinyopt.track.names.model_name``) and carries ``params`` and
+        ``metrics`` (the trial's searched params and final scores), so that MLflow's Models tab tells
+        kept models apart and ranks them. The run gets the tags ``model_kept`` and ``model_uri``
+        (``models:/<id>``); the model's ``data/model.keras`` loads with plain Keras too.
         """
         # Saved now, uploaded later: the next trial's clear_session would free the model.
         folder = _scratch_file("model", lambda path: _save_keras(model, path))
-        self.call(record.LOGGED_MODEL, self._store_model, folder, experiment_id)
+        self.call(record.LOGGED_MODEL, self._store_model, folder, experiment_id, name, params or {}, metrics or {})
 
     def end(self, state: str, reason: str | None = None) -> None:
         """Close the run, after everything logged before, with the status that matches the Optuna trial state."""
@@ -121,22 +125,30 @@ class TrialRun:
 
     def _close(self, state: str, reason: str | None) -> None:
         status = _STATUS[state]
+        outcome = outcome_text(state, reason)
         if self._failure is not None:
             # The trial's state stands (Optuna has it); its run says what it misses.
             status = _STATUS["FAIL"]
             reason = f"could not store {self._failure}" + (f"; {reason}" if reason else "")
-        tags = {record.TAG_TRIAL_STATE: state}
-        if reason:
+            outcome = f"{outcome}; could not store {self._failure}"
+        tags = {record.TAG_TRIAL_STATE: state, record.TAG_OUTCOME: outcome[:5000]}
+        if reason and (state in ("FAIL", "KILLED") or self._failure is not None):
             tags[record.FAIL_REASON] = reason[:5000]
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(self.run_id, status=status)
 
-    def _store_model(self, folder: Path, experiment_id: str) -> None:
+    def _store_model(self, folder: Path, experiment_id: str, name: str, params: dict[str, Any],
+                     metrics: dict[str, float]) -> None:
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
         try:
-            logged = self.client.create_logged_model(experiment_id, name=record.LOGGED_MODEL, source_run_id=self.run_id,
-                                                     model_type="keras")
+            logged = self.client.create_logged_model(experiment_id, name=name, source_run_id=self.run_id,
+                                                     model_type="keras",
+                                                     params={k: param_text(v) for k, v in params.items()})
+            if metrics:
+                now = int(time.time() * 1000)
+                self.client.log_batch(self.run_id, metrics=[Metric(k, _round(v), now, 0, model_id=logged.model_id)
+                                                            for k, v in metrics.items()])
             self.client.log_model_artifacts(logged.model_id, str(folder))
             self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
             self.client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step=0)])
@@ -188,9 +200,22 @@ def _scratch_file(name: str, write: Callable[[Path], Any]) -> Path:
     return path
 
 
+def outcome_text(state: str, reason: str | None) -> str:
+    """What happened to a trial, in words, as its run's ``outcome`` tag says it."""
+    if state == "COMPLETE":
+        return "complete"
+    if state == "PRUNED":
+        return reason or "pruned"
+    if state == "FAIL":
+        return f"failed: {reason}" if reason else "failed"
+    return reason or "interrupted"
+
+
+# A pruned trial ran as the pruner meant it to: its run is FINISHED, its outcome says where it stopped.
+# KILLED is for a trial a signal interrupted.
 _STATUS = {
     "COMPLETE": RunStatus.to_string(RunStatus.FINISHED),
-    "PRUNED": RunStatus.to_string(RunStatus.KILLED),
+    "PRUNED": RunStatus.to_string(RunStatus.FINISHED),
     "FAIL": RunStatus.to_string(RunStatus.FAILED),
     "KILLED": RunStatus.to_string(RunStatus.KILLED),
 }

@@ -14,16 +14,30 @@ most one trial ahead of its logging.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mlflow.entities import Param
+from mlflow.entities import Metric, Param
 
 from tinyopt.core import record
 from tinyopt.core.config.sections import Config
 from tinyopt.core.errors import StudyError
+from tinyopt.core.objective import TOP1, Objective
 from tinyopt.core.urls import first_line, redact
-from tinyopt.track.names import DEFAULT_UI, TAG_LIMIT, experiment_name, identity, markdown_table, run_name, run_path
+from tinyopt.track import views
+from tinyopt.track.names import (
+    BEST_COLOUR,
+    DEFAULT_UI,
+    TAG_LIMIT,
+    experiment_name,
+    identity,
+    markdown_table,
+    run_colour,
+    run_name,
+    run_path,
+)
 from tinyopt.track.runs import TrialRun
 from tinyopt.track.store import ensure_experiment, open_client
 
@@ -52,19 +66,24 @@ class Tracker:
         self._background = ThreadPoolExecutor(1, thread_name_prefix="tinyopt-mlflow")
         self._runs: list[TrialRun] = []  # trial runs whose background logging may not be done
         self._summary: TrialRun | None = None  # the parent run's logging, made by parent_run
+        self._ranks: dict[str, int] = {}  # the rank this process last logged on each trial run
 
-    def run_url(self, run_id: str, base: str | None = None) -> str:
-        """The run's page in the MLflow UI at ``base``: the tracking server, or ``tinyopt ui``'s default address."""
-        if base is None:
-            base = redact(self.tracking_uri) if self.tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI
-        return f"{base.rstrip('/')}/{run_path(self.experiment_id, run_id)}"
+    def ui_base(self) -> str:
+        """The MLflow UI's address: the tracking server, or ``tinyopt ui``'s default address."""
+        base = redact(self.tracking_uri) if self.tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI
+        return base.rstrip("/")
+
+    def run_url(self, run_id: str) -> str:
+        """The run's page in the MLflow UI (``ui_base``), in its model-training layout."""
+        return f"{self.ui_base()}/{run_path(self.experiment_id, run_id)}"
 
     def start_sweep(self, config: dict[str, Any], params: dict[str, Any], tags: dict[str, str], *,
-                    reopen: bool = True) -> str:
+                    reopen: bool = True, objective: Objective = TOP1, searched: Sequence[str] = ()) -> str:
         """Find (or create) the study's parent run and return its id; mark it RUNNING if ``reopen``.
 
         A new parent run gets ``config`` as its ``config.json`` and ``params`` as its params: a sweep's
-        resolved config and ``tinyopt.track.names.identity`` of it.
+        resolved config and ``tinyopt.track.names.identity`` of it. The experiment gets tinyopt's view of
+        its runs (``tinyopt.track.views``): ranked by ``objective``, charting the ``searched`` params.
 
         Call it holding ``tinyopt.stores.storage.study_lock``: workers that start together then find one parent.
         Workers started by ``tinyopt sweep --workers`` pass ``reopen=False``: their supervisor owns the status.
@@ -81,6 +100,10 @@ class Tracker:
                 self.client.log_dict(run.info.run_id, config, record.CONFIG_FILE)
                 self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
                 self.parent_run_id = run.info.run_id
+            self.client.set_tag(self.parent_run_id, record.TAG_OBJECTIVE, objective.heading)
+            self.client.log_batch(self.parent_run_id, metrics=[Metric(record.RANK, 0, _now(), 0)])
+            created = self.client.get_experiment(self.experiment_id).creation_time or 0
+            views.save_view(self.client, self.experiment_id, created, objective, searched)
             if reopen:
                 self.client.update_run(self.parent_run_id, status="RUNNING")
         except Exception as err:  # noqa: BLE001 - MLflow, SQLAlchemy and requests each raise their own
@@ -148,12 +171,27 @@ class Tracker:
         return self._summary
 
     def move_best_tag(self, run_id: str) -> None:
-        """Tag ``best`` on ``run_id`` only: the tag leaves the run of the former best trial."""
+        """Tag ``best`` on ``run_id`` only, in the best trial's own colour: both leave the former best trial."""
         tagged = self.client.search_runs([self.experiment_id], f"tags.`{record.TAG_BEST}` = 'true'")
         for run in tagged:
             if run.info.run_id != run_id:
                 self.client.delete_tag(run.info.run_id, record.TAG_BEST)
+                number = run.data.tags.get(record.TAG_TRIAL_NUMBER, "0")
+                self.client.set_tag(run.info.run_id, record.TAG_COLOR, run_colour(int(number)))
         self.client.set_tag(run_id, record.TAG_BEST, "true")
+        self.client.set_tag(run_id, record.TAG_COLOR, BEST_COLOUR)
+
+    def rank_runs(self, ranks: dict[str, int], step: int) -> None:
+        """Log each trial run's ``rank`` by the objective (``record.RANK``) where it changed.
+
+        ``step`` is the number of complete trials ranked: when workers rank at once, the ranking
+        of the most trials is the one the runs table shows.
+        """
+        now = _now()
+        for run_id, rank in ranks.items():
+            if self._ranks.get(run_id) != rank:
+                self.client.log_batch(run_id, metrics=[Metric(record.RANK, rank, now, step)])
+                self._ranks[run_id] = rank
 
     def drop_models(self, run_ids: set[str]) -> None:
         """Delete the logged models of these runs (MLflow's soft delete: ``mlflow gc`` frees the space)."""
@@ -188,7 +226,8 @@ class Tracker:
         self._settle(keep=1)
         trial_run = self._child_run(
             run_name(number, headline or {}), self.parent_run_id, f"Trial {number} of study `{self.study_name}`.",
-            params, {record.TAG_TRIAL_NUMBER: str(number), record.TAG_TRIAL_STATE: "RUNNING", **tags},
+            params, {record.TAG_TRIAL_NUMBER: str(number), record.TAG_TRIAL_STATE: "RUNNING",
+                     record.TAG_COLOR: run_colour(number), **tags},
             params if searched is None else searched, config, self._background)
         self._runs.append(trial_run)
         if system_metrics:
@@ -242,4 +281,5 @@ class Tracker:
         return child
 
 
-
+def _now() -> int:
+    return int(time.time() * 1000)
