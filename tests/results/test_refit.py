@@ -74,7 +74,7 @@ def test_refit_is_a_run_of_the_study_trained_on_train_and_selection(refitted):
     assert run.data.params[record.TRAIN_IMAGES] == str(sum(sizes))
     assert run.data.params[record.REFIT_EPOCHS] == str(epochs)
     for name, value in trial.params.items():
-        assert run.data.params[name] == str(value)
+        assert run.data.params[name] == run_names.param_text(value)  # 4 significant digits, as the trials
     assert run.data.params[record.CONFIG_HASH] == run_names.config_hash(study.user_attrs[record.CONFIG])
     # Its model is kept as the trials keep theirs.
     assert run.data.tags[record.TAG_MODEL_KEPT] == "true" and len(run.outputs.model_outputs) == 1

@@ -28,7 +28,8 @@ def test_head_init_pretrained_starts_from_the_pretrained_predictions(random_mobi
                                            model=random_mobilenet, wnids=WNIDS)
     images = random_images(16)
     expected, got = as_is.predict(images, verbose=0), tuned.predict(images, verbose=0)
-    np.testing.assert_allclose(got, expected, atol=1e-6)
+    # float32 sums in another order (XLA picks its threads by load) differ by ~1e-6 at these magnitudes.
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
 
 
