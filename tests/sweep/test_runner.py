@@ -66,7 +66,7 @@ def test_sweep_records_every_trial_in_mlflow(approach, stores, tiny_folder, cach
         assert set(run.data.params) == set(trial.params) | identifying
         assert {"approach", "data", record.CONFIG_HASH} <= identifying and len(run.data.params) <= 20
         for name, value in trial.params.items():
-            assert run.data.params[name] == str(value)
+            assert run.data.params[name] == run_names.param_text(value)  # 4 significant digits
         assert run.data.params[record.CONFIG_HASH] == run_names.config_hash(study.user_attrs["config"])
         # Named after the trial and the params study.run_name lists; every value in the description.
         assert run.info.run_name.startswith(f"t{trial.number}")

@@ -215,7 +215,9 @@ assert len(read) == 3 * steps
 unbuilt = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(3)])
 predicted = unbuilt.predict(feeding.make_dataset(x, batch_size=16), verbose=0)  # builds on a first batch
 assert predicted.shape == (len(x), 3), predicted.shape
-np.testing.assert_allclose(predicted, keras.ops.convert_to_numpy(unbuilt(x[:])), rtol=1e-5, atol=1e-5)
+whole = keras.ops.convert_to_numpy(unbuilt(x[:]))
+# float32 sums of 12288 pixel products (0-255) in another order, batched or not: relative to the outputs' scale.
+np.testing.assert_allclose(predicted, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
 assert "tensorflow" not in sys.modules
 """
 

@@ -222,7 +222,10 @@ class ModelObjective(TrackedObjective):
         run.set_tags(tags)
         value = results["selection"]["top1"]
         final = {f"{split}_{name}": v for split, r in results.items() for name, v in r.items()}
-        run.log_metrics({record.final(key): v for key, v in final.items()})
+        kept = _in_top(trial, value, self.config.study.keep_models)
+        # A kept model's scores are logged once, with the model (linked to it), not again on the run.
+        carried = {record.final(key): final[key] for key in record.SCORES} if kept else {}
+        run.log_metrics({record.final(key): v for key, v in final.items() if record.final(key) not in carried})
         peak = backend.peak_memory()
         if peak is not None:
             run.log_metrics({record.PEAK_GPU_MEMORY: peak / 2**20})
@@ -232,11 +235,10 @@ class ModelObjective(TrackedObjective):
             run.log_figure(lambda: learning_curve(history), record.LEARNING_CURVE)  # drawn in the background
         for key in record.SCORES:
             trial.set_user_attr(key, final[key])
-        kept = _in_top(trial, value, self.config.study.keep_models)
         if kept:
             run.log_model(inference_model(model), self.tracker.experiment_id,
                           model_name(self.tracker.study_name, trial.number), params=dict(trial.params),
-                          metrics={record.final(key): final[key] for key in record.SCORES})
+                          metrics=carried)
         trial.set_user_attr(record.MODEL_KEPT, kept)
         return value
 

@@ -170,11 +170,10 @@ def refit_best(summary: Any, *, storage_url: str, tracking_uri: str, source: str
                 echo(f"refitting {summary.name} trial {trial.number} on train + selection ({refit.train_images} "
                      f"images) for {refit.epochs_text} on {device}")
                 model = _train(approach, config, params, data, (x, y), refit, run, device, echo)
-                run.log_metrics({record.final(key): value for key, value in refit.scores.items()})
                 classes = [(c.index, c.wnid, c.name) for c in data.classes]
                 run.log_text(record.classes_tsv(classes), record.CLASSES_FILE)
                 run.log_model(model, tracker.experiment_id, model_name(summary.name, trial.number, refit=True),
-                              params=dict(trial.params),
+                              params=dict(trial.params),  # its scores: logged on the run, linked to the model
                               metrics={record.final(key): value for key, value in refit.scores.items()})
                 if export_dir is not None:
                     refit.bundle = export_refit(summary, refit, export_dir, model=model, classes=classes,

@@ -83,8 +83,10 @@ class TrialRun:
 
         The model is named ``name`` (``tinyopt.track.names.model_name``) and carries ``params`` and
         ``metrics`` (the trial's searched params and final scores), so that MLflow's Models tab tells
-        kept models apart and ranks them. The run gets the tags ``model_kept`` and ``model_uri``
-        (``models:/<id>``); the model's ``data/model.keras`` loads with plain Keras too.
+        kept models apart and ranks them. The metrics are logged on the run too, linked to the model:
+        a caller does not log them again, or the run's history holds each twice. The run gets the tags
+        ``model_kept`` and ``model_uri`` (``models:/<id>``); the model's ``data/model.keras`` loads with plain
+        Keras too.
         """
         # Saved now, uploaded later: the next trial's clear_session would free the model.
         folder = _scratch_file("model", lambda path: _save_keras(model, path))
