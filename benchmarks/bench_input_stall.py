@@ -18,6 +18,7 @@ Target: a stall fraction of at most 5% (0.05).
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import tempfile
@@ -38,7 +39,8 @@ CASES = {
 
 
 class _OneBatch:
-    """``steps`` times the same batch, held in memory: input that costs nothing."""
+    """``steps`` times the same batch a epoch, held in memory: input that costs nothing; with ``fit``'s
+    ``steps_per_epoch`` as ``ImageFeed.training`` gives it."""
 
     def __new__(cls, batch, steps: int):
         import keras
@@ -46,7 +48,7 @@ class _OneBatch:
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 
-            return tf.data.Dataset.from_tensors(batch).repeat(steps)
+            return tf.data.Dataset.from_tensors(batch).repeat(), steps
 
         class Repeated(keras.utils.PyDataset):
             def __len__(self):
@@ -55,20 +57,22 @@ class _OneBatch:
             def __getitem__(self, index):
                 return batch
 
-        return Repeated()
+        return Repeated(), None
 
 
-def _epochs(model, batches, epochs: int = 1) -> float:
-    """Seconds per epoch of ``epochs`` epochs of ``fit``."""
+def _epochs(model, feed: tuple, epochs: int = 1) -> float:
+    """Seconds per epoch of ``epochs`` epochs of ``fit`` on ``(batches, steps_per_epoch)``."""
+    batches, steps = feed
     started = time.perf_counter()
-    model.fit(batches, epochs=epochs, verbose=0, shuffle=False)
+    model.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=0, shuffle=False)
     return (time.perf_counter() - started) / epochs
 
 
-def _read(batches) -> float:
-    """Seconds to read one epoch of batches with no model: the input's whole cost."""
+def _read(feed: tuple) -> float:
+    """Seconds to read one epoch of ``(batches, steps_per_epoch)`` with no model: the input's whole cost."""
+    batches, steps = feed
     started = time.perf_counter()
-    for _ in batches:
+    for _ in itertools.islice(iter(batches), steps):
         pass
     return time.perf_counter() - started
 
@@ -100,9 +104,9 @@ def _case(name: str, data: str, weights: str, cache: str, repeats: int) -> float
         f"images through make_dataset, activation cache {off or 'not applicable'}"
     trainee = feed.trainee()
     compile_model(trainee, params)
-    real = feed.batches("train", int(params["batch_size"]), train=True)
     steps = -(-len(sweep_data.splits["train"][1]) // int(params["batch_size"]))
-    first = next(iter(real))
+    real = feed.training(int(params["batch_size"]), seed=0)
+    first = next(iter(real[0]))
     synthetic = _OneBatch(tuple(np.asarray(part) for part in first), steps)
     _epochs(trainee, real), _epochs(trainee, synthetic)  # warm-up: tracing, thread pools, the cache built
     # Short epochs (a cached head) are timed several at a time, so that each timing lasts seconds.

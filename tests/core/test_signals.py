@@ -19,7 +19,7 @@ from sweep_helpers import (
     wait_for_training,
 )
 
-from tinyopt.core import record
+from tinyopt.core import record, signals
 from tinyopt.sweep import runner
 
 # TensorFlow's C++ start-up lines (glog format, absl's notice): none may reach the terminal.
@@ -56,17 +56,23 @@ def test_a_signal_mid_trial_ends_the_sweep_cleanly(signum, stores, tiny_folder, 
     assert sweep.returncode == 128 + signum, output
     assert "Traceback" not in output and f"interrupted by {name}" in output
     assert "trials run on cpu" in output and not any(_CPP_LINE.search(line) for line in output.splitlines())
+    # SIGTERM is how a cluster preempts a job (study.requeue = "sigterm"): the trial is queued again.
+    preempted = signum == signal.SIGTERM
+    reason = f"interrupted by {name}" + ("; queued again, to resume from its last checkpoint" if preempted else "")
     trials = trials_of(stores["storage"], stores["study"])
-    assert [t.state.name for t in trials] == ["FAIL"] and trials[0].number == number
-    assert trials[0].user_attrs[record.FAIL_REASON] == f"interrupted by {name}"
+    assert [t.state.name for t in trials] == ["FAIL"] + ["WAITING"] * preempted and trials[0].number == number
+    assert trials[0].user_attrs[record.FAIL_REASON] == reason
+    assert (f"trial {number} was stopped by SIGTERM and queued again as trial {number + 1}" in output) is preempted
     _, parents, children = runs_of(stores, stores["study"])
     assert parents[0].info.status == "KILLED"
     assert children[number].info.status == "KILLED"
-    assert children[number].data.tags["fail_reason"] == f"interrupted by {name}"
-    # Nothing is left RUNNING, so the next run has nothing to recover.
+    assert children[number].data.tags["fail_reason"] == reason
+    # Nothing is left RUNNING, so the next run has nothing to recover; a queued trial is the one it runs.
     result = _next_run(stores, tmp_path / "cache")
     assert result.recovered == [] and result.exit_code == 0
-    assert [t.state.name for t in trials_of(stores["storage"], stores["study"])] == ["FAIL", "COMPLETE"]
+    trials = trials_of(stores["storage"], stores["study"])
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert (trials[1].params == trials[0].params) is preempted  # a preempted configuration is not lost
     _, parents, children = runs_of(stores, stores["study"])
     assert [parent.info.status for parent in parents] == ["FINISHED"]
     assert [children[n].info.status for n in sorted(children)] == ["KILLED", "FINISHED"]
@@ -94,3 +100,13 @@ def test_a_killed_sweep_is_recovered_by_the_next_run(stores, tiny_folder, tmp_pa
     assert children[number].info.status == "FAILED" and "is gone" in children[number].data.tags["fail_reason"]
     assert children[retry.number].info.status == "FINISHED" and parents[0].info.status == "FINISHED"
     assert _next_run(stores, tmp_path / "cache").recovered == []  # recovered once, not again
+
+
+@pytest.mark.parametrize(("setting", "queued"), [
+    ("sigterm", {"SIGTERM"}), ("sigterm+sigint", {"SIGTERM", "SIGINT"}), ("never", set()),
+    (None, set()),  # a study stored before the setting
+])
+def test_study_requeue_says_which_signal_is_a_preemption(setting, queued):
+    stops = {"SIGTERM": signals.Interrupted(signal.SIGTERM), "SIGINT": signals.Interrupted(signal.SIGINT)}
+    assert {name for name, stop in stops.items() if signals.requeues(setting, stop)} == queued
+    assert not signals.requeues(setting, KeyboardInterrupt())  # no signal named: a plain interrupt

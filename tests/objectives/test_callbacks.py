@@ -8,7 +8,8 @@ import optuna
 import pytest
 
 from tinyopt.core import record
-from tinyopt.objectives.callbacks import deadline_stop, trial_callback
+from tinyopt.objectives.callbacks import deadline_stop, progress_callback, trial_callback
+from tinyopt.train import checkpoints
 
 pytestmark = pytest.mark.backend  # Keras' fit loop, which each backend runs its own way
 
@@ -92,3 +93,56 @@ def test_a_deadline_not_reached_changes_nothing():
     trial, run, _, pruned = _fit(epochs=2, deadline=float("inf"))
     assert pruned is None and [step for step, _ in run.logged] == [1, 2]
     assert record.DEADLINE_STOP not in trial.study.trials[0].user_attrs
+
+
+class _Saved:
+    """A ``Checkpoints`` that records what it is asked to save."""
+
+    def __init__(self):
+        self.saved = []
+
+    def save(self, model, epoch, history, stopping, best_weights):
+        self.saved.append((epoch, {key: len(values) for key, values in history.items()}, dict(stopping),
+                           best_weights is not None))
+
+
+def _fit_with_progress(policy, resumed=None, epochs=3):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
+    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(SAMPLES, 3)).astype("float32"), np.arange(SAMPLES) % 2
+    stopping = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=50,
+                                             restore_best_weights=True)
+    saved = _Saved()
+    progress = progress_callback(saved, policy, stopping, resumed)
+    first = resumed.epoch if resumed else 0
+    model.fit(x, y, validation_data=(x, y), batch_size=BATCH, initial_epoch=first, epochs=epochs, verbose=0,
+              callbacks=[stopping, progress])
+    return saved.saved, progress, stopping
+
+
+def test_epoch_checkpoints_after_every_epoch_with_the_history_and_early_stopping_state():
+    saved, progress, _ = _fit_with_progress("epoch")
+    assert [epoch for epoch, *_ in saved] == [1, 2, 3]
+    assert [history["loss"] for _, history, _, _ in saved] == [1, 2, 3]
+    assert all(set(stopping) == {"wait", "best", "best_epoch", "stopped_epoch"} and best for *_, stopping, best
+               in saved)
+    assert len(progress.history["val_accuracy"]) == 3 and len(progress.saves) == 3
+
+
+def test_auto_checkpoints_only_epochs_long_enough_to_be_worth_it_and_off_never(monkeypatch):
+    assert _fit_with_progress("auto")[0] == []  # epochs of milliseconds
+    monkeypatch.setattr(checkpoints, "AUTO_SECONDS", 0.0)
+    assert [epoch for epoch, *_ in _fit_with_progress("auto")[0]] == [1, 2, 3]
+    assert _fit_with_progress("off")[0] == []
+
+
+def test_a_resumed_training_carries_the_history_and_early_stopping_state_on():
+    resumed = checkpoints.Resumed(2, {"loss": [0.9, 0.8], "val_accuracy": [0.5, 0.75]},
+                                  {"wait": 0, "best": 0.75, "best_epoch": 1, "stopped_epoch": 0}, None)
+    saved, progress, stopping = _fit_with_progress("epoch", resumed, epochs=4)
+    assert [epoch for epoch, *_ in saved] == [3, 4]
+    assert progress.history["loss"][:2] == [0.9, 0.8] and len(progress.history["loss"]) == 4
+    assert stopping.best >= 0.75 and (stopping.best_epoch >= 2 or stopping.best == 0.75)

@@ -87,3 +87,24 @@ def test_a_trial_failed_by_a_heartbeat_check_has_its_run_closed_there(tmp_path):
         assert run.info.status == "FAILED" and "heartbeat" in run.data.tags[FAIL_REASON]
     finally:
         drop_postgres_study(name)
+
+
+@pytest.mark.parametrize("preempted_by", [None, "SIGTERM"])
+def test_a_worker_killed_after_ignoring_the_signal_has_its_trial_failed_and_queued_again_if_preempted(
+        opened, preempted_by):
+    study = optuna.create_study(storage=opened, study_name="stuck", direction="maximize")
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(0.001, 0.1)})
+    trial.set_user_attr(RUN_ID, "run-of-0")
+    tracker = _Tracker()
+    recovery.fail_interrupted(study, opened, tracker, [trial.number], "interrupted by SIGTERM", preempted_by)
+    trials = study.get_trials(deepcopy=False)
+    assert trials[0].state.name == "FAIL" and trials[0].user_attrs[FAIL_REASON] == "interrupted by SIGTERM"
+    assert tracker.closed == [("run-of-0", "interrupted by SIGTERM (its worker did not stop and was killed)")]
+    if preempted_by is None:  # the user stopped the sweep
+        assert len(trials) == 1
+    else:
+        assert [t.state.name for t in trials] == ["FAIL", "WAITING"] and trials[1].params == trials[0].params
+    assert recovery.requeue_preempted(study, [0]) == ([] if preempted_by is None else
+                                                      ["trial 0 was stopped by SIGTERM and queued again as trial 2: "
+                                                       "the next `tinyopt sweep` of the study resumes it from its "
+                                                       "last checkpoint"])

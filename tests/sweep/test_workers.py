@@ -117,9 +117,12 @@ def test_sigterm_to_the_supervisor_stops_every_worker_cleanly(study, tiny_folder
     output = sweep.communicate(timeout=120)[0]
     assert sweep.returncode == 143, output
     assert "Traceback" not in output and "interrupted by SIGTERM" in output
+    # SIGTERM is a preemption (study.requeue = "sigterm"): each worker's trial is queued again.
     trials = trials_of(sqlite, study)
-    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
-    assert {t.user_attrs[record.FAIL_REASON] for t in trials} == {"interrupted by SIGTERM"}
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL", "WAITING", "WAITING"]
+    assert {t.user_attrs[record.FAIL_REASON] for t in trials[:2]} == \
+        {"interrupted by SIGTERM; queued again, to resume from its last checkpoint"}
+    assert sorted(t.system_attrs["retry_history"][-1] for t in trials[2:]) == [0, 1]
     _, parents, children = runs_of({"tracking_uri": tracking_uri}, study)
     assert parents[0].info.status == "KILLED" and [r.info.status for r in children.values()] == ["KILLED"] * 2
 

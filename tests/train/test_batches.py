@@ -228,3 +228,33 @@ def test_under_jax_fit_and_predict_take_array_batches_without_tensorflow(tiny_ca
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+
+
+@pytest.mark.backend
+def test_training_batches_of_every_epoch_follow_from_the_seed_and_the_epoch_alone():
+    rng = np.random.default_rng(2)
+    x, y = rng.integers(0, 255, (37, 4, 4, 3), dtype=np.uint8), rng.integers(0, 5, 37)
+    views = [x, x[:, :, ::-1]]  # a flip view: which one each image shows is drawn per epoch too
+
+    def epochs(first: int, count: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        data, steps = feeding.training_batches(views, y, batch_size=8, seed=4, first_epoch=first)
+        if steps is None:  # ArrayBatches: a pass per epoch
+            read = []
+            for _ in range(count):
+                read.append([(np.asarray(a), np.asarray(b)) for a, b in data])
+            return read
+        stream = data.as_numpy_iterator()
+        return [[next(stream) for _ in range(steps)] for _ in range(count)]
+
+    whole = epochs(0, 4)
+    assert [len(epoch) for epoch in whole] == [5] * 4  # 37 images in batches of 8
+    assert all(sorted(np.concatenate([b for _, b in epoch]).tolist()) == sorted(y.tolist()) for epoch in whole)
+    assert not np.array_equal(whole[0][0][1], whole[1][0][1])  # reshuffled
+    for got, want in zip(epochs(2, 2), whole[2:], strict=True):  # resumed at epoch 2: the same epochs 2 and 3
+        for (gx, gy), (wx, wy) in zip(got, want, strict=True):
+            np.testing.assert_array_equal(gx, wx)
+            np.testing.assert_array_equal(gy, wy)
+    reference = feeding.ArrayBatches(views, y, batch_size=8, shuffle=True, seed=4, first_epoch=3)
+    for (gx, gy), (wx, wy) in zip(whole[3], reference, strict=True):  # on TensorFlow as on any other backend
+        np.testing.assert_array_equal(gx, wx)
+        np.testing.assert_array_equal(gy, wy)

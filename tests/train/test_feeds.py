@@ -43,6 +43,11 @@ def _labels(dataset) -> list[int]:
     return [int(label) for _, labels in dataset.as_numpy_iterator() for label in labels]
 
 
+def _one_epoch(batches, steps):
+    """The first epoch of ``ImageFeed.training``'s batches (an endless stream of ``steps`` a epoch under TF)."""
+    return batches if steps is None else batches.take(steps)
+
+
 def test_an_image_feed_feeds_the_whole_model():
     model = _model((4, 4, 3))
     feed = ImageFeed(model, SPLITS)
@@ -52,7 +57,7 @@ def test_an_image_feed_feeds_the_whole_model():
     assert predicted.dtype == np.float32 and predicted.shape == (6, 3)
     np.testing.assert_allclose(predicted, model.predict(x.astype(np.float32), verbose=0), atol=1e-6)
     assert _labels(feed.batches("selection", 4)) == y.tolist()  # in order
-    shuffled = _labels(feed.batches("train", 4, train=True, seed=1))
+    shuffled = _labels(_one_epoch(*feed.training(4, seed=1)))
     assert sorted(shuffled) == sorted(SPLITS["train"][1].tolist()) and shuffled != SPLITS["train"][1].tolist()
 
 
@@ -73,7 +78,7 @@ def test_a_cached_feed_builds_each_views_activations_once_then_reuses_them():
     calls = feed.cut.prefix.calls
     feed.predict("selection", 4)
     assert feed.cut.prefix.calls == calls and feed.reused[-1] is True
-    assert feed.trainee() is None and feed.views("test", 4)[0].shape == (6, 3)
+    assert feed.trainee() is None and feed.inputs("test", 4)[0].shape == (6, 3)
 
 
 def test_a_cached_feed_trains_and_predicts_its_suffix_on_the_activations():
@@ -82,7 +87,7 @@ def test_a_cached_feed_trains_and_predicts_its_suffix_on_the_activations():
     assert feed.trainee() is suffix
     activations = SPLITS["test"][0][:, :, 0, :].mean(axis=1)
     np.testing.assert_allclose(feed.predict("test", 4), suffix.predict(activations, verbose=0), atol=1e-6)
-    assert sorted(_labels(feed.batches("train", 4, train=True))) == sorted(SPLITS["train"][1].tolist())
+    assert sorted(_labels(_one_epoch(*feed.training(4, seed=0)))) == sorted(SPLITS["train"][1].tolist())
     feed.predict("test", 4)
     assert feed.reused == [False, False, True] and feed.note() == "built"
 

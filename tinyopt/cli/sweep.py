@@ -108,6 +108,8 @@ def sweep(approach, trials, timeout, max_trials, source, cache_dir, preset, conf
 
     Rerunning the same command adds trials to the same study. SIGINT (Ctrl-C) and SIGTERM stop it
     cleanly: the running trial is recorded as failed, every MLflow run is closed, exit code 130/143.
+    A trial stopped by SIGTERM (a preemption) is queued again, and the next run resumes it from its
+    last checkpointed epoch, as it does a trial whose worker was killed.
     """
     if preset is not None:
         try:

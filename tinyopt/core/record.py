@@ -27,6 +27,10 @@ BEST_EPOCH = "best_epoch"  # the epoch (from 1) whose weights early stopping kep
 # A trial still running at the --timeout deadline: {"epochs": epochs trained, fractional, "selection_top1": ...};
 # it ends pruned.
 DEADLINE_STOP = "stopped_at_deadline"
+# A trial queued again after its worker died or was preempted: the epochs it did not train again (its
+# checkpoint's), also a tag of its run; and the signal that preempted a trial (queued again, not a failure).
+RESUMED_FROM_EPOCH = "resumed_from_epoch"
+PREEMPTED_BY = "preempted_by"
 # A complete trial's scores (user attrs, and MLflow metrics as ``final_`` + the name): the selection
 # split chose it, the test split (the official val set) is only reported.
 SELECTION_TOP1 = "selection_top1"
@@ -66,6 +70,8 @@ TAG_BEST = "best"  # "true" on the study's current best trial run only
 # What happened to the trial, in words: "complete", "pruned after epoch 3 of 10 by MedianPruner (...)",
 # "failed: <reason>", "interrupted by SIGTERM".
 TAG_OUTCOME = "outcome"
+TAG_RESUMED_FROM_EPOCH = RESUMED_FROM_EPOCH
+TAG_TAKEN_OVER_BY = "taken_over_by"  # on the run of a trial queued again: the URL of its retry's run
 TAG_COLOR = "mlflow.runColor"  # the run's colour in the MLflow UI's charts: the best trial's is its own
 TAG_MODEL_KEPT = "model_kept"  # "true" | "false"
 TAG_MODEL_URI = "model_uri"  # models:/<id> of the kept model, an MLflow logged model
@@ -103,6 +109,7 @@ EPOCH_METRICS = (TRAIN_LOSS, TRAIN_TOP1, TRAIN_TOP5, SELECTION_LOSS, SELECTION_T
 # ... and logged once, at the end: ``final_`` + a score key (``final_selection_top1``, ``final_test_log_loss``).
 FINAL_PREFIX = "final_"
 TRIAL_SECONDS = "trial_seconds"
+CHECKPOINT_SECONDS = "checkpoint_seconds"  # the mean time a trial's per-epoch checkpoint took to write
 
 
 def final(score: str) -> str:

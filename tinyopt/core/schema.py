@@ -23,6 +23,8 @@ SAMPLERS = ("tpe", "random", "bruteforce")
 PRUNERS = ("median", "halving", "hyperband", "none")
 PRECISIONS = ("auto", "bfloat16", "float16", "off")
 GPU_MEMORY = ("grow", "preallocate")
+CHECKPOINTS = ("auto", "epoch", "off")
+REQUEUE = ("sigterm", "sigterm+sigint", "never")
 ENSEMBLE_OBJECTIVES = ("top1", "log_loss")
 MIN_INPUT_SIZE = 32  # the smallest input keras.applications models accept
 
@@ -98,6 +100,7 @@ RULES: dict[str, tuple[Any, ...] | Range | AutoOr] = {
     "train.system_metrics": AutoOr(bool),
     "train.activation_cache_gb": AutoOr(float, Range(0)),
     "train.early_stopping_patience": Range(0),
+    "train.checkpoint": CHECKPOINTS,
     "study.sampler": SAMPLERS,
     "study.n_startup_trials": Range(0),
     "study.pruner": PRUNERS,
@@ -105,6 +108,7 @@ RULES: dict[str, tuple[Any, ...] | Range | AutoOr] = {
     "study.pruner_reduction_factor": Range(2),
     "study.max_consecutive_failures": Range(0),
     "study.heartbeat_interval": Range(1),
+    "study.requeue": REQUEUE,
     "study.keep_models": Range(1),
     "ensemble.objective": ENSEMBLE_OBJECTIVES,
     "ensemble.top_k": Range(1),

@@ -100,3 +100,15 @@ def raise_pending() -> None:
     """Raise the deferred signal now, if there is one."""
     if _state.pending is not None:
         raise _state.pending
+
+
+def requeues(setting: str | None, stop: BaseException) -> bool:
+    """Whether ``study.requeue`` (sigterm | sigterm+sigint | never) queues again a trial ``stop`` interrupted.
+
+    SIGTERM is how a cluster preempts, requeues, evicts or ends a job at its time limit: no fault of the
+    trial, which resumes from its checkpoint. SIGINT is a person's Ctrl-C: the trial stops for good,
+    unless the setting says otherwise. ``None`` (a study stored before the setting) queues nothing.
+    """
+    name = getattr(stop, "name", None) if isinstance(stop, Interrupted) else None
+    return name == "SIGTERM" and setting in ("sigterm", "sigterm+sigint") or \
+        name == "SIGINT" and setting == "sigterm+sigint"

@@ -33,9 +33,57 @@ def deadline_stop(deadline: float):
     return DeadlineStop()
 
 
-def trial_callback(trial, run, events: Any, train_images: int, deadline: Any = None):
+def progress_callback(checkpoints: Any, policy: str, stopping: Any, resumed: Any = None):
+    """A Keras callback that keeps the whole history of a trial's epochs and checkpoints them.
+
+    Args:
+        checkpoints: the trial's ``tinyopt.train.checkpoints.Checkpoints``, or None (never written).
+        policy: ``train.checkpoint``: ``epoch`` after every epoch, ``auto`` after an epoch of
+            ``AUTO_SECONDS`` or more, ``off`` never.
+        stopping: the trial's ``EarlyStopping``, listed before this callback: its state is saved after
+            it has judged the epoch, and restored after its ``on_train_begin`` has reset it.
+        resumed: what ``Checkpoints.load`` restored, or None for a trial from epoch 1.
+
+    Its ``history`` holds every epoch from 1 (those before a resume included), ``saves`` the seconds
+    each checkpoint took.
+    """
+    import keras
+
+    from tinyopt.train.checkpoints import AUTO_SECONDS
+
+    class Progress(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.history = {key: list(values) for key, values in (resumed.history if resumed else {}).items()}
+            self.saves: list[float] = []
+
+        def on_train_begin(self, logs=None):
+            if resumed is not None and resumed.stopping:
+                for key, value in resumed.stopping.items():
+                    setattr(stopping, key, value)
+                stopping.best_weights = resumed.best_weights
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            for key, value in (logs or {}).items():
+                self.history.setdefault(key, []).append(float(value))
+            took = time.perf_counter() - self.started
+            if checkpoints is not None and (policy == "epoch" or policy == "auto" and took >= AUTO_SECONDS):
+                started = time.perf_counter()
+                state = {key: getattr(stopping, key) for key in ("wait", "best", "best_epoch", "stopped_epoch")}
+                checkpoints.save(self.model, epoch + 1, self.history, state, stopping.best_weights)
+                self.saves.append(time.perf_counter() - started)
+
+    return Progress()
+
+
+def trial_callback(trial, run, events: Any, train_images: int, deadline: Any = None,
+                   reported: frozenset[int] = frozenset()):
     """A Keras callback that logs each epoch to MLflow, reports it to Optuna and prunes.
 
+    Epochs in ``reported`` (the reports a retried trial inherited) are not reported to Optuna again.
     When ``deadline`` (``deadline_stop``) stopped the epoch early, Keras still scores the selection
     split for that partial epoch, which is logged and reported like a full one (at the step of the
     epoch it interrupted), and the trial ends pruned with ``record.DEADLINE_STOP``.
@@ -58,7 +106,8 @@ def trial_callback(trial, run, events: Any, train_images: int, deadline: Any = N
             run.log_metrics(metrics, step=epoch + 1)
             events.epoch_ended(trial.number, epoch, metrics)
             if record.SELECTION_TOP1 in metrics:
-                trial.report(metrics[record.SELECTION_TOP1], epoch + 1)
+                if epoch + 1 not in reported:
+                    trial.report(metrics[record.SELECTION_TOP1], epoch + 1)
                 if deadline is not None and deadline.stopped_at is not None:
                     epochs = round(epoch + deadline.stopped_at, 2)
                     top1 = metrics[record.SELECTION_TOP1]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import time
 import traceback
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,10 +23,13 @@ from tinyopt.core.plots import learning_curve
 from tinyopt.core.worker import identity as worker_identity
 from tinyopt.data.activations import CacheUnavailable, Store, ram_budget
 from tinyopt.data.splits import SweepData
-from tinyopt.objectives.callbacks import deadline_stop, trial_callback
+from tinyopt.objectives.callbacks import deadline_stop, progress_callback, trial_callback
+from tinyopt.objectives.events import Events, QuietEvents
 from tinyopt.stores import notes
+from tinyopt.stores.retries import retried_from
 from tinyopt.track.names import model_name  # pure names: no mlflow loads with it
 from tinyopt.train import backend
+from tinyopt.train.checkpoints import Checkpoints
 from tinyopt.train.feeds import CachedFeed, ImageFeed
 from tinyopt.train.metrics import scores
 from tinyopt.train.training import (
@@ -39,34 +43,6 @@ from tinyopt.train.training import (
 
 class TrialFailed(Exception):
     """Raised to Optuna for a failed trial whose reason is already recorded (the sweep goes on)."""
-
-
-class Events(Protocol):
-    """What a front end (the rich progress of the CLI) hears from a sweep."""
-
-    def sweep_started(self, device: str, recovered: list[str]) -> None: ...
-
-    def trial_started(self, number: int, epochs: int) -> None: ...
-
-    def epoch_ended(self, number: int, epoch: int, logs: dict[str, float]) -> None: ...
-
-    def trial_ended(self, number: int, state: str, value: float | None, reason: str | None) -> None: ...
-
-
-class QuietEvents:
-    """Events that go nowhere (library use and tests)."""
-
-    def sweep_started(self, device: str, recovered: list[str]) -> None:
-        pass
-
-    def trial_started(self, number: int, epochs: int) -> None:
-        pass
-
-    def epoch_ended(self, number: int, epoch: int, logs: dict[str, float]) -> None:
-        pass
-
-    def trial_ended(self, number: int, state: str, value: float | None, reason: str | None) -> None:
-        pass
 
 
 class TrackedObjective:
@@ -83,6 +59,7 @@ class TrackedObjective:
         self.tracker = tracker
         self.events = events or QuietEvents()
         self.device = device
+        self.previous_run: str | None = None  # the run of the attempt the current trial was queued to replace
 
     def choose(self, trial) -> dict[str, Any]:
         """The trial's params (every value, fixed ones included)."""
@@ -110,6 +87,8 @@ class TrackedObjective:
         # First of all: from here on, a trial whose process dies is recognised as dead (tinyopt.sweep.recovery).
         worker = worker_identity()
         trial.set_user_attr(record.WORKER, worker)
+        # A trial queued again carries the run of the attempt it replaces (tinyopt.stores.retries.CARRIED_ON_RETRY).
+        self.previous_run = trial.user_attrs.get(record.RUN_ID) if retried_from(trial) is not None else None
         params = self.choose(trial)
         trial.set_user_attr(record.PARAMS, params)
         logged = self.logged_params(trial, params)
@@ -122,6 +101,8 @@ class TrackedObjective:
         url = self.tracker.run_url(run.run_id)
         trial.set_user_attr(record.RUN_URL, url)
         notes.save(trial, f"[MLflow run of trial {trial.number}]({url})")  # a link in optuna-dashboard
+        if self.previous_run:
+            self.tracker.link_takeover(self.previous_run, trial.number, url)
         started = time.perf_counter()
         try:
             with signals.interruptible():
@@ -137,6 +118,10 @@ class TrackedObjective:
         except KeyboardInterrupt as stop:
             # Optuna fails the trial and re-raises; the reason says it was stopped, not broken.
             reason = f"interrupted by {stop.name}" if isinstance(stop, signals.Interrupted) else "interrupted"
+            if signals.requeues(self.config.study.requeue, stop):
+                # A preemption: the sweep queues the trial again when Optuna has failed it (tinyopt.sweep.runner).
+                trial.set_user_attr(record.PREEMPTED_BY, stop.name)
+                reason += "; queued again, to resume from its last checkpoint"
             trial.set_user_attr(record.FAIL_REASON, reason)
             run.end("KILLED", reason)
             self.events.trial_ended(trial.number, "FAIL", None, reason)
@@ -171,15 +156,20 @@ class ModelObjective(TrackedObjective):
         device: what ``tinyopt.train.backend.load`` returned, recorded on every run.
         deadline: ``time.monotonic()`` at which a trial still training stops after its current batch,
             is scored on selection and ends pruned (``--timeout``); None: no deadline.
+        checkpoint_dir: where training trials keep their checkpoints (``<dir>/<study>/trial-<n>``, ``n``
+            the trial a retry replaces), as ``train.checkpoint`` says; None: nowhere.
     """
 
     def __init__(self, approach: Any, config: Config, data: SweepData, tracker: Any, seed: int,
-                 events: Events | None = None, device: str = "cpu", deadline: float | None = None):
+                 events: Events | None = None, device: str = "cpu", deadline: float | None = None,
+                 checkpoint_dir: Path | None = None):
         super().__init__(config, tracker, events, device)
         self.approach = approach
         self.data = data
         self.seed = seed
         self.deadline = deadline
+        self.checkpoint_dir = checkpoint_dir
+        self.notes: list[str] = []  # shown when the sweep ends (a damaged checkpoint, say)
         self._store = None  # tinyopt.data.activations.Store, made by the first trial that caches
 
     def choose(self, trial) -> dict[str, Any]:
@@ -192,16 +182,39 @@ class ModelObjective(TrackedObjective):
         # A fresh graph per trial: without it layers and memory pile up across trials.
         backend.free_memory()
         backend.reset_peak_memory()
-        trial.set_user_attr(record.SEED, self.seed + trial.number)
-        backend.seed(self.seed + trial.number)
-        return self._run(trial, params, run)
+        # A retry trains with the seed of the trial it replaces: resumed, it goes on where that one stopped.
+        seed = trial.user_attrs.get(record.SEED) if retried_from(trial) is not None else None
+        seed = self.seed + trial.number if seed is None else seed
+        trial.set_user_attr(record.SEED, seed)
+        backend.seed(seed)
+        checkpoints = self._checkpoints(trial)
+        keep = False
+        try:
+            return self._run(trial, params, run, seed, checkpoints)
+        except KeyboardInterrupt as stop:
+            keep = signals.requeues(self.config.study.requeue, stop)  # its retry resumes from them
+            raise
+        finally:
+            if checkpoints is not None and not keep:
+                checkpoints.clear()
 
-    def _run(self, trial, params: dict[str, Any], run) -> float:
+    def _checkpoints(self, trial) -> Checkpoints | None:
+        setting = self.config.train.checkpoint or "off"  # a study stored before checkpoints: none
+        if self.checkpoint_dir is None or not self.approach.TRAINS or setting == "off":
+            return None
+        origin = retried_from(trial)
+        checkpoints = Checkpoints(self.checkpoint_dir / self.tracker.study_name
+                                  / f"trial-{trial.number if origin is None else origin}")
+        if origin is None:
+            checkpoints.clear()  # a new trial resumes nothing: what is there was left by another study of the name
+        return checkpoints
+
+    def _run(self, trial, params: dict[str, Any], run, seed: int, checkpoints: Checkpoints | None) -> float:
         model, policy, batch = build_model(self.approach, params, self.config, self.data.wnids, self.device)
         feed, cache_note = self._feed(model, params, policy)
         history: dict[str, list[float]] = {}
         if self.approach.TRAINS:
-            history = self._fit(trial, feed, params, run, batch)
+            history = self._fit(trial, feed, params, run, batch, seed, checkpoints)
         results: dict[str, Any] = {}
         arrays: dict[str, np.ndarray] = {}
         for split in ("selection", "test"):
@@ -211,7 +224,7 @@ class ModelObjective(TrackedObjective):
             arrays[f"{split}_probs"], arrays[f"{split}_labels"] = probs, np.asarray(y)
             if not params.get("restrict_200", True):
                 # The 1000-way baseline is scored as the report scored it: argmax over every ImageNet class.
-                results[split]["top1"] = self.approach.full_top1(feed.views(split, batch), wnids=self.data.wnids,
+                results[split]["top1"] = self.approach.full_top1(feed.inputs(split, batch), wnids=self.data.wnids,
                                                                  labels=y)
         # What ran, not what was asked: Keras turns XLA off for a model with a layer that cannot be
         # compiled (RandomTranslation and RandomZoom, under JAX), with a warning only.
@@ -289,33 +302,57 @@ class ModelObjective(TrackedObjective):
         # Each view's logits once, for this trial alone.
         return feed(Store(None, ram_bytes=2**62), {}), f"off: {why}"
 
-    def _fit(self, trial, feed, params: dict[str, Any], run, eval_batch: int) -> dict[str, list[float]]:
+    def _fit(self, trial, feed, params: dict[str, Any], run, eval_batch: int, seed: int,
+             checkpoints: Checkpoints | None) -> dict[str, list[float]]:
         import keras
 
         model = feed.trainee()
         compile_model(model, params, self.config.train.jit_compile)
-        train = feed.batches("train", int(params["batch_size"]), train=True, seed=self.seed + trial.number)
+        resumed = self._resume(trial, model, run, checkpoints)
+        first = resumed.epoch if resumed is not None else 0
+        train, steps = feed.training(int(params["batch_size"]), seed, first_epoch=first)
         selection = feed.batches("selection", eval_batch)
         stopping = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", restore_best_weights=True,
                                                  patience=self.config.train.early_stopping_patience,
                                                  start_from_epoch=early_stopping_start(params))
+        progress = progress_callback(checkpoints, self.config.train.checkpoint or "off", stopping, resumed)
         # A per-batch hook only with a deadline: Keras calls every batch hook of every step.
         deadline = None if self.deadline is None else deadline_stop(self.deadline)
+        reported = frozenset(trial.study.get_trials(deepcopy=False)[trial.number].intermediate_values)
         callbacks = [
             keras.callbacks.LearningRateScheduler(lr_at_epoch(params)),
             keras.callbacks.TerminateOnNaN(),
             stopping,
             *([deadline] if deadline is not None else []),
-            trial_callback(trial, run, self.events, len(self.data.splits["train"][1]), deadline),
+            progress,  # after early stopping has judged the epoch, before a pruner may end the trial
+            trial_callback(trial, run, self.events, len(self.data.splits["train"][1]), deadline, reported),
         ]
-        fitted = model.fit(train, validation_data=selection, epochs=int(params["epochs"]), verbose=0, shuffle=False,
-                           callbacks=callbacks)
-        history = fitted.history
+        # A trial that early stopping had ended before it was interrupted trains no further epoch.
+        epochs = first if resumed is not None and resumed.stopping.get("stopped_epoch") else int(params["epochs"])
+        model.fit(train, steps_per_epoch=steps, validation_data=selection, initial_epoch=first, epochs=epochs,
+                  verbose=0, shuffle=False, callbacks=callbacks)
+        history = progress.history
+        if progress.saves:
+            run.log_metrics({record.CHECKPOINT_SECONDS: sum(progress.saves) / len(progress.saves)})
         if any(not np.isfinite(v) for v in history.get("loss", [])):
             raise TrialError(f"loss became NaN/inf at epoch {len(history['loss'])} "
                              f"(learning_rate={params['learning_rate']:.3g}); the search will try others")
         trial.set_user_attr(record.BEST_EPOCH, int(stopping.best_epoch) + 1)
         return history
+
+    def _resume(self, trial, model, run, checkpoints: Checkpoints | None):
+        """Restore a retried trial's last checkpoint into ``model``, and carry its earlier epochs into ``run``."""
+        resumed = checkpoints.load(model) if checkpoints is not None else None
+        for note in resumed.notes if resumed is not None else ():
+            self.notes.append(f"trial {trial.number}: {note}")
+        if resumed is None or not resumed.epoch:
+            return None
+        trial.set_user_attr(record.RESUMED_FROM_EPOCH, resumed.epoch)
+        run.set_tags({record.TAG_RESUMED_FROM_EPOCH: resumed.epoch})
+        if self.previous_run:
+            # One curve from epoch 1 in this run: the epochs the earlier attempt trained, as it logged them.
+            run.carry_epochs(self.previous_run, resumed.epoch)
+        return resumed
 
 
 def headline(config: Config, params: dict[str, Any]) -> dict[str, Any]:

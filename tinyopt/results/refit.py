@@ -260,8 +260,8 @@ def _train(approach: Any, config: Config, params: dict[str, Any], data: Any,
     feed = ImageFeed(model, {"train": train, "test": data.splits["test"]})
     compile_model(model, params, config.train.jit_compile)
     # The trial's schedule, over its params["epochs"], stopped where early stopping stopped the trial's.
-    fitted = model.fit(feed.batches("train", int(params["batch_size"]), train=True, seed=refit.seed),
-                       epochs=refit.epochs, verbose=0, shuffle=False,
+    train, steps = feed.training(int(params["batch_size"]), seed=refit.seed)
+    fitted = model.fit(train, steps_per_epoch=steps, epochs=refit.epochs, verbose=0, shuffle=False,
                        callbacks=[keras.callbacks.LearningRateScheduler(lr_at_epoch(params)),
                                   keras.callbacks.TerminateOnNaN(), _epoch_logger(run, refit, echo)])
     losses = fitted.history.get("loss", [])

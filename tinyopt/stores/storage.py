@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import urllib.parse
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from tinyopt.stores.checks import (
     read_sqlite,
     scheme,
 )
+from tinyopt.stores.retries import optuna_experimental, retry_callback
 
 _FIX = "check --storage (sqlite:///FILE.db, postgresql+psycopg://USER@HOST/DB or journal:PATH)"
 
@@ -143,12 +143,13 @@ class _StaleTrial:
             self.on_stale(trial)
 
 
-def retry_callback() -> Any:
-    """What happens to a trial whose worker died: queued again with the same params, at most twice."""
-    import optuna
-
-    with optuna_experimental():
-        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+def checkpoint_dir(setting: str | None, url: str) -> Path:
+    """Where trials keep their checkpoints: ``train.checkpoint_dir``, or where it is ``""``, ``checkpoints/``
+    beside a SQLite or journal file storage (the folder that holds the study), else ``./checkpoints``."""
+    if setting:
+        return Path(setting).expanduser()
+    path = _file(url)
+    return (path.parent if path is not None else Path.cwd()) / "checkpoints"
 
 
 def open_existing(url: str) -> Any:
@@ -324,14 +325,3 @@ def study_lock(url: str, study_name: str) -> Iterator[None]:
                 connection.execute(sqlalchemy.text(give), {"k": key})
     finally:
         engine.dispose()
-
-
-@contextlib.contextmanager
-def optuna_experimental() -> Iterator[None]:
-    """Silence Optuna's ExperimentalWarning: heartbeats and retries are how it recovers a dead worker's trial."""
-    import optuna
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
-

@@ -23,7 +23,7 @@ from typing import Any
 
 from tinyopt.core import record
 from tinyopt.core.worker import is_dead
-from tinyopt.stores.storage import optuna_experimental, retry_callback
+from tinyopt.stores.retries import optuna_experimental, requeue, retry_callback
 
 
 def recover(study: Any, storage: Any, tracker: Any, when: str = "when the next sweep started") -> list[str]:
@@ -64,10 +64,28 @@ def recover(study: Any, storage: Any, tracker: Any, when: str = "when the next s
     return messages + _close_ended_runs(study, tracker)
 
 
-def fail_interrupted(study: Any, storage: Any, tracker: Any, numbers: list[int], reason: str) -> None:
+def requeue_preempted(study: Any, numbers: list[int]) -> list[str]:
+    """Queue again those of trials ``numbers`` that a preemption failed (``record.PREEMPTED_BY``); a note for each."""
+    import optuna
+
+    trials = study.get_trials(deepcopy=False)
+    notes = []
+    for number in numbers:
+        trial = trials[number]
+        preempted = trial.user_attrs.get(record.PREEMPTED_BY)
+        if trial.state == optuna.trial.TrialState.FAIL and preempted:
+            retry = requeue(study, number)
+            notes.append(f"trial {number} was stopped by {preempted} and queued again as trial {retry}: the next "
+                         "`tinyopt sweep` of the study resumes it from its last checkpoint")
+    return notes
+
+
+def fail_interrupted(study: Any, storage: Any, tracker: Any, numbers: list[int], reason: str,
+                     preempted_by: str | None = None) -> None:
     """Fail trials whose worker was killed after it ignored SIGINT/SIGTERM, as the signal would have.
 
-    Like a trial the signal interrupted, they are not queued again: the user stopped the sweep.
+    Like a trial the signal interrupted, they are queued again only where the signal was a preemption
+    (``preempted_by``, as ``study.requeue`` says); else the user stopped the sweep.
     """
     import optuna
 
@@ -76,9 +94,13 @@ def fail_interrupted(study: Any, storage: Any, tracker: Any, numbers: list[int],
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
         try:
             storage.set_trial_user_attr(trial_id, record.FAIL_REASON, reason)
+            if preempted_by:
+                storage.set_trial_user_attr(trial_id, record.PREEMPTED_BY, preempted_by)
             storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # it ended after all
+        if preempted_by:
+            requeue(study, number)
         run_id = storage.get_trial(trial_id).user_attrs.get(record.RUN_ID)
         if run_id:
             tracker.close_run(run_id, "KILLED", f"{reason} (its worker did not stop and was killed)")

@@ -33,6 +33,7 @@ from tinyopt.data.splits import load_sweep_data
 from tinyopt.models import approaches
 from tinyopt.objectives.ensemble import EnsembleObjective, prepare_search
 from tinyopt.objectives.model import ModelObjective, QuietEvents, TrialFailed
+from tinyopt.stores import retries
 from tinyopt.stores import storage as storages
 from tinyopt.sweep import recovery
 from tinyopt.sweep.summary import SweepResult, log_summary, summarize
@@ -233,7 +234,8 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
                                               objective=objective_of_study(study))
             else:
                 objective = ModelObjective(approaches.get_approach(approach), config, prepared.data, tracker,
-                                           seed, events, prepared.device, deadline)
+                                           seed, events, prepared.device, deadline,
+                                           checkpoint_dir=storages.checkpoint_dir(config.train.checkpoint_dir, storage))
 
             def counted(trial) -> float:
                 cap.release()  # the trial exists now: other workers may count it
@@ -258,6 +260,7 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
             status = "KILLED" if stopped else "FAILED" if policy.stopped or all_failed else "FINISHED"
         except signals.Interrupted as err:
             stopped, status = err, "KILLED"
+            objective.notes.extend(recovery.requeue_preempted(study, ran[-1:]))  # ran: objective is made
         except KeyboardInterrupt:
             status = "KILLED"
             raise
@@ -355,15 +358,11 @@ class _TrialCap:
 
     def acquire(self) -> bool:
         """Take the lock and say whether another trial may start (releasing the lock if not)."""
-        import optuna
-
         if self.limit is None:
             return True
         self._held = self._lock()
         self._held.__enter__()
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                  optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING)
-        if len(self.study.get_trials(deepcopy=False, states=states)) < self.limit:
+        if len(retries.standing(self.study)) < self.limit:
             return True
         self.release()
         return False

@@ -318,7 +318,9 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
                 import optuna
 
                 stuck = _trials_of(session.study, supervisor.killed, optuna.trial.TrialState.RUNNING)
-                recovery.fail_interrupted(session.study, session.storage, session.tracker, stuck, reason)
+                preempted = signals.requeues(prepared.config.study.requeue, signals.Interrupted(supervisor.signum))
+                recovery.fail_interrupted(session.study, session.storage, session.tracker, stuck, reason,
+                                          preempted_by=signal.Signals(supervisor.signum).name if preempted else None)
             failed = supervisor.codes
             status = "KILLED" if supervisor.signum is not None else "FAILED" if failed else "FINISHED"
         finally:

@@ -60,6 +60,20 @@ class TrialRun:
         self.call("metrics", self.client.log_batch, self.run_id,
                   metrics=[Metric(k, _round(v), now, step) for k, v in metrics.items()])
 
+    def carry_epochs(self, source_run_id: str, through: int) -> None:
+        """Copy the per-epoch metrics of epochs 1 to ``through`` from another run, as it logged them.
+
+        A resumed trial's run thereby shows one curve from epoch 1: the epochs the attempt it replaces
+        trained, then its own.
+        """
+        def carry() -> None:
+            carried = [m for key in record.EPOCH_METRICS for m in self.client.get_metric_history(source_run_id, key)
+                       if 1 <= m.step <= through]
+            for start in range(0, len(carried), 1000):  # MLflow's limit of metrics per batch
+                self.client.log_batch(self.run_id, metrics=carried[start:start + 1000])
+
+        self.call("epochs carried over", carry)
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.call("tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 

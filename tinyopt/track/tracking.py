@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 
 from tinyopt.core import record
 from tinyopt.core.config.sections import Config
@@ -157,6 +157,18 @@ class Tracker:
             return True
 
         return self._background.submit(close).result()
+
+    def link_takeover(self, run_id: str, trial_number: int, url: str) -> None:
+        """Say on the run of a trial queued again which trial's run took over (``taken_over_by``, its outcome)."""
+        def link() -> None:
+            run = self.client.get_run(run_id)
+            outcome = run.data.tags.get(record.TAG_OUTCOME, "")
+            taken = f"taken over by trial {trial_number}: {url}"
+            outcome = f"{outcome}; {taken}" if outcome else taken
+            self.client.log_batch(run_id, tags=[RunTag(record.TAG_TAKEN_OVER_BY, url),
+                                                RunTag(record.TAG_OUTCOME, outcome)])
+
+        self._background.submit(link).result()
 
     def open_trial_runs(self) -> dict[int, str]:
         """The runs of this study's trials that are still RUNNING, by trial number."""

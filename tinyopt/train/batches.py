@@ -80,6 +80,7 @@ class ArrayBatches(keras.utils.PyDataset):
         repeat: one endless stream (then ``fit`` needs ``steps_per_epoch``).
         threads: threads gathering batches ahead; defaults to ``min(4, os.cpu_count())``.
         prefetch: batches gathered ahead; defaults to twice ``threads``; 0 reads on demand.
+        first_epoch: the epoch whose order the first pass reads (a training resumed after it).
 
     Raises:
         ValueError: ``x`` and ``y`` differ in length, ``batch_size`` < 1, or ``repeat`` without images.
@@ -87,7 +88,7 @@ class ArrayBatches(keras.utils.PyDataset):
 
     def __init__(self, x: np.ndarray | list[np.ndarray], y: np.ndarray | None = None, *, batch_size: int,
                  shuffle: bool = False, seed: int = 0, repeat: bool = False, threads: int | None = None,
-                 prefetch: int | None = None):
+                 prefetch: int | None = None, first_epoch: int = 0):
         super().__init__(workers=1, use_multiprocessing=False)  # Keras' workers off; see the class docstring
         self.views = _views(x, y, batch_size, repeat)
         x = self.views[0]
@@ -96,7 +97,7 @@ class ArrayBatches(keras.utils.PyDataset):
         self._threads = threads or min(4, os.cpu_count() or 1)
         self._depth = 2 * self._threads if prefetch is None else prefetch
         self._lock = threading.Lock()
-        self._epoch = 0  # stays 0 when repeating: batch positions then count from the stream's start
+        self._epoch = first_epoch  # stays put when repeating: batch positions then count from the stream's start
         self._orders: dict[int, np.ndarray] = {}
         self._draws: dict[int, np.ndarray] = {}
         self._ahead: dict[tuple[int, int], Future] = {}
@@ -242,3 +243,36 @@ def make_dataset(x: np.ndarray | list[np.ndarray], y: np.ndarray | None = None, 
         return images if labels is None else (images, tf.gather(labels, rows))
 
     return indices.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def training_batches(x: np.ndarray | list[np.ndarray], y: np.ndarray, *, batch_size: int, seed: int,
+                     first_epoch: int = 0) -> tuple[object, int | None]:
+    """Shuffled training batches whose every epoch follows from ``seed`` and its number, on any backend.
+
+    A training resumed at ``first_epoch`` (from a checkpoint) reads the very batches an uninterrupted
+    one reads from there, and both backends read the same batches: those of ``ArrayBatches``. Under
+    TensorFlow they flow through tf.data as one endless stream of epochs (tf.data's own reshuffling
+    follows how many passes were made, which a resumed run cannot know), so ``fit`` needs the
+    returned ``steps_per_epoch``.
+
+    Returns:
+        The batches for ``fit`` and its ``steps_per_epoch`` (None: the batches end each epoch themselves).
+    """
+    batches = ArrayBatches(x, y, batch_size=batch_size, shuffle=True, seed=seed, first_epoch=first_epoch)
+    if keras.backend.backend() != "tensorflow":
+        return batches, None
+    import tensorflow as tf
+
+    steps, shape = batches.num_batches, batches.x.shape[1:]
+    dtype = tf.as_dtype(batches.x.dtype)
+
+    def gather(epoch, index):
+        images, labels = tf.numpy_function(lambda e, i: batches._batch(int(e), int(i)), [epoch, index],
+                                           (dtype, tf.int64), stateful=False)
+        images.set_shape((None, *shape))
+        labels.set_shape((None,))
+        return images, labels
+
+    keys = tf.data.Dataset.range(first_epoch, 2**62).flat_map(
+        lambda epoch: tf.data.Dataset.range(steps).map(lambda index: (epoch, index)))
+    return keys.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE), steps

@@ -31,12 +31,22 @@ class ImageFeed:
         """The model that ``fit`` trains."""
         return self.model
 
-    def batches(self, split: str, batch_size: int, *, train: bool = False, seed: int = 0):
-        """Labelled batches of a split: shuffled (and with random views) for training."""
+    def inputs(self, split: str, batch_size: int) -> np.ndarray | list[np.ndarray]:
+        """What the trainee reads of a split: its images (or, cached, the views of their activations)."""
+        return self.splits[split][0]
+
+    def batches(self, split: str, batch_size: int):
+        """Labelled batches of a split, in order (scoring)."""
         from tinyopt.train.batches import make_dataset
 
-        x, y = self.splits[split]
-        return make_dataset(x, y, batch_size=batch_size, shuffle=train, seed=seed)
+        return make_dataset(self.inputs(split, batch_size), self.splits[split][1], batch_size=batch_size)
+
+    def training(self, batch_size: int, seed: int, first_epoch: int = 0) -> tuple[Any, int | None]:
+        """The shuffled train batches from ``first_epoch`` on, and ``fit``'s ``steps_per_epoch`` for them."""
+        from tinyopt.train.batches import training_batches
+
+        return training_batches(self.inputs("train", batch_size), self.splits["train"][1], batch_size=batch_size,
+                                seed=seed, first_epoch=first_epoch)
 
     def predict(self, split: str, batch_size: int) -> np.ndarray:
         """The model's output on a split, float32 (N, classes)."""
@@ -76,7 +86,7 @@ class CachedFeed(ImageFeed):
         self.store.check_room(sum(self.store.missing_bytes(self._key(split), self.cut, len(self.splits[split][1]),
                                                            count) for split, count in self.needs.items()))
 
-    def views(self, split: str, batch_size: int) -> list[np.ndarray]:
+    def inputs(self, split: str, batch_size: int) -> list[np.ndarray]:
         """The activations of the views of a split the trial reads."""
         views, reused = self.store.views(self._key(split), self.cut, self.splits[split][0], batch_size,
                                          count=self.needs[split])
@@ -86,18 +96,12 @@ class CachedFeed(ImageFeed):
     def trainee(self) -> Any:
         return self.cut.suffix
 
-    def batches(self, split: str, batch_size: int, *, train: bool = False, seed: int = 0):
-        from tinyopt.train.batches import make_dataset
-
-        return make_dataset(self.views(split, batch_size), self.splits[split][1], batch_size=batch_size,
-                            shuffle=train, seed=seed)
-
     def predict(self, split: str, batch_size: int) -> np.ndarray:
         from tinyopt.train.batches import make_dataset
 
         if self.cut.suffix is None:
-            return np.asarray(self.finish(self.views(split, batch_size)), dtype=np.float32)
-        views = self.views(split, batch_size)
+            return np.asarray(self.finish(self.inputs(split, batch_size)), dtype=np.float32)
+        views = self.inputs(split, batch_size)
         return np.asarray(self.cut.suffix.predict(make_dataset(views, batch_size=batch_size), verbose=0),
                           dtype=np.float32)
 

@@ -66,6 +66,8 @@ class TrainConfig:
     activation_cache: bool | None
     activation_cache_gb: float | str | None
     early_stopping_patience: int | None
+    checkpoint: str | None
+    checkpoint_dir: str | None
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class StudyConfig:
     pruner: str
     max_consecutive_failures: int
     heartbeat_interval: int
+    requeue: str | None
     pruner_warmup_epochs: int | None
     pruner_reduction_factor: int | None
     keep_models: int | None
