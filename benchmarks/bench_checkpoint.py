@@ -6,22 +6,26 @@ of its optimizer, with early stopping's best weights as a second copy, as a tria
 ``train.checkpoint = "auto"`` writes it (an epoch of ``AUTO_SECONDS`` or more):
 
 - ``scratch``: the scratch CPU preset's default trial (``sweeps/cpu/scratch.toml``, its precision
-  policy included), on every train image of the dev zip.
+  policy included, except that ``bfloat16`` becomes float32 on a CPU without bfloat16 instructions, as
+  the preset advises: ``--precision``), on every train image of the dev zip.
 - ``finetune``: the finetune CPU preset's default trial (MobileNet 0.25 with the real weights, one
   trainable stage, ``flip``): the trainee is the part after the frozen stages, on cached activations.
 - ``resnet50``: the finetune approach's ResNet50 at 224 px, ``model.weights = none``, its default
   trainable stages and 200-way head, the trial's optimizer (the whole model trains on images: no cache
   without weights). A full epoch is out of reach on a CPU: a few steps at batch 32 are timed and
   extrapolated to the full dataset's train split (90,000 images: 100,000 less the 10% selection split),
-  plus its selection split (10,000 images) scored as a trial does each epoch. **An extrapolation.**
+  leaving out the scoring of its selection split (10,000 images) each epoch. **An extrapolation.**
 
-Epochs of ``scratch`` and ``finetune`` are timed as the trial's checkpoint callback times them
-(``on_epoch_begin`` to ``on_epoch_end``: training and the selection split), after one warm-up epoch
-of the same ``fit``, by the trial's own ``progress_callback`` with ``train.checkpoint = "epoch"`` (its
-in-``fit`` saves are shown too). Saves go to a temporary folder on this disk (fsync'd by ``save``);
-loads follow them and so read from the page cache.
+Epochs of ``scratch`` and ``finetune`` run as ``ModelObjective._fit`` runs them, after a warm-up ``fit``
+(a whole epoch of ``finetune``; two steps of ``scratch``, whose first timed epoch still traces its last,
+smaller batch), and are timed as the trial's checkpoint callback times them for ``auto`` (``on_epoch_begin``
+to ``on_epoch_end``: training and scoring the selection split). The trial's own ``progress_callback``
+checkpoints each of them (``train.checkpoint = "epoch"``): its saves are the "in fit" column. Then
+``--saves`` saves and as many loads of the trained trainee are timed, to a temporary folder on this
+disk (``save`` fsyncs its arrays; loads follow the saves and so read from the page cache).
 
-    python benchmarks/bench_checkpoint.py [--repeats 3] [--saves 5] [--steps 4] [--cases scratch finetune resnet50]
+    python benchmarks/bench_checkpoint.py [--repeats N] [--saves 5] [--steps 3] [--precision cpu|preset]
+        [--cases scratch finetune resnet50]
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ CASES = ("scratch", "finetune", "resnet50")
 # The full dataset: 100,000 train images, of which 10% (stratified) is the selection split.
 FULL_TRAIN, FULL_SELECTION = 90_000, 10_000
 RESNET_BATCH = 32
+DEFAULT_REPEATS = {"scratch": 2, "finetune": 5}
 
 
 @dataclass
@@ -60,6 +65,15 @@ def _config(approach: str, path: Path, overrides: list[str]):
     from tinyopt.core.config import load_config
 
     return load_config(approach, path, overrides)
+
+
+def _bfloat16_cpu() -> bool:
+    """Whether this CPU computes in bfloat16 (AMX or AVX-512 BF16), as far as /proc/cpuinfo says."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return True
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def _describe(model) -> str:
@@ -110,6 +124,11 @@ def _trial(case: str, args, tmp: Path) -> Row:
 
     overrides = [] if case == "scratch" else [f"model.weights={args.weights}"]
     config = _config(case, ROOT / "sweeps" / "cpu" / f"{case}.toml", overrides)
+    changed = ""
+    if config.train.mixed_precision == "bfloat16" and args.precision == "cpu" and not _bfloat16_cpu():
+        # As the preset itself says for a CPU without bfloat16 instructions: bfloat16 is emulated there.
+        config = _config(case, ROOT / "sweeps" / "cpu" / f"{case}.toml", [*overrides, "train.mixed_precision=off"])
+        changed = " (the preset's bfloat16 set off: no bfloat16 instructions on this CPU)"
     params = search_space.defaults(config.space)
     data = load_sweep_data(config.data, args.data, str(tmp / "data"), progress=False)
     backend.free_memory()
@@ -140,17 +159,24 @@ def _trial(case: str, args, tmp: Path) -> Row:
     timer = Timer()
     progress = progress_callback(Checkpoints(tmp / f"{case}-fit"), "epoch", stopping)
     train, steps = feed.training(int(params["batch_size"]), seed=0)
-    trainee.fit(train, steps_per_epoch=steps, validation_data=feed.batches("selection", batch),
-                epochs=1 + args.repeats, verbose=0, shuffle=False,
+    selection = feed.batches("selection", batch)
+    # Warm-up: a whole epoch where epochs are short, else two training steps and one scoring step (the
+    # last, smaller batch of an epoch is then traced, or compiled under JAX, in the first timed epoch).
+    warm = {} if case == "finetune" else {"steps_per_epoch": 2, "validation_steps": 1}
+    trainee.fit(train, **{"steps_per_epoch": steps, **warm}, validation_data=selection, verbose=0, shuffle=False)
+    repeats = args.repeats or DEFAULT_REPEATS[case]
+    trainee.fit(train, steps_per_epoch=steps, validation_data=selection, epochs=repeats, verbose=0,
+                shuffle=False,
                 callbacks=[keras.callbacks.LearningRateScheduler(lr_at_epoch(params)), stopping, timer, progress])
-    epoch_s = statistics.median(timer.seconds[1:])
+    epoch_s = statistics.median(timer.seconds)
     state = {key: getattr(stopping, key) for key in ("wait", "best", "best_epoch", "stopped_epoch")}
     save_s, load_s, size_mb = _checkpoint_costs(trainee, progress.history, state, tmp / case, args.saves)
     Checkpoints(tmp / f"{case}-fit").clear()
-    desc = (f"{_describe(trainee)}, {policy}, batch {params['batch_size']}, {images:,} train images ({fed}) "
+    desc = (f"{_describe(trainee)}, {policy}{changed}, batch {params['batch_size']}, {images:,} train images ({fed}) "
             f"+ {len(data.splits['selection'][1]):,} selection")
-    return Row(case, desc, epoch_s, f"measured: median of {args.repeats} epochs after 1 warm-up",
-               save_s, load_s, size_mb, statistics.median(progress.saves[1:]))
+    return Row(case, desc, epoch_s, f"measured: median of {repeats} epochs, "
+               f"{', '.join(f'{t:.2f}' for t in timer.seconds)} s", save_s, load_s, size_mb,
+               statistics.median(progress.saves))
 
 
 def _resnet(args, tmp: Path) -> Row:
@@ -187,15 +213,14 @@ def _resnet(args, tmp: Path) -> Row:
         return statistics.median(seconds)
 
     train_s = timed(lambda: model.train_on_batch(x, y), args.steps)
-    score_s = timed(lambda: model.test_on_batch(x, y), max(2, args.steps // 2))
-    epoch_s = FULL_TRAIN / RESNET_BATCH * train_s + FULL_SELECTION / RESNET_BATCH * score_s
+    epoch_s = FULL_TRAIN / RESNET_BATCH * train_s  # the selection split scored each epoch left out: longer still
     history = {"loss": [1.0], "accuracy": [0.1], "val_loss": [1.0], "val_accuracy": [0.1]}
     state = {"wait": 0, "best": 0.1, "best_epoch": 0, "stopped_epoch": 0}
     save_s, load_s, size_mb = _checkpoint_costs(model, history, state, tmp / "resnet50", args.saves)
     desc = (f"{_describe(model)}, {policy}, trainable_stages {params['trainable_stages']}, images at 224 px; "
-            f"{train_s:.2f} s a training step, {score_s:.2f} s a scoring step of {RESNET_BATCH}")
-    how = (f"EXTRAPOLATED: median of {args.steps} training steps x {FULL_TRAIN:,}/{RESNET_BATCH} "
-           f"+ scoring steps x {FULL_SELECTION:,}/{RESNET_BATCH}")
+            f"random uint8 images")
+    how = (f"EXTRAPOLATED: median of {args.steps} training steps of {RESNET_BATCH} ({train_s:.2f} s) "
+           f"x {FULL_TRAIN:,}/{RESNET_BATCH} steps; scoring the {FULL_SELECTION:,} selection images left out")
     return Row("resnet50", desc, epoch_s, how, save_s, load_s, size_mb)
 
 
@@ -204,9 +229,14 @@ def main() -> None:
     parser.add_argument("--data", default=str(SHARED / "tiny-imagenet-200-dev.zip"))
     parser.add_argument("--weights", default=str(SHARED / "mobilenet_2_5_128_tf.h5"))
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
-    parser.add_argument("--repeats", type=int, default=3, help="epochs timed per case, after a warm-up one")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="epochs timed per case, after a warm-up of 2 steps (default: 2 for scratch, whose "
+                             "epochs last minutes on 2 cores; 5 for finetune)")
     parser.add_argument("--saves", type=int, default=5, help="saves and loads timed per case (at least 5)")
-    parser.add_argument("--steps", type=int, default=4, help="ResNet50 training steps timed, after a warm-up one")
+    parser.add_argument("--steps", type=int, default=3, help="ResNet50 training steps timed, after a warm-up one")
+    parser.add_argument("--precision", choices=("cpu", "preset"), default="cpu",
+                        help="cpu: float32 where the preset asks for bfloat16 and this CPU lacks bfloat16 "
+                             "instructions (emulated, 9x slower here); preset: as the preset says")
     args = parser.parse_args()
     args.saves = max(args.saves, 5)
 

@@ -67,18 +67,19 @@ def trials_of(url, name):
         return []
 
 
-def wait_for_training(url, name, process, timeout=240):
-    """The number of a RUNNING trial that has reported an epoch (it is training), waiting for one."""
+def wait_for_training(url, name, process, timeout=240, epochs=1, every=0.3):
+    """The number of a RUNNING trial that has reported ``epochs`` epochs (it is training), waiting for one."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        running = [t for t in trials_of(url, name) if t.state.name == "RUNNING" and t.intermediate_values]
+        running = [t for t in trials_of(url, name)
+                   if t.state.name == "RUNNING" and len(t.intermediate_values) >= epochs]
         if running:
             return running[0].number
         if process.poll() is not None:
-            pytest.fail(f"the sweep ended before training: {process.communicate()[0]}")
-        time.sleep(0.3)
+            pytest.fail(f"the sweep ended before training {epochs} epoch(s): {process.communicate()[0]}")
+        time.sleep(every)
     process.kill()
-    pytest.fail(f"no trial was training after {timeout} s: {process.communicate()[0]}")
+    pytest.fail(f"no trial had trained {epochs} epoch(s) after {timeout} s: {process.communicate()[0]}")
 
 
 def runs_of(stores, study):

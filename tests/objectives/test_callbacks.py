@@ -37,14 +37,19 @@ class _Always(optuna.pruners.BasePruner):
         return True
 
 
-def _fit(epochs, pruner=None, deadline=None):
-    """Fit a tiny model with the trial's callback; returns the trial, the run, the events and what fit raised."""
+def _tiny():
+    """A compiled two-class model and its 16 samples."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((3,))
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
     model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy", metrics=["accuracy"])
     rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(SAMPLES, 3)).astype("float32"), np.arange(SAMPLES) % 2
+    return model, rng.normal(size=(SAMPLES, 3)).astype("float32"), np.arange(SAMPLES) % 2
+
+
+def _fit(epochs, pruner=None, deadline=None):
+    """Fit a tiny model with the trial's callback; returns the trial, the run, the events and what fit raised."""
+    model, x, y = _tiny()
     study = optuna.create_study(direction="maximize", pruner=pruner or optuna.pruners.NopPruner())
     trial, run, events = study.ask(), _Run(), _Events()
     stop = None if deadline is None else deadline_stop(deadline)
@@ -107,12 +112,7 @@ class _Saved:
 
 
 def _fit_with_progress(policy, resumed=None, epochs=3):
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((3,))
-    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
-    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(SAMPLES, 3)).astype("float32"), np.arange(SAMPLES) % 2
+    model, x, y = _tiny()
     stopping = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=50,
                                              restore_best_weights=True)
     saved = _Saved()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 import uuid
 
 import pytest
@@ -15,6 +14,7 @@ from sweep_helpers import (
     runs_of,
     start_sweep,
     trials_of,
+    wait_for_training,
 )
 
 from tinyopt.core import record
@@ -48,18 +48,9 @@ def _run(stores, cache, study=None, trials=1, max_trials=None):
 
 def _stop_after_epoch(stores, process, epochs: int, signum: int) -> int:
     """Send ``signum`` once the running trial has reported ``epochs`` epochs (checkpointed before each report)."""
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        running = [t for t in trials_of(stores["storage"], stores["study"])
-                   if t.state.name == "RUNNING" and len(t.intermediate_values) >= epochs]
-        if running:
-            process.send_signal(signum)
-            return running[0].number
-        if process.poll() is not None:
-            pytest.fail(f"the sweep ended before epoch {epochs}: {process.communicate()[0]}")
-        time.sleep(0.1)
-    process.kill()
-    pytest.fail(f"no trial reached epoch {epochs}: {process.communicate()[0]}")
+    number = wait_for_training(stores["storage"], stores["study"], process, epochs=epochs, every=0.1)
+    process.send_signal(signum)
+    return number
 
 
 def _epochs_logged(client, run) -> tuple[list[int], list[int]]:

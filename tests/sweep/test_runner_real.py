@@ -59,7 +59,7 @@ def test_finetune_on_cached_activations_matches_the_whole_model(tmp_path, dev_zi
 
 
 def test_scratch_cpu_preset_learns_in_two_epochs(tmp_path, dev_zip, dev_cache):
-    """The preset's first trial (its defaults: bfloat16, fused batch norm, the cooldown decay), cut to 2 epochs."""
+    """The preset's first trial (its defaults: fused batch norm, the cooldown decay), cut to 2 epochs."""
     storage = f"sqlite:///{tmp_path}/studies.db"
     runner.run_sweep("scratch", trials=1, source=str(dev_zip), cache_dir=str(dev_cache),
                      config_path=str(sweeps_dir() / "cpu" / "scratch.toml"), overrides=("space.epochs=2",),

@@ -72,7 +72,8 @@ def progress_callback(checkpoints: Any, policy: str, stopping: Any, resumed: Any
             took = time.perf_counter() - self.started
             if checkpoints is not None and (policy == "epoch" or policy == "auto" and took >= AUTO_SECONDS):
                 started = time.perf_counter()
-                state = {key: getattr(stopping, key) for key in ("wait", "best", "best_epoch", "stopped_epoch")}
+                state = {key: int(getattr(stopping, key)) for key in ("wait", "best_epoch", "stopped_epoch")}
+                state["best"] = None if stopping.best is None else float(stopping.best)  # numpy's, under JAX
                 checkpoints.save(self.model, epoch + 1, self.history, state, stopping.best_weights)
                 self.saves.append(time.perf_counter() - started)
 

@@ -29,8 +29,9 @@ import numpy as np
 from tinyopt.core.urls import first_line
 
 FORMAT = 1
-# train.checkpoint = "auto": an epoch this long or longer is checkpointed. Writing one takes a small
-# share of that (BENCHMARKS.md), while the CPU presets' epochs of a second or two skip it.
+# train.checkpoint = "auto": an epoch this long or longer is checkpointed, which then costs little of it
+# (0.07% of a scratch CPU preset epoch, BENCHMARKS.md), while an epoch of a second or two (the finetune
+# CPU preset's head on cached activations), which a preemption costs little of, skips it.
 AUTO_SECONDS = 10.0
 _ARRAYS, _STATE, _PREFIX = "arrays.npz", "state.json", "epoch-"
 _KEEP = 2

@@ -162,7 +162,7 @@ def test_config_file_is_merged_onto_defaults_and_checked(tmp_path):
 
 def test_preset_is_merged_onto_the_defaults_before_the_config_file_and_the_overrides(tmp_path):
     default, cpu = load_config("scratch"), load_config("scratch", preset="cpu")
-    assert default.train.mixed_precision == "auto" and cpu.train.mixed_precision == "bfloat16"
+    assert default.train.early_stopping_patience == 5 and cpu.train.early_stopping_patience == 3
     assert cpu == load_config("scratch", sweeps_dir() / "cpu" / "scratch.toml")
     mine = tmp_path / "mine.toml"
     mine.write_text('[train]\nmixed_precision = "off"\n[space]\nstages = 3\n')
