@@ -59,7 +59,8 @@ class TrackedObjective:
         self.tracker = tracker
         self.events = events or QuietEvents()
         self.device = device
-        self.previous_run: str | None = None  # the run of the attempt the current trial was queued to replace
+        self.retry_of: int | None = None  # the trial the current one was queued to replace (the chain's first)
+        self.previous_run: str | None = None  # the run of the attempt it replaces
 
     def choose(self, trial) -> dict[str, Any]:
         """The trial's params (every value, fixed ones included)."""
@@ -88,7 +89,8 @@ class TrackedObjective:
         worker = worker_identity()
         trial.set_user_attr(record.WORKER, worker)
         # A trial queued again carries the run of the attempt it replaces (tinyopt.stores.retries.CARRIED_ON_RETRY).
-        self.previous_run = trial.user_attrs.get(record.RUN_ID) if retried_from(trial) is not None else None
+        self.retry_of = retried_from(trial)
+        self.previous_run = trial.user_attrs.get(record.RUN_ID) if self.retry_of is not None else None
         params = self.choose(trial)
         trial.set_user_attr(record.PARAMS, params)
         logged = self.logged_params(trial, params)
@@ -183,7 +185,7 @@ class ModelObjective(TrackedObjective):
         backend.free_memory()
         backend.reset_peak_memory()
         # A retry trains with the seed of the trial it replaces: resumed, it goes on where that one stopped.
-        seed = trial.user_attrs.get(record.SEED) if retried_from(trial) is not None else None
+        seed = trial.user_attrs.get(record.SEED) if self.retry_of is not None else None
         seed = self.seed + trial.number if seed is None else seed
         trial.set_user_attr(record.SEED, seed)
         backend.seed(seed)
@@ -202,7 +204,7 @@ class ModelObjective(TrackedObjective):
         setting = self.config.train.checkpoint or "off"  # a study stored before checkpoints: none
         if self.checkpoint_dir is None or not self.approach.TRAINS or setting == "off":
             return None
-        origin = retried_from(trial)
+        origin = self.retry_of
         checkpoints = Checkpoints(self.checkpoint_dir / self.tracker.study_name
                                   / f"trial-{trial.number if origin is None else origin}")
         if origin is None:
