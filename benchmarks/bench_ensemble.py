@@ -18,16 +18,15 @@ Target: test top-1 of the ensemble at least 1 point above the best member's.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import preset_runs
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 APPROACHES = ("pretrained", "finetune", "scratch")
 
 
@@ -43,25 +42,15 @@ def _command(approach: str, trials: int, seed: int, cache: Path, workdir: Path, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=10)
+    parser = preset_runs.parser(__doc__.splitlines()[0])
     parser.add_argument("--ensemble-trials", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", default=str(SHARED / "tiny-imagenet-200-dev.zip"))
-    parser.add_argument("--weights", default=str(SHARED / "mobilenet_2_5_128_tf.h5"))
-    parser.add_argument("--keep", default=None, help="keep the stores in this folder (default: a temporary one)")
     args = parser.parse_args()
 
     import optuna
 
     from tinyopt.core import record
-    from tinyopt.data import build
 
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(args.keep or tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        cache = Path(tmp) / "data"
-        build.prepare(args.data, cache, progress=False)
+    with preset_runs.folders(args) as (workdir, cache):
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         started = time.perf_counter()
         logs = {a: open(workdir / f"{a}.log", "w") for a in (*APPROACHES, "ensemble")}  # noqa: SIM115

@@ -51,6 +51,26 @@ def drop_postgres_study(name: str) -> None:
             pass
 
 
+def earlier_study(url, name="earlier", values=(0.1, 0.5, 0.3, 0.4, 0.2), approach="scratch", direction="maximize"):
+    """A study to warm-start from, made without training: one complete trial per value (trial i has dropout
+    0.05 * i; ranked 1, 3, 2, 4, 0 by the default values) and a pruned one."""
+    from tinyopt.core import record
+    from tinyopt.core import space as search_space
+    from tinyopt.core.config import load_config
+
+    space = load_config("scratch").space
+    study = optuna.create_study(study_name=name, storage=storage.open_storage(url), direction=direction)
+    study.set_user_attr(record.APPROACH, approach)
+    for number, value in enumerate(values):
+        searched = {"dropout": round(0.05 * number, 2), "augment": "flip", "stem_stride": 2}
+        study.add_trial(optuna.trial.create_trial(
+            params=searched, value=value,
+            distributions={key: search_space.distribution(space[key]) for key in searched},
+            user_attrs={record.PARAMS: {**searched, "epochs": 30, "head": "gone"}}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED))
+    return study
+
+
 def start_sweep(args, overrides=SMALL["scratch"], approach="scratch", **popen):
     """A real ``tinyopt sweep`` process (output in ``.stdout``, stderr merged)."""
     command = [sys.executable, "-m", "tinyopt", "sweep", approach, *map(str, args)]

@@ -122,11 +122,26 @@ def stores(tmp_path_factory, tiny_folder, silent_port):
 
 @pytest.mark.parametrize("case, args, fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_changes_nothing(case, args, fragment, stores):
+    _refused("sweep", args, fragment, stores)
+
+
+# `tinyopt plan` checks what `tinyopt sweep` checks, in the same code: one case of each kind.
+PLAN_CASES = [case for case in CASES if case[0] in (
+    "optimizer typo", "unknown key", "broken config file", "unsupported storage", "unreachable tracking server",
+    "data file that is no zip", "zero trials", "more workers than GPUs", "finetune: missing weights file")]
+
+
+@pytest.mark.parametrize("case, args, fragment", PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
+def test_plan_refuses_what_sweep_refuses(case, args, fragment, stores):
+    _refused("plan", args, fragment, stores)
+
+
+def _refused(program: str, args: list[str], fragment: str, stores) -> None:
     root = stores["root"]
     approach, args = (args[0], args[1:]) if args and not args[0].startswith("-") else ("scratch", args)
     for name, path in stores["files"].items():
         args = [a.replace(f"<{name}>", path) for a in args]
-    command = [sys.executable, "-m", "tinyopt", "sweep", approach, "--trials", "1", "--cache", str(stores["cache"]),
+    command = [sys.executable, "-m", "tinyopt", program, approach, "--trials", "1", "--cache", str(stores["cache"]),
                "--storage", stores["storage"], "--tracking-uri", stores["tracking_uri"], *args]
     before = snapshot(root / "studies", root / "mlruns", stores["cache"])
     # An unreachable server must fail within seconds (benchmarks/bench_fail_fast.py times it); 120 s would be a hang.
@@ -142,4 +157,4 @@ def test_bad_input_is_one_line_and_changes_nothing(case, args, fragment, stores)
 
 
 def test_at_least_twenty_cases():
-    assert len(CASES) >= 20
+    assert len(CASES) >= 20 and len(PLAN_CASES) == 9

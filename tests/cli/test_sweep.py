@@ -45,3 +45,33 @@ def test_sweep_preset_comes_before_config_and_set_and_reaches_the_workers(tmp_pa
     assert config.train.early_stopping_patience == 3  # sweeps/cpu/scratch.toml; the default is 5
     command = _worker_command(SweepArgs("scratch", 1, config_path=str(mine), preset="cpu"), 1, None)
     assert command[command.index("--preset") + 1] == "cpu" and command[command.index("--config") + 1] == str(mine)
+
+
+def test_the_progress_shows_the_time_left_from_the_forecast_then_from_the_trials(monkeypatch):
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from tinyopt.cli import sweep as command
+
+    clock = [1000.0]
+    monkeypatch.setattr(command.time, "monotonic", lambda: clock[0])
+    with Progress(console=Console(file=io.StringIO()), transient=True) as progress:
+        events = command._RichEvents(progress, trials=4, timeout=None, expected=30.0)
+        eta = lambda: progress.tasks[events.trials].fields["eta"]  # noqa: E731
+        events.sweep_started("cpu", [])
+        assert eta() == "about 2m 00s left"  # 4 trials of the forecast's 30 s
+        events.trial_started(0, epochs=2)
+        clock[0] += 10.0
+        events.epoch_ended(0, 0, {})
+        assert eta() == "about 1m 50s left"  # the running trial has done 10 s of its 30
+        clock[0] += 10.0
+        events.trial_ended(0, "COMPLETE", 0.5, None)
+        assert eta() == "about 1m 00s left"  # 3 trials at the 20 s the first one took
+        bounded = command._RichEvents(progress, trials=4, timeout=45.0, expected=30.0)
+        bounded.sweep_started("cpu", [])
+        assert progress.tasks[bounded.trials].fields["eta"] == "about 45s left"  # never past --timeout
+        unknown = command._RichEvents(progress, trials=4)
+        unknown.sweep_started("cpu", [])
+        assert progress.tasks[unknown.trials].fields["eta"] == ""  # nothing tells yet

@@ -7,8 +7,8 @@ import optuna
 import pytest
 
 from tinyopt.core import plots
-from tinyopt.core.objective import LOG_LOSS
-from tinyopt.core.record import SCORE_LABELS, SCORES
+from tinyopt.core.objective import LOG_LOSS, named
+from tinyopt.core.record import LATENCY_MS, SCORE_LABELS, SCORES, SELECTION_TOP1
 
 DISTRIBUTIONS = {"learning_rate": optuna.distributions.FloatDistribution(0, 1),
                  "width": optuna.distributions.IntDistribution(1, 8)}
@@ -51,6 +51,21 @@ def test_history_chart_of_a_loss_says_so_and_keeps_the_lowest():
     axis = plots.history_chart("ensemble", complete, LOG_LOSS).axes[0]
     assert axis.get_ylabel() == "selection log loss (lower is better)"
     np.testing.assert_array_equal(axis.get_lines()[0].get_ydata(), [1.9, 1.9, 1.7, 1.7])
+
+
+def test_pareto_chart_joins_the_front_in_steps_and_labels_every_trial():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for values in ((0.5, 6.0), (0.7, 5.0), (0.4, 2.0), (0.3, 3.0)):
+        study.add_trial(optuna.trial.create_trial(values=list(values)))
+    axis = plots.pareto_chart("fast", study.trials, [1, 2], named([SELECTION_TOP1, LATENCY_MS])).axes[0]
+    assert axis.get_title() == "selection top-1 against latency ms: fast"
+    assert axis.get_xlabel() == "latency ms (lower is better)"
+    assert axis.get_ylabel() == "selection top-1 (higher is better)"
+    [front] = axis.get_lines()
+    assert front.get_label() == "Pareto front" and front.get_drawstyle() == "steps-post"
+    np.testing.assert_array_equal(front.get_xdata(), [2.0, 5.0])  # the fastest first
+    np.testing.assert_array_equal(front.get_ydata(), [0.4, 0.7])
+    assert sorted(text.get_text() for text in axis.texts) == ["0", "1", "2", "3"]
 
 
 def test_importances_rank_the_params_that_matter_and_sum_to_one():

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from tinyopt.core.errors import ConfigError
-from tinyopt.core.space import defaults, searched, suggest, validate_space
+from tinyopt.core.space import defaults, distribution, fitting, searched, suggest, validate_space
 
 
 @pytest.mark.parametrize("entry, fragment", [
@@ -55,3 +55,37 @@ def test_defaults_are_valid_and_enqueueable():
     study = optuna.create_study()
     study.enqueue_trial(searched(SPACE, values))
     assert suggest(study.ask(), SPACE) == values
+
+
+def test_fitting_keeps_what_the_space_could_draw_and_says_why_it_drops_the_rest():
+    earlier = {"optimizer": "sgd", "momentum": 0.9, "learning_rate": 0.05, "width": 40, "epochs": 3, "depth": 4}
+    kept, dropped = fitting(SPACE, earlier)
+    assert kept == {"optimizer": "sgd", "momentum": 0.9}  # epochs: fixed here at the value it had, neither
+    assert dropped == {"learning_rate": "outside 0.0001..0.01", "width": "outside 16..64 step 16",
+                       "depth": "not in this space"}
+    study = optuna.create_study()
+    study.enqueue_trial(kept)
+    drawn = suggest(study.ask(), SPACE)  # what Optuna runs: the kept values, the rest sampled in the space
+    assert drawn["optimizer"] == "sgd" and drawn["momentum"] == 0.9 and 1e-4 <= drawn["learning_rate"] <= 1e-2
+
+
+def test_fitting_drops_a_choice_gone_a_value_fixed_otherwise_and_a_condition_that_fails():
+    kept, dropped = fitting({**SPACE, "optimizer": "adam", "width": {"type": "categorical", "choices": [16, 32]}},
+                            {"optimizer": "sgd", "momentum": 0.9, "width": 64, "epochs": 5})
+    assert kept == {}
+    assert dropped == {"optimizer": "fixed at adam here", "momentum": "not used here with optimizer=adam",
+                       "width": "not among 16, 32", "epochs": "fixed at 3 here"}
+
+
+def test_fitting_leaves_to_the_sampler_what_the_earlier_trial_lacks():
+    kept, dropped = fitting(SPACE, {"momentum": 0.95, "width": 32.0})
+    # optimizer is the sampler's choice, so momentum may apply: kept (Optuna ignores it if adam is drawn).
+    assert kept == {"momentum": 0.95, "width": 32} and isinstance(kept["width"], int) and dropped == {}
+
+
+@pytest.mark.parametrize("name", ["optimizer", "learning_rate", "width"])
+def test_distribution_is_the_one_suggest_draws_from(name):
+    study = optuna.create_study()
+    trial = study.ask()
+    suggest(trial, {key: value for key, value in SPACE.items() if key != "momentum"})
+    assert trial.distributions[name] == distribution(SPACE[name])

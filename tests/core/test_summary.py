@@ -9,7 +9,8 @@ import pytest
 
 from tinyopt.core import record
 from tinyopt.core.config import load_config
-from tinyopt.core.summary import BestTrial, MemberRecord, members_of, study_config, summarize_study
+from tinyopt.core.errors import StudyError
+from tinyopt.core.summary import BestTrial, MemberRecord, members_of, pick, study_config, summarize_study
 
 T0 = datetime.datetime(2025, 1, 1, 12, 0, 0)
 MEMBER = {"label": "finetune-12", "study": "finetune", "trial_number": 12, "run_id": "run-a", "model_kept": True,
@@ -59,6 +60,45 @@ def test_a_study_without_a_complete_trial_has_no_best():
     summary = summarize_study(study)
     assert summary.best is None and summary.approach == "finetune"  # named after its approach
     assert summary.counts["FAIL"] == 1 and summary.compute_seconds == 0
+
+
+def _two_objective_study() -> optuna.Study:
+    """Selection top-1 against latency: trials 1 and 3 tie on top-1, 3 is faster; 2 is the fastest; 0 is beaten."""
+    study = optuna.create_study(study_name="fast", directions=["maximize", "minimize"])
+    with pytest.warns(optuna.exceptions.ExperimentalWarning):
+        study.set_metric_names([record.SELECTION_TOP1, record.LATENCY_MS])
+    for top1, ms in ((0.5, 6.0), (0.7, 9.0), (0.4, 2.0), (0.7, 5.0)):
+        attrs = {record.SELECTION_TOP1: top1, record.TEST_TOP1: top1 - 0.1, record.LATENCY_MS: ms,
+                 record.MODEL_PARAMS: 1000.0 * ms}
+        study.add_trial(optuna.trial.create_trial(values=[top1, ms], user_attrs=attrs))
+    study.add_trial(_trial(optuna.trial.TrialState.PRUNED))
+    return study
+
+
+def test_a_study_of_two_objectives_has_its_pareto_front_and_the_front_s_most_accurate_as_best():
+    study = _two_objective_study()
+    summary = summarize_study(study)
+    assert [t.number for t in summary.front] == [3, 2]  # Optuna's front, the most accurate first
+    assert {t.number for t in study.best_trials} == {3, 2}
+    assert summary.best == summary.front[0] and summary.best.value == 0.7  # of trials 1 and 3 (tied), the faster
+    assert summary.front[1].costs == {record.LATENCY_MS: 2.0, record.MODEL_PARAMS: 2000.0}
+    assert [o.name for o in summary.objectives] == [record.SELECTION_TOP1, record.LATENCY_MS]
+    assert summarize_study(_study()).front == []  # one objective: no front
+
+
+def test_pick_makes_any_complete_trial_the_one_exported_and_refuses_the_others():
+    study = _two_objective_study()
+    summary = summarize_study(study)
+    picked = pick(summary, study, 0)
+    assert picked.picked and picked.best.number == 0 and picked.best.costs[record.LATENCY_MS] == 6.0
+    assert picked.chosen.startswith("Trial 0, picked by number (`tinyopt best fast --trial 0`) among the 4 complete")
+    assert summary.chosen.startswith("The best of 4 complete trials (1 pruned, 0 failed)")
+    for number, fragment in ((9, "study 'fast' has no trial 9 (its trials are 0 to 4)"),
+                             (4, "trial 4 of study 'fast' is pruned, not complete")):
+        with pytest.raises(StudyError) as err:
+            pick(summary, study, number)
+        message = str(err.value)
+        assert fragment in message and "`tinyopt best fast` shows its best and its Pareto front" in message
 
 
 def test_study_config_is_the_stored_config_typed():

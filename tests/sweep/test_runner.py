@@ -10,6 +10,7 @@ from mlflow.entities import LoggedModelStatus
 from sweep_helpers import SMALL, artifacts, failing_build, runs_of
 
 from tinyopt.core import record
+from tinyopt.core.config import load_config
 from tinyopt.core.errors import StudyError
 from tinyopt.objectives.model import QuietEvents
 from tinyopt.sweep import runner, sampling
@@ -79,6 +80,9 @@ def test_sweep_records_every_trial_in_mlflow(approach, stores, tiny_folder, cach
         for key in final:
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0], key
         assert all(len(repr(value)) <= 12 for value in run.data.metrics.values()), run.data.metrics
+        # What serving its model costs, whatever the study optimises: a metric and a user attr.
+        for key in record.COSTS:
+            assert run.data.metrics[key] > 0 and run.data.metrics[key] == pytest.approx(trial.user_attrs[key], rel=1e-3)
         names = artifacts(client, run.info.run_id)
         assert {"predictions.npz", "config.json", "classes.tsv"} <= names
         if approach != "pretrained":
@@ -154,6 +158,21 @@ def test_predictions_and_kept_model_reproduce_the_trial(stores, tiny_folder, cac
     predicted = model.predict(np.asarray(x_sel), verbose=0)
     assert isinstance(predicted, np.ndarray) and predicted.shape == saved["selection_probs"].shape
     np.testing.assert_allclose(predicted, saved["selection_probs"], atol=1e-5)
+
+
+def test_a_study_keeps_the_objectives_it_was_made_with(stores):
+    runner.open_sweep("scratch", "scratch", load_config("scratch"), **stores)
+    both = load_config("scratch", overrides=['study.objectives=["selection_top1", "latency_ms"]'])
+    with pytest.raises(StudyError) as err:
+        runner.open_sweep("scratch", "scratch", both, **stores)
+    assert str(err.value) == ("study 'scratch' optimises study.objectives = [\"selection_top1\"], not "
+                              "[\"selection_top1\", \"latency_ms\"]; pass --study with another name for the new "
+                              "objectives, or --set 'study.objectives=[\"selection_top1\"]' to continue it")
+    session = runner.open_sweep("scratch", "both", both, **stores)
+    assert session.study.metric_names == [record.SELECTION_TOP1, record.LATENCY_MS]  # optuna-dashboard's names
+    assert [d.name for d in session.study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert session.notes == [sampling.pruning_note(both.study)]
+    session.tracker.end_sweep()
 
 
 def test_rerun_continues_the_same_study_and_parent_run(stores, tiny_folder, cache_root):

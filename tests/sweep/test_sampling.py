@@ -84,6 +84,17 @@ def test_an_approach_without_epochs_is_never_pruned():
     assert type(make_pruner(study_cfg, epochs=1)) is optuna.pruners.NopPruner
 
 
+def test_a_study_of_two_objectives_is_never_pruned_and_says_so_once():
+    both = ('study.objectives=["selection_top1", "latency_ms"]',)
+    study_cfg = load_config("scratch", overrides=both).study  # hyperband by default
+    assert type(make_pruner(study_cfg, epochs=10)) is optuna.pruners.NopPruner
+    note = sampling.pruning_note(study_cfg)
+    assert note.startswith("pruning is off: Optuna cannot prune a study of 2 objectives (selection_top1, latency_ms)")
+    assert "study.pruner = hyperband stops no trial" in note and "\n" not in note
+    assert sampling.pruning_note(load_config("scratch").study) is None  # one objective: pruned as configured
+    assert sampling.pruning_note(load_config("pretrained", overrides=both).study) is None  # nothing to prune anyway
+
+
 def test_max_epochs_is_the_most_a_trial_of_the_space_can_train():
     assert sampling.max_epochs({"epochs": 30}) == 30
     assert sampling.max_epochs({"epochs": {"type": "int", "low": 2, "high": 12}}) == 12

@@ -13,7 +13,9 @@ import pytest
 from sweep_helpers import (
     LONG,
     POSTGRES,
+    SMALL,
     drop_postgres_study,
+    earlier_study,
     needs_postgres,
     runs_of,
     start_sweep,
@@ -35,6 +37,7 @@ def study():
     name = f"scratch-{uuid.uuid4().hex[:8]}"
     yield name
     drop_postgres_study(name)
+    drop_postgres_study(f"{name}-earlier")
 
 
 def _args(study, storage_url, tracking_uri, tiny_folder, tmp_path, *extra):
@@ -89,18 +92,29 @@ def shared_stores(request, tmp_path):
 
 
 @pytest.mark.slow
-def test_max_trials_is_honoured_by_three_independent_commands(study, tiny_folder, tmp_path, shared_stores):
+def test_max_trials_and_a_warm_start_are_honoured_by_three_independent_commands(study, tiny_folder, tmp_path,
+                                                                               shared_stores):
+    """Also each warm-start params set is queued once (tests/sweep/test_warmstart.py has the rest)."""
     from tinyopt.data import build
 
     storage_url, tracking_uri = shared_stores
     build.prepare(str(tiny_folder), str(tmp_path / "cache"), progress=False)  # as on machines with their own copy
-    commands = [start_sweep(["--trials", 10, "--max-trials", 4,
-                             *_args(study, storage_url, tracking_uri, tiny_folder, tmp_path)]) for _ in range(3)]
+    earlier_study(storage_url, f"{study}-earlier")
+    commands = [start_sweep(["--trials", 10, "--max-trials", 4, "--warm-start", f"{study}-earlier",
+                             *_args(study, storage_url, tracking_uri, tiny_folder, tmp_path)],
+                            overrides=(*SMALL["scratch"], "study.warm_start_trials=3")) for _ in range(3)]
     outputs = [command.communicate(timeout=600)[0] for command in commands]
     assert [command.returncode for command in commands] == [0, 0, 0], outputs
-    _check_study(storage_url, tracking_uri, study, 4)
+    trials = _check_study(storage_url, tracking_uri, study, 4)
     added = [int(line.split()[0]) for output in outputs for line in output.splitlines() if "new trials" in line]
     assert sum(added) == 4
+    # The defaults' first trial, then the earlier study's best 3, each once: one command queued them.
+    assert [t.user_attrs.get(record.WARM_START_FROM, {}).get("trial") for t in trials] == [None, 1, 3, 2]
+    assert sum(f"warm start from study {study}-earlier: queued trials 1, 3, 2;" in output for output in outputs) == 1
+    assert sum("nothing queued again" in output for output in outputs) == 2
+    _, _, children = runs_of({"tracking_uri": tracking_uri}, study)
+    assert [children[n].data.tags.get(record.TAG_WARM_START_FROM) for n in range(4)] == [
+        None, f"{study}-earlier trial 1", f"{study}-earlier trial 3", f"{study}-earlier trial 2"]
 
 
 def test_sigterm_to_the_supervisor_stops_every_worker_cleanly(study, tiny_folder, tmp_path):
@@ -299,3 +313,19 @@ def test_a_worker_that_ignores_the_signal_prints_its_stacks_and_is_killed_after_
     assert lines == [f"worker 1 (pid {stuck.pid}) did not stop within 0.5 s of the signal; its threads' stacks "
                      "follow, then it is killed"]
     assert "most recent call first" in stuck.stdout.read()  # the stack it printed before it was killed
+
+
+def test_the_supervisor_adds_the_time_left_to_each_line_that_ends_a_trial(monkeypatch):
+    from tinyopt.sweep import workers
+
+    clock = [100.0]
+    monkeypatch.setattr(workers.time, "monotonic", lambda: clock[0])
+    supervisor = workers._Supervisor(workers.SweepArgs("scratch", 5, workers=2), lambda line: None)
+    assert supervisor._time_left("trial 0: started") == ""
+    assert supervisor._time_left("trial 1: started") == ""
+    clock[0] += 40.0
+    # 4 trials left at 40 s each, 2 at a time.
+    assert supervisor._time_left("trial 0: COMPLETE 0.4000") == " (about 1m 20s left)"
+    clock[0] += 20.0
+    assert supervisor._time_left("trial 1: PRUNED at epoch 1") == " (about 1m 15s left)"  # 3 at 50 s, 2 at a time
+    assert supervisor._time_left("a note of a worker") == ""

@@ -16,7 +16,7 @@ import sys
 import click
 
 from tinyopt import __version__
-from tinyopt.cli import data, results, sweep
+from tinyopt.cli import data, plan, results, sweep
 from tinyopt.core import signals
 from tinyopt.core.errors import TinyoptError
 
@@ -69,6 +69,7 @@ def cli() -> None:
     \b
     Typical flow:
       tinyopt data prepare
+      tinyopt plan finetune --trials 50
       tinyopt sweep finetune --trials 50
       tinyopt sweep ensemble --trials 300
       tinyopt best --export out/
@@ -76,6 +77,7 @@ def cli() -> None:
 
 
 cli.add_command(data.data)
+cli.add_command(plan.plan)
 cli.add_command(sweep.sweep)
 for _command in results.COMMANDS:
     cli.add_command(_command)

@@ -9,7 +9,9 @@ import click
 from tinyopt.cli.options import cache_option, data_option, storage_options
 from tinyopt.core import record
 from tinyopt.core.errors import TinyoptError
+from tinyopt.core.forecast import format_seconds
 from tinyopt.core.urls import redact, sqlite_path
+from tinyopt.results import pareto
 from tinyopt.results.bundle import check_destination
 from tinyopt.stores import servers
 from tinyopt.stores.storage import open_existing
@@ -111,6 +113,9 @@ def _print_best(console, summary) -> None:
     if best is None:
         console.print(Text.assemble((summary.name, "bold"), ": no complete trial"))
         return
+    if summary.front:
+        _print_front(console, summary)
+        return
     run = best.run_url or f"MLflow run {best.run_id or '-'}"  # trials recorded before run links have only the id
     # soft_wrap: a link longer than the line stays one link to click or copy, the terminal wraps it.
     console.print(Text.assemble((summary.name, "bold"), f" trial {best.number}: {run}"), soft_wrap=True)
@@ -121,11 +126,31 @@ def _print_best(console, summary) -> None:
                                                   "the uniform vote"), (0, 0, 0, 2)))
 
 
+def _print_front(console, summary) -> None:
+    """A study of several objectives: its Pareto front, where a study of one objective shows its best trial."""
+    from rich.padding import Padding
+    from rich.table import Table
+    from rich.text import Text
+
+    traded = " against ".join(o.label for o in summary.objectives)
+    console.print(Text.assemble((summary.name, "bold"), f": Pareto front of {traded}, {len(summary.front)} trials; "
+                                f"`tinyopt best {summary.name} --trial N --export DIR` exports one"), soft_wrap=True)
+    table = Table()
+    for label in pareto.HEADER:
+        number_column(table, label)
+    for cells in pareto.rows(summary):
+        table.add_row(*cells)
+    console.print(Padding(table, (0, 0, 0, 2)))
+
+
 @click.command()
 @click.argument("studies", nargs=-1, metavar="[STUDY]...")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Write the winner (best selection top-1 among the studies) as a model bundle to DIR "
                    "(with --refit, the refit model).")
+@click.option("--trial", "trial_number", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Export (or refit) trial N of the one STUDY named, instead of the winner: a trial of a Pareto "
+                   "front, say.")
 @click.option("--force", is_flag=True,
               help="Replace the bundle an earlier --export wrote to DIR (a folder holding other files is refused).")
 @click.option("--register", "register_name", metavar="NAME", default=None,
@@ -136,12 +161,15 @@ def _print_best(console, summary) -> None:
 @data_option
 @cache_option
 @storage_options
-def best(studies, export_dir, force, register_name, refit, source, cache_dir, storage, tracking_uri) -> None:
+def best(studies, export_dir, trial_number, force, register_name, refit, source, cache_dir, storage,
+         tracking_uri) -> None:
     """Show the best trial of each study; with --export, write the winner as a bundle.
 
     STUDY defaults to every study in the storage; a study is named after its approach unless it
-    was swept with --study. The bundle (model.keras, classes.tsv, params.json, metrics.json,
-    provenance.json, MODEL.md) loads with plain Keras, without tinyopt. --force replaces a
+    was swept with --study. A study of two objectives (study.objectives) shows its Pareto front;
+    --trial N exports or refits trial N of one STUDY instead of the winner. The bundle (model.keras,
+    classes.tsv, params.json, metrics.json, provenance.json, MODEL.md) loads with plain Keras,
+    without tinyopt. --force replaces a
     bundle an earlier export wrote, never a folder holding anything else. --refit retrains the
     winner on the data the sweep used (--data, --cache, as for `tinyopt sweep`) and shows its
     test scores beside its trial's.
@@ -158,9 +186,14 @@ def best(studies, export_dir, force, register_name, refit, source, cache_dir, st
         raise click.UsageError("--register needs --export DIR: the registered model is the exported bundle")
     if not refit and (source or cache_dir):
         raise click.UsageError("--data and --cache are for --refit: the data it retrains on")
+    if trial_number is not None and (len(studies) != 1 or not (export_dir or refit)):
+        raise click.UsageError("--trial N needs one STUDY and --export DIR (or --refit): the study whose trial N to "
+                               "use, e.g. `tinyopt best finetune --trial 3 --export DIR`")
     if export_dir:
         check_destination(export_dir, force)  # a refused folder is one line, before the table and any work
     summaries = summarize_studies(storage, studies)
+    # A trial that cannot be exported is one line too, before the table.
+    picked = None if trial_number is None else pareto.pick_trial(storage, summaries[0], trial_number)
     console = Console()
     console.print(_best_table(summaries))
     for s in summaries:
@@ -171,7 +204,7 @@ def best(studies, export_dir, force, register_name, refit, source, cache_dir, st
     if not ranked:
         raise TinyoptError(f"no study has a complete trial to {'refit' if refit else 'export'}; "
                            "run `tinyopt sweep APPROACH` first")
-    winner = max(ranked, key=lambda s: s.best.scores.get(record.SELECTION_TOP1, float("-inf")))
+    winner = picked or max(ranked, key=lambda s: s.best.scores.get(record.SELECTION_TOP1, float("-inf")))
     if refit:
         done = refit_best(winner, storage_url=storage, tracking_uri=tracking_uri, source=source, cache_dir=cache_dir,
                           export_dir=export_dir, overwrite=force,
@@ -255,7 +288,7 @@ def report(out_dir, storage, tracking_uri) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tinyopt.results.report import format_seconds, gain_label, write_report
+    from tinyopt.results.report import gain_label, write_report
 
 
     console = Console()

@@ -9,11 +9,10 @@ import time
 
 import click
 
-from tinyopt.cli.options import cache_option, data_option, storage_options
+from tinyopt.cli.options import check_preset, sweep_options, trials_to_run
 from tinyopt.cli.results import number_column
-from tinyopt.core import record
-from tinyopt.core.config import APPROACHES, preset_path
-from tinyopt.core.errors import ConfigError
+from tinyopt.core import forecast, record
+from tinyopt.core.config import APPROACHES
 
 # workers.py imports nothing heavy at module level, so --help stays fast. supervise is called through
 # its module, where the tests replace it.
@@ -22,18 +21,41 @@ from tinyopt.sweep.workers import TRIALS_PER_PROCESS, SweepArgs, default_trials_
 
 
 class _RichEvents:
-    """Trial and epoch progress bars for a sweep."""
+    """Trial and epoch progress bars for a sweep, and the time it is expected to take yet.
 
-    def __init__(self, progress, trials: int | None):
+    The expected time left is the trials still to run at the mean duration of those this sweep ran (before
+    the first ends: the ``--forecast``'s trial, if given), less what the running trial has done, and never
+    past the ``--timeout`` deadline.
+    """
+
+    def __init__(self, progress, trials: int | None, timeout: float | None = None, expected: float | None = None):
         self.progress = progress
-        self.trials = progress.add_task("trials", total=trials)
-        self.epochs = progress.add_task("epochs", total=None, visible=False)
+        self.trials = progress.add_task("trials", total=trials, eta="")
+        self.epochs = progress.add_task("epochs", total=None, visible=False, eta="")
+        self.total, self.expected = trials, expected
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.durations: list[float] = []
+        self.started: float | None = None
+
+    def _show_eta(self) -> None:
+        now = time.monotonic()
+        until_deadline = None if self.deadline is None else max(self.deadline - now, 0.0)
+        if self.total is None:  # until --timeout
+            seconds = until_deadline
+        else:
+            running_for = now - self.started if self.started is not None else 0.0
+            seconds = forecast.eta(self.durations, self.total - len(self.durations), running_for, self.expected,
+                                   until_deadline)
+        shown = "" if seconds is None else f"about {forecast.format_seconds(seconds)} left"
+        self.progress.update(self.trials, eta=shown)
 
     def sweep_started(self, device: str, recovered: list[str]) -> None:
         for line in (f"trials run on {device}", *recovered):
             self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        self._show_eta()
 
     def trial_started(self, number: int, epochs: int) -> None:
+        self.started = time.monotonic()
         self.progress.update(self.trials, description=f"trial {number}")
         self.progress.reset(self.epochs, total=epochs or None, visible=bool(epochs), description="epochs")
 
@@ -41,11 +63,16 @@ class _RichEvents:
         score = logs.get(record.SELECTION_TOP1)
         label = f"epoch {epoch + 1}" + (f" sel top-1 {score:.3f}" if score is not None else "")
         self.progress.update(self.epochs, advance=1, description=label)
+        self._show_eta()
 
     def trial_ended(self, number: int, state: str, value: float | None, reason: str | None) -> None:
         self.progress.console.print(_trial_line(number, state, value, reason), markup=False, highlight=False,
                                     soft_wrap=True)
+        if self.started is not None:
+            self.durations.append(time.monotonic() - self.started)
+            self.started = None
         self.progress.update(self.trials, advance=1)
+        self._show_eta()
 
 
 class _LineEvents:
@@ -71,39 +98,25 @@ def _trial_line(number: int, state: str, value: float | None, reason: str | None
 
 @click.command()
 @click.argument("approach", type=click.Choice(APPROACHES))
-@click.option("--trials", type=click.IntRange(min=1), default=None,
-              help="Trials this command adds, in all its workers (default: until --timeout, else 10).")
-@click.option("--timeout", type=click.FloatRange(min=0), default=None,
-              help="End the sweep SECONDS after it starts: no trial starts after that, and one still training "
-                   "stops after its current batch and is recorded as pruned.")
-@click.option("--max-trials", type=click.IntRange(min=1), default=None,
-              help="Start no trial once the study holds N finished or running trials, counted over every worker "
-                   "of every machine (for workers started by hand on several machines).")
-@data_option
-@cache_option
-@click.option("--preset", default=None, metavar="NAME",
-              help="Packaged preset merged onto the defaults before --config: --preset cpu takes the CPU-sized "
-                   "sweeps/cpu/APPROACH.toml (pretrained, finetune, scratch).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="Config file merged onto the defaults (sweeps/APPROACH.toml) and the --preset.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override one config value, e.g. --set model.weights=none (repeatable).")
-@click.option("--study", "study_name", default=None, help="Study name (default: the approach).")
-@storage_options
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the sampler and every trial.")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Worker processes on this machine sharing the study (default 1, or one per --gpus).")
-@click.option("--gpus", default=None, metavar="IDS",
-              help="Pin one worker per GPU listed, e.g. --gpus 0,1 (sets each worker's CUDA_VISIBLE_DEVICES); "
-                   "--gpus 0,0 runs two workers sharing GPU 0.")
+@sweep_options
 @click.option("--trials-per-process", type=click.IntRange(min=0), default=None, metavar="N",
               help=f"Run each worker's trials in consecutive fresh processes of at most N trials; 0 runs them all "
                    f"in one process (default: {TRIALS_PER_PROCESS}, 0 for ensemble). TensorFlow keeps about 20 MiB "
                    f"per trained model, so one process grows with every trial; a fresh one costs about 10 s.")
+@click.option("--warm-start", default=None, metavar="STUDY",
+              help="Start with the best study.warm_start_trials (5) complete trials of an earlier STUDY of the "
+                   "approach (a changed slice, backbone or space): their values that fit this space are queued "
+                   "once, however many workers start; the rest are dropped with a note.")
+@click.option("--warm-start-storage", default=None, metavar="URL",
+              help="Optuna storage of the --warm-start study (default: --storage).")
+@click.option("--forecast", "forecast_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="The forecast of `tinyopt plan ... --json > FILE`, kept with a new study: the parent run and "
+                   "`tinyopt report` show it beside what happened, and the progress shows its ETA from the start.")
 @click.option("--worker", "is_worker", is_flag=True, hidden=True,
               help="Run as a worker of a supervising `tinyopt sweep` (plain lines; it owns the parent run).")
 def sweep(approach, trials, timeout, max_trials, source, cache_dir, preset, config_path, overrides, study_name,
-          storage, tracking_uri, seed, workers, gpus, trials_per_process, is_worker) -> None:
+          storage, tracking_uri, seed, workers, gpus, trials_per_process, warm_start, warm_start_storage,
+          forecast_file, is_worker) -> None:
     """Run (or continue) the Optuna study of APPROACH, one MLflow run per trial.
 
     Rerunning the same command adds trials to the same study. SIGINT (Ctrl-C) and SIGTERM stop it
@@ -111,23 +124,20 @@ def sweep(approach, trials, timeout, max_trials, source, cache_dir, preset, conf
     A trial stopped by SIGTERM (a preemption) is queued again, and the next run resumes it from its
     last checkpointed epoch, as it does a trial whose worker was killed.
     """
-    if preset is not None:
-        try:
-            preset_path(approach, preset)
-        except ConfigError as err:  # a name click could not check: a usage error, like an unknown APPROACH
-            raise click.BadParameter(str(err), param_hint="'--preset'") from err
+    check_preset(approach, preset)
     from rich.console import Console
 
 
-    if trials is None and timeout is None:
-        trials = 10
+    trials = trials_to_run(trials, timeout)
     if timeout is not None:
-        timeout = max(timeout - _seconds_since_start(), 0.0)
+        timeout = max(timeout - seconds_since_start(), 0.0)
     if trials_per_process is None:
         trials_per_process = default_trials_per_process(approach)
     gpu_ids, workers = parse_gpus(gpus, workers)
     args = SweepArgs(approach, trials, timeout, max_trials, source, cache_dir, config_path, tuple(overrides),
-                     study_name, storage, tracking_uri, seed, trials_per_process, workers, gpu_ids, preset)
+                     study_name, storage, tracking_uri, seed, trials_per_process, workers, gpu_ids, preset,
+                     warm_start, warm_start_storage,
+                     None if forecast_file is None else forecast.read(forecast_file, approach).as_dict())
     console = Console()
     if is_worker:
         # A worker that does not stop after SIGINT/SIGTERM is asked for its stacks before it is killed
@@ -143,15 +153,17 @@ def sweep(approach, trials, timeout, max_trials, source, cache_dir, preset, conf
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[eta]}"))
+        expected = None if args.forecast is None else args.forecast["trial_s"]
         with Progress(*columns, console=console, transient=True) as progress:
-            result = _run(args, _RichEvents(progress, trials))
+            result = _run(args, _RichEvents(progress, trials, timeout, expected))
         _render(console, result)
     if result.exit_code:
         sys.exit(result.exit_code)
 
 
-def _seconds_since_start() -> float:
+def seconds_since_start() -> float:
     """How long this process has run: ``--timeout`` counts from the command's start, Python's imports included.
 
     A worker process is started with the time its supervisor had left, so it ends at the same deadline.
@@ -167,7 +179,9 @@ def _run(args, events, owner: bool = True):
     return run_sweep(args.approach, trials=args.trials, timeout=args.timeout, max_trials=args.max_trials,
                      source=args.source, cache_dir=args.cache_dir, config_path=args.config_path,
                      overrides=args.overrides, study_name=args.study_name, storage=args.storage,
-                     tracking_uri=args.tracking_uri, seed=args.seed, events=events, owner=owner, preset=args.preset)
+                     tracking_uri=args.tracking_uri, seed=args.seed, events=events, owner=owner, preset=args.preset,
+                     warm_start=args.warm_start, warm_start_storage=args.warm_start_storage,
+                     forecast=args.forecast)
 
 
 def _render(console, result) -> None:
@@ -203,10 +217,14 @@ def _top_table(result):
     number_column(table, result.objective.label)
     for key in scores:
         number_column(table, record.SCORE_LABELS[key])
+    timed = any(row.get(record.LATENCY_MS) is not None for row in result.top)  # not an ensemble's, nor older trials'
+    if timed:
+        number_column(table, "latency ms")
     table.add_column("params")  # "key=value" items: the column wraps between them, never inside one
     for row in result.top:
         params = ", ".join(f"{k}={_short(v)}" for k, v in row["params"].items())
-        table.add_row(str(row["number"]), _four(row["value"]), *[_four(row[key]) for key in scores], params)
+        latency = [_short(row.get(record.LATENCY_MS) or "-")] if timed else []
+        table.add_row(str(row["number"]), _four(row["value"]), *[_four(row[key]) for key in scores], *latency, params)
     return table
 
 

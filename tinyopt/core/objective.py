@@ -1,30 +1,38 @@
-"""What a study optimises: its value's name, its direction, and how every view shows and ranks it.
+"""What a study optimises: its values' names, their directions, and how every view shows and ranks them.
 
-One objective per study, read from the study itself (``of_study``: Optuna's ``metric_names`` and
-``direction``), so that MLflow, optuna-dashboard, ``best``, ``report`` and the plots name the same
-number the same way. The approaches maximise the selection top-1; an ensemble of
-``ensemble.objective = "log_loss"`` minimises the selection log loss, and every view shows its
-selection top-1 beside it, the score a person reads. Ensemble studies made before the direction
-was stored maximised ``minus_selection_log_loss``: they are read (and swept on) as they are.
+Read from the study itself (``objectives_of``: Optuna's ``metric_names`` and ``directions``), so that
+MLflow, optuna-dashboard, ``best``, ``report`` and the plots name the same number the same way. The
+approaches maximise the selection top-1; ``study.objectives = ["selection_top1", "latency_ms"]`` also
+minimises the latency of the trial's model, and the study's result is then its Pareto front. The first
+objective ranks the trials wherever one order is needed (``of_study``: the best trial, the kept models,
+the run ranks, the ensemble's members), so a study of one objective reads as it always did. An ensemble
+of ``ensemble.objective = "log_loss"`` minimises the selection log loss, and every view shows its
+selection top-1 beside it, the score a person reads. Ensemble studies made before the direction was
+stored maximised ``minus_selection_log_loss``: they are read (and swept on) as they are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tinyopt.core import record
+
+if TYPE_CHECKING:
+    from tinyopt.core.config.sections import Config
 
 _MINUS = "minus_"
 
 
 @dataclass(frozen=True)
 class Objective:
-    """A study's value: its metric name (``selection_top1``, ``selection_log_loss``) and direction."""
+    """One of a study's values: its metric name (``selection_top1``, ``latency_ms``), direction and place."""
 
     name: str
     maximize: bool
+    index: int = 0  # its place among a trial's values (``FrozenTrial.values``)
 
     @property
     def direction(self) -> str:
@@ -54,13 +62,17 @@ class Objective:
             return -scores[self.name.removeprefix(_MINUS)]
         return scores[self.name]
 
+    def of(self, trial: Any) -> float:
+        """A complete trial's (``FrozenTrial``) value of this objective."""
+        return trial.values[self.index]
+
     def rank_key(self, value: float) -> float:
         """Sorting by this puts the best value first."""
         return -value if self.maximize else value
 
     def ranked(self, trials: Iterable[Any]) -> list[Any]:
         """Complete trials (``FrozenTrial``), the best first (the earlier trial first on a tie)."""
-        return sorted(trials, key=lambda t: (self.rank_key(t.value), t.number))
+        return sorted(trials, key=lambda t: (self.rank_key(self.of(t)), t.number))
 
     def best_so_far(self, values: Iterable[float]) -> list[float]:
         """The running best of ``values``, in their order."""
@@ -77,6 +89,7 @@ class Objective:
 
 TOP1 = Objective(record.SELECTION_TOP1, maximize=True)
 LOG_LOSS = Objective(record.SELECTION_LOG_LOSS, maximize=False)
+LATENCY = Objective(record.LATENCY_MS, maximize=False)
 
 
 def of_setting(ensemble_objective: str | None) -> Objective:
@@ -84,7 +97,49 @@ def of_setting(ensemble_objective: str | None) -> Objective:
     return LOG_LOSS if ensemble_objective == "log_loss" else TOP1
 
 
+def of_config(config: Config) -> tuple[Objective, ...]:
+    """The objectives of a new study of ``config``: its ensemble's objective, else those of ``study.objectives``."""
+    if config.ensemble is not None:
+        return (of_setting(config.ensemble.objective),)
+    return named(config.study.objectives or (record.OBJECTIVE_NAME,))
+
+
+def named(names: Sequence[str]) -> tuple[Objective, ...]:
+    """The objectives of a new approach study, in ``study.objectives`` order (names of ``schema.OBJECTIVES``)."""
+    known = {objective.name: objective for objective in (TOP1, LATENCY)}
+    return tuple(dataclasses.replace(known[name], index=i) for i, name in enumerate(names))
+
+
 def of_study(study: Any) -> Objective:
-    """The objective a study was made with (``TOP1`` for a study that names none)."""
-    names = study.metric_names or [record.OBJECTIVE_NAME]
-    return Objective(names[0], maximize=study.direction.name == "MAXIMIZE")
+    """The objective that ranks a study's trials: the first it was made with (``TOP1`` for one that names none)."""
+    return objectives_of(study)[0]
+
+
+def objectives_of(study: Any) -> tuple[Objective, ...]:
+    """Every objective a study was made with, in order (one, unless ``study.objectives`` named several)."""
+    directions = study.directions
+    names = study.metric_names or [record.OBJECTIVE_NAME, *(f"value_{i}" for i in range(1, len(directions)))]
+    return tuple(Objective(name, maximize=direction.name == "MAXIMIZE", index=i)
+                 for i, (name, direction) in enumerate(zip(names, directions, strict=True)))
+
+
+def dominates(values: Sequence[float], others: Sequence[float], objectives: Sequence[Objective]) -> bool:
+    """Whether ``values`` are as good as ``others`` on every objective and better on one (Pareto dominance)."""
+    keys = [(o.rank_key(mine), o.rank_key(theirs)) for o, mine, theirs in zip(objectives, values, others, strict=True)]
+    return all(mine <= theirs for mine, theirs in keys) and any(mine < theirs for mine, theirs in keys)
+
+
+def keeps_model(values: Sequence[float], complete: Iterable[Any], keep: int, objectives: Sequence[Objective]) -> bool:
+    """Whether a trial that ends with ``values`` keeps its model, judged against the ``complete`` trials.
+
+    It does when it is among the best ``keep`` by the first objective (ties go to the trials that ended
+    first, as in the ensemble's choice of members) or, with several objectives, when no complete trial
+    dominates it: a trial of the Pareto front may be the one a person exports.
+    """
+    complete = list(complete)
+    first = objectives[0]
+    ranked = sorted(first.rank_key(first.of(t)) for t in complete)
+    if len(ranked) < keep or first.rank_key(values[0]) < ranked[keep - 1]:
+        return True
+    return len(objectives) > 1 and not any(dominates([o.of(t) for o in objectives], values, objectives)
+                                           for t in complete)

@@ -47,7 +47,7 @@ def history_chart(study_name: str, complete: Sequence[Any], objective: Objective
     figure = Figure(figsize=(6, 3.5))
     axis = figure.subplots()
     numbers = [t.number for t in trials]
-    values = [t.value for t in trials]
+    values = [objective.of(t) for t in trials]
     axis.scatter(numbers, values, s=12, label="trial")
     axis.step(numbers, objective.best_so_far(values), where="post", color="C1", label="best so far")
     axis.set_xlabel("trial")
@@ -84,7 +84,7 @@ def importances(study: Any) -> tuple[dict[str, float], str | None]:
             # Few trials per category ("may be inaccurate"): the plot is a guide, a sweep's output no place for it.
             warnings.filterwarnings("ignore", category=UserWarning, module="optuna")
             found = optuna.importance.get_param_importances(
-                study, target=lambda t: objective.rank_key(t.value),
+                study, target=lambda t: objective.rank_key(objective.of(t)),
                 evaluator=optuna.importance.PedAnovaImportanceEvaluator())
     except (ValueError, RuntimeError) as err:
         return {}, str(err)
@@ -92,6 +92,34 @@ def importances(study: Any) -> tuple[dict[str, float], str | None]:
         return {}, "no searched param varies across the complete trials"
     total = sum(found.values())
     return ({key: value / total for key, value in found.items()} if total > 0 else dict(found)), None
+
+
+def pareto_chart(study_name: str, complete: Sequence[Any], front: Sequence[int],
+                 objectives: Sequence[Objective]) -> Any:
+    """A study of two objectives: each complete trial's first objective (up) against its second (across).
+
+    Every trial is labelled with its number; those of the Pareto front (``front``: their numbers, e.g.
+    of ``study.best_trials``) are highlighted and joined by the steps of what the study attains: the
+    best first objective at each value of the second.
+    """
+    from matplotlib.figure import Figure
+
+    y, x = objectives[0], objectives[1]
+    figure = Figure(figsize=(6, 4))
+    axis = figure.subplots()
+    axis.scatter([x.of(t) for t in complete], [y.of(t) for t in complete], s=14, color="0.65", label="trial")
+    best = sorted((t for t in complete if t.number in set(front)), key=lambda t: x.rank_key(x.of(t)))
+    axis.step([x.of(t) for t in best], [y.of(t) for t in best], where="post", marker="o", color="C3",
+              label="Pareto front")
+    for t in complete:
+        axis.annotate(str(t.number), (x.of(t), y.of(t)), textcoords="offset points", xytext=(3, 3), fontsize=7,
+                      color="C3" if t.number in set(front) else "0.4")
+    axis.set_xlabel(x.heading)
+    axis.set_ylabel(y.heading)
+    axis.set_title(f"{y.label} against {x.label}: {study_name}")
+    axis.legend()
+    figure.tight_layout()
+    return figure
 
 
 def importance_chart(study_name: str, found: Mapping[str, float]) -> Any:

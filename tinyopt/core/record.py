@@ -11,6 +11,12 @@ APPROACH = "approach"
 CONFIG = "config"
 EXPERIMENT_ID = "mlflow_experiment_id"
 PARENT_RUN_ID = "mlflow_parent_run_id"
+# Set once, when a study is warm-started (``tinyopt sweep --warm-start``, tinyopt.sweep.warmstart): {"study": the
+# earlier study, "storage": its storage URL (redacted), "trials": the numbers of its trials that were queued}.
+# Every later worker, restart or machine finds it and queues nothing again.
+WARM_STARTED_FROM = "warm_started_from"
+# Set once, when a sweep with --forecast creates the study: tinyopt.core.forecast.Forecast.as_dict().
+FORECAST = "forecast"
 
 # Trial user attrs.
 PARAMS = "params"  # every value the trial ran with, fixed ones included (trial.params holds the searched)
@@ -31,6 +37,9 @@ DEADLINE_STOP = "stopped_at_deadline"
 # checkpoint's), also a tag of its run; and the signal that preempted a trial (queued again, not a failure).
 RESUMED_FROM_EPOCH = "resumed_from_epoch"
 PREEMPTED_BY = "preempted_by"
+# A trial queued by a warm start: {"study": the earlier study, "trial": the number of the trial whose params it
+# took there}; also a tag of its run ("STUDY trial N").
+WARM_START_FROM = "warm_start_from"
 # A complete trial's scores (user attrs, and MLflow metrics as ``final_`` + the name): the selection
 # split chose it, the test split (the official val set) is only reported.
 SELECTION_TOP1 = "selection_top1"
@@ -44,6 +53,12 @@ LOG_LOSSES = (SELECTION_LOG_LOSS, TEST_LOG_LOSS)  # scores beside SCORES; an ens
 # How a table, a plot or a line of text names each score.
 SCORE_LABELS = {SELECTION_TOP1: "selection top-1", SELECTION_TOP5: "selection top-5", TEST_TOP1: "test top-1",
                 TEST_TOP5: "test top-5", SELECTION_LOG_LOSS: "selection log loss", TEST_LOG_LOSS: "test log loss"}
+# What serving a complete trial's model costs (user attrs, and MLflow metrics of these names): the median
+# milliseconds of one image's prediction on the sweep's device (tinyopt.train.latency), and its parameter count.
+# study.objectives may name LATENCY_MS beside SELECTION_TOP1: the study then optimises both.
+LATENCY_MS = "latency_ms"
+MODEL_PARAMS = "model_params"
+COSTS = (LATENCY_MS, MODEL_PARAMS)
 MEMBERS = "members"  # an ensemble trial's members and their weights (see tinyopt.objectives.ensemble)
 UNIFORM = "uniform"  # the scores of the ensemble's uniform vote
 BEST_MEMBER = "best_member"  # the label and scores of the ensemble member with the best selection objective
@@ -72,6 +87,7 @@ TAG_BEST = "best"  # "true" on the study's current best trial run only
 TAG_OUTCOME = "outcome"
 TAG_RESUMED_FROM_EPOCH = RESUMED_FROM_EPOCH
 TAG_TAKEN_OVER_BY = "taken_over_by"  # on the run of a trial queued again: the URL of its retry's run
+TAG_WARM_START_FROM = WARM_START_FROM
 TAG_COLOR = "mlflow.runColor"  # the run's colour in the MLflow UI's charts: the best trial's is its own
 TAG_MODEL_KEPT = "model_kept"  # "true" | "false"
 TAG_MODEL_URI = "model_uri"  # models:/<id> of the kept model, an MLflow logged model
@@ -93,7 +109,7 @@ CONFIG_HASH = "config_hash"
 REFIT_EPOCHS = "refit_epochs"
 TRAIN_IMAGES = "train_images"
 
-# The metric the studies maximise, as Optuna and optuna-dashboard name it.
+# The metric the studies maximise (the first of several objectives), as Optuna and optuna-dashboard name it.
 OBJECTIVE_NAME = SELECTION_TOP1
 
 # MLflow metrics of a trial's run: per epoch, step = epoch counted from 1.
@@ -123,6 +139,11 @@ def final(score: str) -> str:
 BEST_SO_FAR = "best_selection_top1"
 COUNT_PREFIX = "trials_"  # trials_complete, trials_pruned, trials_failed, trials_running
 COMPUTE_SECONDS = "compute_seconds"
+# With a forecast (tinyopt sweep --forecast): what it expected and what happened so far, side by side.
+FORECAST_WALL_SECONDS = "forecast_wall_seconds"  # the wall time forecast for the trials finished so far
+WALL_SECONDS = "wall_seconds"  # the first trial's start to the last one's end
+FORECAST_TRIAL_SECONDS = "forecast_trial_seconds"
+TRIAL_SECONDS_MEAN = "mean_trial_seconds"
 
 # MLflow metrics of a trial's run that are not scores.
 PEAK_GPU_MEMORY = "peak_gpu_memory_mb"
@@ -144,9 +165,16 @@ ENSEMBLE_COMPARISON = "ensemble_comparison.png"
 # ... and of the parent run.
 HISTORY = "history.png"
 IMPORTANCE = "importance.png"
+PARETO = "pareto.png"  # a study of several objectives: selection top-1 against latency, its Pareto front joined
 
 # classes.tsv (a trial's run, an exported bundle): a header line, then "index<TAB>wnid<TAB>name" per class.
 CLASSES_COLUMNS = ("index", "wnid", "name")
+
+
+def warm_start_tags(attrs) -> dict[str, str]:
+    """The run tag of a trial queued by a warm start, from its user attrs (``{}`` for any other trial)."""
+    source = attrs.get(WARM_START_FROM)
+    return {TAG_WARM_START_FROM: f"{source['study']} trial {source['trial']}"} if source else {}
 
 
 def classes_tsv(classes) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tinyopt.core import record
 from tinyopt.core.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
@@ -26,6 +27,8 @@ GPU_MEMORY = ("grow", "preallocate")
 CHECKPOINTS = ("auto", "epoch", "off")
 REQUEUE = ("sigterm", "sigterm+sigint", "never")
 ENSEMBLE_OBJECTIVES = ("top1", "log_loss")
+# What an approach's study may optimise (study.objectives): the selection top-1, then optionally the latency.
+OBJECTIVES = (record.SELECTION_TOP1, record.LATENCY_MS)
 MIN_INPUT_SIZE = 32  # the smallest input keras.applications models accept
 
 # The input sizes (the first is the default) and width multipliers that keras.applications publishes
@@ -85,7 +88,8 @@ _FRACTION = Range(0, 1, open_high=True)
 _POSITIVE = Range(0, open_low=True)
 
 # The names or numbers each setting allows, by dotted key; a key of no rule takes any value of its type.
-# In [space] a rule applies to a fixed value and to every number or choice of a search distribution.
+# In [space] a rule applies to a fixed value and to every number or choice of a search distribution; to a
+# list (study.objectives), it applies to each item.
 RULES: dict[str, tuple[Any, ...] | Range | AutoOr] = {
     "data.train_per_class": Range(0),
     "data.selection_per_class": Range(0),
@@ -110,6 +114,8 @@ RULES: dict[str, tuple[Any, ...] | Range | AutoOr] = {
     "study.heartbeat_interval": Range(1),
     "study.requeue": REQUEUE,
     "study.keep_models": Range(1),
+    "study.objectives": OBJECTIVES,
+    "study.warm_start_trials": Range(1),
     "ensemble.objective": ENSEMBLE_OBJECTIVES,
     "ensemble.top_k": Range(1),
     "ensemble.greedy_rounds": Range(1),
@@ -161,7 +167,8 @@ def describe(key: str, like: Any) -> str:
     """What setting ``key``, whose default is ``like``, may hold, e.g. ``an integer >= 1``."""
     rule = RULES.get(key)
     if isinstance(rule, tuple):
-        return f"one of {', '.join(map(str, rule))}"
+        names = f"one of {', '.join(map(str, rule))}"
+        return f"a non-empty list, each {names}" if isinstance(like, list) else names
     if isinstance(rule, AutoOr):
         return str(rule)
     noun = f"a non-empty list, each {_noun(like[0])}" if isinstance(like, list) else _noun(like)
@@ -190,5 +197,5 @@ def check(key: str, value: Any, like: Any, *, where: str = "", searchable: bool 
     if not same_type(value, like):
         received = "" if _noun(value) == _noun(like) else f" ({_noun(value)})"  # an empty list is still a list
         raise ConfigError(f"{where or key}: got {value!r}{received}; expected {expected}")
-    if rule is not None and value not in rule:
+    if rule is not None and any(item not in rule for item in (value if isinstance(value, list) else [value])):
         raise ConfigError(f"{where or key}: got {value!r}; expected {expected}")

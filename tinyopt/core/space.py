@@ -164,3 +164,70 @@ def defaults(space: Mapping[str, Any]) -> dict[str, Any]:
 def searched(space: Mapping[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """The subset of ``params`` that Optuna samples (for ``study.enqueue_trial``)."""
     return {k: v for k, v in params.items() if is_distribution(space.get(k))}
+
+
+def distribution(entry: Mapping[str, Any]) -> Any:
+    """The Optuna distribution ``suggest`` draws a distribution entry from (``optuna.distributions``)."""
+    from optuna import distributions
+
+    if entry["type"] == "categorical":
+        return distributions.CategoricalDistribution(entry["choices"])
+    if entry["type"] == "int":
+        return distributions.IntDistribution(entry["low"], entry["high"], log=entry.get("log", False),
+                                             step=entry.get("step", 1))
+    return distributions.FloatDistribution(entry["low"], entry["high"], log=entry.get("log", False),
+                                           step=entry.get("step"))
+
+
+def _outside(entry: Mapping[str, Any]) -> str:
+    if entry["type"] == "categorical":
+        return f"not among {', '.join(map(str, entry['choices']))}"
+    step = f" step {entry['step']:g}" if entry.get("step", 1) != 1 else ""
+    return f"outside {entry['low']:g}..{entry['high']:g}{step}"
+
+
+def fitting(space: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Which of ``params`` (another space's trial) this space could have drawn, for ``study.enqueue_trial``.
+
+    Walks the space as ``suggest`` does. A searched entry takes its value from ``params`` when the value
+    lies in its distribution; a searched entry that ``params`` lacks is left to the sampler, and so is the
+    decision of an entry whose ``when`` names one (its value is kept if it fits: Optuna ignores a queued
+    value that the trial never asks for).
+
+    Returns:
+        The kept values (searched entries only, as Optuna stores them), and for every other param of
+        ``params`` why it was dropped: ``outside 96..160``, ``not among sgd, adam``, ``fixed at 3 here``,
+        ``not used here with optimizer=adam``, ``not in this space``. A param fixed here at the value
+        it had is neither.
+    """
+    known: dict[str, Any] = {}  # the values a trial of this space would run with, as far as they are known
+    open_: set[str] = set()  # searched entries whose value the sampler will choose
+    kept: dict[str, Any] = {}
+    dropped = {name: "not in this space" for name in params if name not in space}
+    for name, entry in space.items():
+        if not is_distribution(entry):
+            known[name] = entry
+            if name in params and params[name] != entry:
+                dropped[name] = f"fixed at {entry} here"
+            continue
+        undecided = bool(set(entry.get("when", {})) & open_)
+        if not undecided and not _applies(entry, known):
+            if name in params:
+                dropped[name] = "not used here with " + ", ".join(f"{key}={known.get(key, '(unset)')}"
+                                                                  for key in entry["when"])
+            continue
+        if name not in params:
+            open_.add(name)
+            continue
+        drawn = distribution(entry)
+        try:
+            value = drawn.to_external_repr(drawn.to_internal_repr(params[name]))
+            fits = drawn._contains(drawn.to_internal_repr(value))  # Optuna's own test of a queued value
+        except (ValueError, TypeError):
+            fits = False
+        if fits:
+            kept[name] = known[name] = value
+        else:
+            dropped[name] = _outside(entry)
+            open_.add(name)
+    return kept, {name: dropped[name] for name in params if name in dropped}

@@ -1,4 +1,4 @@
-"""A study as its trials add up: counts by state, compute time, and its best trial, typed.
+"""A study as its trials add up: counts by state, compute time, its best trial and Pareto front, typed.
 
 Read from an Optuna study's trials (their user attrs are named in ``tinyopt.core.record``) by the
 sweep's MLflow summary, ``tinyopt best``, ``report``, ``export`` and ``refit``.
@@ -6,6 +6,7 @@ sweep's MLflow summary, ``tinyopt best``, ``report``, ``export`` and ``refit``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,8 @@ from typing import Any
 from tinyopt.core import record
 from tinyopt.core.config.sections import Config
 from tinyopt.core.errors import StudyError
-from tinyopt.core.objective import TOP1, Objective, of_study
+from tinyopt.core.forecast import Actual, Forecast, stored
+from tinyopt.core.objective import TOP1, Objective, objectives_of
 from tinyopt.core.record import SCORES
 from tinyopt.core.urls import ml_layout
 
@@ -76,6 +78,7 @@ class BestTrial:
         best_member: ensemble only: the label and scores of the member with the best selection objective
             (None for trials recorded before it was).
         log_losses: ``record.LOG_LOSSES`` where recorded.
+        costs: ``record.COSTS`` (latency, parameter count) where recorded.
     """
 
     number: int
@@ -89,6 +92,7 @@ class BestTrial:
     uniform: dict[str, float] = field(default_factory=dict)
     best_member: tuple[str, dict[str, float]] | None = None
     log_losses: dict[str, float] = field(default_factory=dict)
+    costs: dict[str, float] = field(default_factory=dict)
 
     def _best_member(self) -> tuple[str, dict[str, float]]:
         if self.best_member is not None:
@@ -117,7 +121,11 @@ class BestTrial:
 
 @dataclass
 class StudySummary:
-    """One study: its trial counts, compute time, best trial (``None`` without a complete trial) and objective."""
+    """One study: its trial counts, compute time, best trial (``None`` without a complete trial) and objective.
+
+    A study of several objectives also has its Pareto front (``front``, by the first objective, best first);
+    its ``best`` is the front's first. ``picked``: ``best`` is a trial chosen by number (``pick``).
+    """
 
     name: str
     approach: str
@@ -125,28 +133,71 @@ class StudySummary:
     compute_seconds: float
     best: BestTrial | None
     objective: Objective = TOP1
+    objectives: tuple[Objective, ...] = (TOP1,)
+    front: list[BestTrial] = field(default_factory=list)
+    picked: bool = False
+    forecast: Forecast | None = None  # tinyopt plan's, kept by a sweep run with --forecast
+    actual: Actual | None = None  # the same figures, measured on its finished trials (with a forecast)
+
+    @property
+    def chosen(self) -> str:
+        """How ``best`` was chosen, as a bundle's MODEL.md says it."""
+        c = self.counts
+        among = f"{c['COMPLETE']} complete trials ({c['PRUNED']} pruned, {c['FAIL']} failed) of an Optuna study"
+        if self.picked:
+            return (f"Trial {self.best.number}, picked by number (`tinyopt best {self.name} --trial "
+                    f"{self.best.number}`) among the {among}, each scored on the selection split")
+        return f"The best of {among}, ranked on the selection split"
 
 
 def summarize_study(study: Any) -> StudySummary:
-    """One study's counts by state, compute time and best trial (a sweep's MLflow summary shows them too)."""
+    """One study's counts by state, compute time, best trial and front (a sweep's MLflow summary shows them too)."""
     trials = study.get_trials(deepcopy=False)
     counts = Counter(t.state.name for t in trials)
     seconds = sum(t.duration.total_seconds() for t in trials if t.duration is not None)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
-    best = None
-    if complete:
-        trial = study.best_trial
-        attrs = trial.user_attrs
-        best = BestTrial(
-            number=trial.number, value=trial.value, scores={k: attrs[k] for k in SCORES if k in attrs},
-            params=attrs.get(record.PARAMS, trial.params), run_id=attrs.get(record.RUN_ID),
-            run_url=ml_layout(attrs.get(record.RUN_URL)) or None,
-            model_kept=bool(attrs.get(record.MODEL_KEPT)), members=members_of(trial),
-            uniform=attrs.get(record.UNIFORM, {}), best_member=_best_member_of(attrs.get(record.BEST_MEMBER)),
-            log_losses={k: attrs[k] for k in record.LOG_LOSSES if k in attrs})
+    objectives = objectives_of(study)
+    first = objectives[0]
+    front = [_trial_record(t, first) for t in first.ranked(study.best_trials)] if len(objectives) > 1 else []
+    # Of several objectives, the best is the front's most accurate: of trials tied on the first, the one on the front.
+    best = front[0] if front else _trial_record(first.ranked(complete)[0], first) if complete else None
+    forecast = stored(study.user_attrs.get(record.FORECAST))
     return StudySummary(name=study.study_name, approach=study.user_attrs.get(record.APPROACH, study.study_name),
                         counts={state: counts.get(state, 0) for state in STATES}, compute_seconds=seconds,
-                        best=best, objective=of_study(study))
+                        best=best, objective=first,
+                        objectives=objectives, front=front, forecast=forecast,
+                        actual=Actual.of_study(trials) if forecast is not None else None)
+
+
+def pick(summary: StudySummary, study: Any, number: int) -> StudySummary:
+    """``summary`` of ``study`` with its trial ``number`` as its ``best``: what ``tinyopt best --trial`` exports.
+
+    Raises:
+        StudyError: the study has no such trial, or the trial is not complete.
+    """
+    trials = study.get_trials(deepcopy=False)
+    shows = f"`tinyopt best {summary.name}` shows its best" + (" and its Pareto front" if summary.front else "")
+    if not 0 <= number < len(trials):
+        held = f"its trials are 0 to {len(trials) - 1}" if trials else "it has no trial yet"
+        raise StudyError(f"study {summary.name!r} has no trial {number} ({held}); {shows}")
+    trial = trials[number]
+    if trial.state.name != "COMPLETE":
+        state = {"FAIL": "failed"}.get(trial.state.name, trial.state.name.lower())
+        raise StudyError(f"trial {number} of study {summary.name!r} is {state}, not complete: it has no scores or "
+                         f"model; pick a complete trial ({shows})")
+    return dataclasses.replace(summary, best=_trial_record(trial, summary.objective), picked=True)
+
+
+def _trial_record(trial: Any, objective: Objective) -> BestTrial:
+    attrs = trial.user_attrs
+    return BestTrial(
+        number=trial.number, value=objective.of(trial), scores={k: attrs[k] for k in SCORES if k in attrs},
+        params=attrs.get(record.PARAMS, trial.params), run_id=attrs.get(record.RUN_ID),
+        run_url=ml_layout(attrs.get(record.RUN_URL)) or None,
+        model_kept=bool(attrs.get(record.MODEL_KEPT)), members=members_of(trial),
+        uniform=attrs.get(record.UNIFORM, {}), best_member=_best_member_of(attrs.get(record.BEST_MEMBER)),
+        log_losses={k: attrs[k] for k in record.LOG_LOSSES if k in attrs},
+        costs={k: attrs[k] for k in record.COSTS if k in attrs})
 
 
 def study_config(study: Any) -> Config:

@@ -84,13 +84,16 @@ def trial_callback(trial, run, events: Any, train_images: int, deadline: Any = N
                    reported: frozenset[int] = frozenset()):
     """A Keras callback that logs each epoch to MLflow, reports it to Optuna and prunes.
 
-    Epochs in ``reported`` (the reports a retried trial inherited) are not reported to Optuna again.
+    Epochs in ``reported`` (the reports a retried trial inherited) are not reported to Optuna again, and
+    none is in a study of several objectives, which Optuna cannot prune (its ``report`` raises there).
     When ``deadline`` (``deadline_stop``) stopped the epoch early, Keras still scores the selection
     split for that partial epoch, which is logged and reported like a full one (at the step of the
     epoch it interrupted), and the trial ends pruned with ``record.DEADLINE_STOP``.
     """
     import keras
     import optuna
+
+    prunable = len(trial.study.directions) == 1
 
     class TrialCallback(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -107,7 +110,7 @@ def trial_callback(trial, run, events: Any, train_images: int, deadline: Any = N
             run.log_metrics(metrics, step=epoch + 1)
             events.epoch_ended(trial.number, epoch, metrics)
             if record.SELECTION_TOP1 in metrics:
-                if epoch + 1 not in reported:
+                if prunable and epoch + 1 not in reported:
                     trial.report(metrics[record.SELECTION_TOP1], epoch + 1)
                 if deadline is not None and deadline.stopped_at is not None:
                     epochs = round(epoch + deadline.stopped_at, 2)
@@ -117,7 +120,7 @@ def trial_callback(trial, run, events: Any, train_images: int, deadline: Any = N
                                              f"(selection top-1 {top1:.3f})")
                 # A trial that has trained its last epoch has finished its schedule: it completes, even where
                 # a pruner's rung falls on that epoch (its model and probabilities are then kept).
-                if epoch + 1 < self.params["epochs"] and trial.should_prune():
+                if prunable and epoch + 1 < self.params["epochs"] and trial.should_prune():
                     pruner = type(trial.study.pruner).__name__
                     raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} of {self.params['epochs']} by "
                                              f"{pruner} (selection top-1 {metrics[record.SELECTION_TOP1]:.3f})")

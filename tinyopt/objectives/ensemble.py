@@ -58,7 +58,7 @@ import numpy as np
 from tinyopt.core import record
 from tinyopt.core.config.sections import Config
 from tinyopt.core.errors import ConfigError, DataError, StudyError, TrialError
-from tinyopt.core.objective import Objective, of_setting
+from tinyopt.core.objective import Objective, of_setting, of_study
 from tinyopt.core.plots import comparison_chart
 from tinyopt.core.schema import ENSEMBLE_OBJECTIVES as OBJECTIVES
 from tinyopt.core.summary import MemberRecord
@@ -275,8 +275,7 @@ def select_members(storage: str, studies: Sequence[str], top_k: int = 1, min_mem
         if not complete:
             skipped.append(f"study {name!r} has no complete trial")
             continue
-        sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
-        for trial in sorted(complete, key=lambda t: sign * t.value)[:top_k]:
+        for trial in of_study(study).ranked(complete)[:top_k]:  # by its first objective, of several
             run_id = trial.user_attrs.get(record.RUN_ID)
             if not run_id:
                 raise StudyError(f"trial {trial.number} of study {name!r} has no MLflow run id; "

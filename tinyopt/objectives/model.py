@@ -19,6 +19,7 @@ from tinyopt.core import record, signals
 from tinyopt.core import space as search_space
 from tinyopt.core.config.sections import Config
 from tinyopt.core.errors import TinyoptError, TrialError
+from tinyopt.core.objective import keeps_model, objectives_of
 from tinyopt.core.plots import learning_curve
 from tinyopt.core.worker import identity as worker_identity
 from tinyopt.data.activations import CacheUnavailable, Store, ram_budget
@@ -28,7 +29,7 @@ from tinyopt.objectives.events import Events, QuietEvents
 from tinyopt.stores import notes
 from tinyopt.stores.retries import retried_from
 from tinyopt.track.names import model_name  # pure names: no mlflow loads with it
-from tinyopt.train import backend
+from tinyopt.train import backend, latency
 from tinyopt.train.checkpoints import Checkpoints
 from tinyopt.train.feeds import CachedFeed, ImageFeed
 from tinyopt.train.metrics import scores
@@ -96,7 +97,8 @@ class TrackedObjective:
         logged = self.logged_params(trial, params)
         run = self.tracker.start_trial(trial.number, {**params, **logged}, self.config,
                                        tags={record.TAG_DEVICE: self.device, record.TAG_BACKEND: backend.name(),
-                                             record.TAG_WORKER: f"{worker['host']}:{worker['pid']}"},
+                                             record.TAG_WORKER: f"{worker['host']}:{worker['pid']}",
+                                             **record.warm_start_tags(trial.user_attrs)},
                                        searched=logged, headline=self.headline(params),
                                        system_metrics=system_metrics(self.config, self.device))
         trial.set_user_attr(record.RUN_ID, run.run_id)
@@ -146,7 +148,8 @@ class TrackedObjective:
 
 
 class ModelObjective(TrackedObjective):
-    """``objective(trial) -> selection top-1`` for one of the model approaches.
+    """``objective(trial) -> selection top-1`` for one of the model approaches (and its latency, where the
+    study's objectives are both: ``study.objectives``).
 
     Args:
         approach: the approach module (``tinyopt.models.approaches.get_approach(name)``).
@@ -176,6 +179,12 @@ class ModelObjective(TrackedObjective):
 
     def choose(self, trial) -> dict[str, Any]:
         return search_space.suggest(trial, self.config.space)
+
+    def __call__(self, trial) -> float | tuple[float, ...]:
+        value = super().__call__(trial)
+        objectives = objectives_of(trial.study)
+        # Several objectives: each one's value, as the trial recorded it (its scores and costs).
+        return value if len(objectives) == 1 else tuple(o.value_of(trial.user_attrs) for o in objectives)
 
     def epochs(self, params: dict[str, Any]) -> int:
         return int(params.get("epochs", 0)) if self.approach.TRAINS else 0
@@ -212,6 +221,8 @@ class ModelObjective(TrackedObjective):
         return checkpoints
 
     def _run(self, trial, params: dict[str, Any], run, seed: int, checkpoints: Checkpoints | None) -> float:
+        import optuna
+
         model, policy, batch = build_model(self.approach, params, self.config, self.data.wnids, self.device)
         feed, cache_note = self._feed(model, params, policy)
         history: dict[str, list[float]] = {}
@@ -230,14 +241,22 @@ class ModelObjective(TrackedObjective):
                                                                  labels=y)
         # What ran, not what was asked: Keras turns XLA off for a model with a layer that cannot be
         # compiled (RandomTranslation and RandomZoom, under JAX), with a warning only.
-        tags = {record.TAG_PRECISION: policy, record.TAG_JIT_COMPILE: str((feed.trainee() or model).jit_compile),
-                record.TAG_EVAL_BATCH: batch}
+        jit_compile = (feed.trainee() or model).jit_compile
+        tags = {record.TAG_PRECISION: policy, record.TAG_JIT_COMPILE: str(jit_compile), record.TAG_EVAL_BATCH: batch}
         if cache_note or isinstance(feed, CachedFeed):
             tags[record.TAG_ACTIVATION_CACHE] = cache_note or feed.note()
         run.set_tags(tags)
         value = results["selection"]["top1"]
         final = {f"{split}_{name}": v for split, r in results.items() for name, v in r.items()}
-        kept = _in_top(trial, value, self.config.study.keep_models)
+        served = inference_model(model)  # what a bundle holds: what it costs is recorded whatever the objectives
+        recorded = {**final, **latency.measure(served, bool(jit_compile))}
+        run.log_metrics({key: recorded[key] for key in record.COSTS})
+        for key in (*record.SCORES, *record.COSTS):
+            trial.set_user_attr(key, recorded[key])
+        objectives = objectives_of(trial.study)
+        complete = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        kept = keeps_model([o.value_of(recorded) for o in objectives], complete, self.config.study.keep_models,
+                           objectives)
         # A kept model's scores are logged once, with the model (linked to it), not again on the run.
         carried = {record.final(key): final[key] for key in record.SCORES} if kept else {}
         run.log_metrics({record.final(key): v for key, v in final.items() if record.final(key) not in carried})
@@ -248,10 +267,8 @@ class ModelObjective(TrackedObjective):
         run.log_text(record.classes_tsv((c.index, c.wnid, c.name) for c in self.data.classes), record.CLASSES_FILE)
         if history:
             run.log_figure(lambda: learning_curve(history), record.LEARNING_CURVE)  # drawn in the background
-        for key in record.SCORES:
-            trial.set_user_attr(key, final[key])
         if kept:
-            run.log_model(inference_model(model), self.tracker.experiment_id,
+            run.log_model(served, self.tracker.experiment_id,
                           model_name(self.tracker.study_name, trial.number), params=dict(trial.params),
                           metrics=carried)
         trial.set_user_attr(record.MODEL_KEPT, kept)
@@ -373,15 +390,3 @@ def system_metrics(config: Config, device: str) -> bool:
 def _reason(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
-
-
-def _in_top(trial, value: float, keep: int) -> bool:
-    """Whether this trial is among the study's best ``keep`` so far, so that its model is worth keeping.
-
-    The study maximises; ties go to the trials that ended first, as in the ensemble's choice of members.
-    """
-    import optuna
-
-    complete = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    values = sorted((t.value for t in complete), reverse=True)
-    return len(values) < keep or value > values[keep - 1]

@@ -117,21 +117,19 @@ def export_best(summary: StudySummary, dst: str | Path, *, storage_url: str, tra
                     + ": " + "; ".join(_member_text(best.members[i]) for i in voting) + ".")
         else:
             if not best.model_kept or not best.run_id:
-                raise StudyError(f"{where} did not keep its model (MLflow run {best.run_id}); only a trial that "
-                                 "was its study's best when it finished keeps one. Retrain it by sweeping "
-                                 "again, or export another study")
+                raise StudyError(f"{where} did not keep its model (MLflow run {best.run_id}): only a trial among "
+                                 "its study's best study.keep_models (or on its Pareto front) when it finished keeps "
+                                 f"one; retrain it with `tinyopt best {summary.name} --trial {best.number} --refit "
+                                 "--export DIR` (finetune, scratch), or sweep again with a larger study.keep_models")
             run_ids = [best.run_id]
             classes = _run_classes(run_ids, tracking_uri, Path(tmp))
             model = _run_model(best.run_id, tracking_uri, Path(tmp))
             params = best.params
             what = WHAT.get(summary.approach, f"A model of the {summary.approach} approach.")
-        counts = summary.counts
         description = {
             "title": f"tinyopt {summary.approach}: study {summary.name}, trial {best.number}",
             "what": what,
-            "how_chosen": (f"The best of {counts['COMPLETE']} complete trials ({counts['PRUNED']} pruned, "
-                           f"{counts['FAIL']} failed) of an Optuna study, ranked on the selection split: a "
-                           "stratified slice of the training images held out from training."),
+            "how_chosen": f"{summary.chosen}: a stratified slice of the training images held out from training.",
             "provenance": {"Optuna storage": redact(storage_url), "study": summary.name, "trial": best.number,
                            "objective value": f"{best.value:.4f}", "MLflow tracking URI": redact(tracking_uri),
                            "MLflow run": best.run_id,

@@ -100,7 +100,8 @@ def best_epoch(trial: Any) -> int:
 def refit_best(summary: Any, *, storage_url: str, tracking_uri: str, source: str | None = None,
                cache_dir: str | None = None, export_dir: str | Path | None = None,
                overwrite: bool = False, progress: bool = True, echo: Callable[[str], None] | None = None) -> Refit:
-    """Retrain the best trial of a finetune or scratch study on train + selection, log it, and export it if asked.
+    """Retrain the best trial of a finetune or scratch study (or the one ``tinyopt.core.summary.pick`` chose) on
+    train + selection, log it, and export it if asked.
 
     Everything is checked before anything is written: the study trains, the export folder, the
     tracking store, the data (the same splits as the sweep's, which the trial's saved labels confirm)
@@ -136,7 +137,7 @@ def refit_best(summary: Any, *, storage_url: str, tracking_uri: str, source: str
     if export_dir is not None:
         check_destination(export_dir, overwrite)
     _check_store(tracking_uri)
-    trial = study.best_trial
+    trial = study.get_trials(deepcopy=False)[summary.best.number]  # its best, or the trial --trial picked
     params = dict(trial.user_attrs.get(record.PARAMS, trial.params))
     data = _load_data(config, trial, tracking_uri, source, cache_dir, progress)
     device = backend.load()
@@ -315,18 +316,16 @@ def export_refit(summary: StudySummary, refit: Refit, dst: str | Path, *, model:
         overwrite: replace a non-empty ``dst``.
     """
 
-    counts = summary.counts
     trial_scores = ", ".join(f"{key.replace('_', ' ')} {value:.4f}" for key, value in refit.trial_scores.items())
     description = {
         "title": f"tinyopt {summary.approach}: study {summary.name}, trial {refit.trial}, refit",
         "what": (f"{WHAT.get(summary.approach, f'A model of the {summary.approach} approach.')} Refit on the "
                  f"train and selection splits together ({refit.train_images} images) for {refit.epochs_text}, as "
                  f"early stopping chose for trial {refit.trial}: no images were held out to stop it."),
-        "how_chosen": (f"The configuration of the best of {counts['COMPLETE']} complete trials "
-                       f"({counts['PRUNED']} pruned, {counts['FAIL']} failed) of an Optuna study, ranked on the "
-                       "selection split: a stratified slice of the training images held out from training. That "
-                       f"trial, trained on the train split alone, scored {trial_scores}; this model trained on "
-                       "the selection split too, so only its test scores are reported."),
+        "how_chosen": (f"The configuration of {summary.chosen[0].lower()}{summary.chosen[1:]}: a stratified slice of "
+                       "the training images held out from training. That trial, trained on the train split alone, "
+                       f"scored {trial_scores}; this model trained on the selection split too, so only its test "
+                       "scores are reported."),
         "provenance": {"Optuna storage": redact(storage_url), "study": summary.name, "trial": refit.trial,
                        "MLflow tracking URI": redact(tracking_uri), "MLflow run": refit.run_id,
                        "MLflow run of the trial": refit.trial_run_id, "seed": refit.seed,

@@ -17,12 +17,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tinyopt.core import forecast as forecasts
 from tinyopt.core import plots, record
 from tinyopt.core.config import APPROACHES
 from tinyopt.core.errors import StudyError
+from tinyopt.core.forecast import format_seconds
 from tinyopt.core.record import SCORES
 from tinyopt.core.summary import BestTrial, StudySummary, summarize_study
 from tinyopt.core.urls import redact
+from tinyopt.results import pareto
 from tinyopt.stores import storage as storages
 from tinyopt.track.names import config_hash, safe_name
 
@@ -69,8 +72,9 @@ def write_report(storage_url: str, tracking_uri: str, out_dir: str | Path, *, lo
     """Compare every study of a storage and write the comparison to ``out_dir``.
 
     Writes ``report.md``, ``report.html`` (the same, its plots inline) and ``report.json`` (the
-    numbers), ``comparison.png`` (best trial of each study), and per study ``history_<study>.png``
-    and ``importance_<study>.png`` (PED-ANOVA, as optuna-dashboard ranks params); then logs them
+    numbers), ``comparison.png`` (best trial of each study), and per study ``history_<study>.png``,
+    ``importance_<study>.png`` (PED-ANOVA, as optuna-dashboard ranks params) and, for a study of two
+    objectives, ``pareto_<study>.png`` beside a table of its Pareto front; then logs them
     to one MLflow run of the experiment ``tinyopt/report``, with ``report.html`` for reading there.
     Each study's best trial links to its MLflow run; an ensemble's members are listed with the scores
     they have in its vote, and a member whose own trial scored otherwise says so (``Report.members``).
@@ -106,6 +110,11 @@ def write_report(storage_url: str, tracking_uri: str, out_dir: str | Path, *, lo
             titles[name] = f"Parameter importance in {summary.name} ({plots.IMPORTANCE_METHOD})"
         else:
             notes.append(f"no parameter importance for {summary.name!r} ({why})")
+        if summary.front:
+            name = f"pareto_{summary.name}.png"
+            figures[name] = plots.pareto_chart(summary.name, complete, [t.number for t in summary.front],
+                                               summary.objectives)
+            titles[name] = f"Pareto front of {summary.name}: {summary.objective.label} against latency"
     rows = [{"name": s.name, **s.best.scores} for s in summaries if s.best]
     if rows:
         figures["comparison.png"] = plots.comparison_chart(rows, "best trial of each study")
@@ -155,15 +164,6 @@ def _log(tracking_uri: str, summaries: Sequence[StudySummary], texts: Mapping[st
         run.log_figure(figure, name)
     tracker.end_sweep()
     return run_id
-
-
-def format_seconds(seconds: float) -> str:
-    """``1h 02m``, ``3m 05s`` or ``12s``."""
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
 def gain_label(key: str) -> str:
@@ -264,6 +264,17 @@ def _tables(summaries: Sequence[StudySummary], members: Mapping[str, Sequence[st
             tables.append((f"Ensemble study {s.name}",
                            ["member", "weight", "temperature", *[label for _, label in VERSUS_COLUMNS]],
                            table, [_WEIGHTS, *members.get(s.name, []), *gains]))
+        if s.front:
+            tables.append((f"Pareto front of {s.name}", list(pareto.HEADER), pareto.rows(s),
+                           [f"Latency: the median of one image's prediction on the sweep's device. Export any "
+                            f"trial with `tinyopt best {s.name} --trial N --export DIR`."]))
+    for s in summaries:
+        if s.forecast is not None and s.actual is not None:
+            tables.append((f"Forecast of {s.name} against what happened", list(forecasts.HEADER),
+                           [list(row) for row in forecasts.comparison(s.forecast, s.actual)],
+                           [f"Forecast by `tinyopt plan` on {s.forecast.device}, kept with the study by "
+                            "`tinyopt sweep --forecast`; the wall time runs from the first trial's start to the "
+                            "last one's end."]))
     return tables
 
 

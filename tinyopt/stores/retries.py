@@ -17,9 +17,10 @@ from typing import Any
 from tinyopt.core import record
 
 # What a trial queued again keeps of the attempt it replaces: its params, and its run and seed, which the
-# retry continues (same seed; the earlier epochs carried over). The rest described that attempt only: its
-# worker (a dead process, which recovery would take the retry for), why it failed, when it stopped.
-CARRIED_ON_RETRY = (record.PARAMS, record.RUN_ID, record.RUN_URL, record.SEED)
+# retry continues (same seed; the earlier epochs carried over), and where a warm start took its params from.
+# The rest described that attempt only: its worker (a dead process, which recovery would take the retry for),
+# why it failed, when it stopped.
+CARRIED_ON_RETRY = (record.PARAMS, record.RUN_ID, record.RUN_URL, record.SEED, record.WARM_START_FROM)
 # A trial whose worker died is queued again twice at most: a third death is the trial's own doing (OOM).
 MAX_RETRIES = 2
 

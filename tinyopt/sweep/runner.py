@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from tinyopt.core import record, signals
@@ -25,7 +26,7 @@ from tinyopt.core import space as search_space
 from tinyopt.core.config import load_config
 from tinyopt.core.config.sections import Config
 from tinyopt.core.errors import StudyError
-from tinyopt.core.objective import of_setting
+from tinyopt.core.objective import objectives_of, of_config
 from tinyopt.core.objective import of_study as objective_of_study
 from tinyopt.core.summary import summarize_study
 from tinyopt.core.urls import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, redact
@@ -33,9 +34,9 @@ from tinyopt.data.splits import load_sweep_data
 from tinyopt.models import approaches
 from tinyopt.objectives.ensemble import EnsembleObjective, prepare_search
 from tinyopt.objectives.model import ModelObjective, QuietEvents, TrialFailed
-from tinyopt.stores import retries
 from tinyopt.stores import storage as storages
-from tinyopt.sweep import recovery
+from tinyopt.sweep import recovery, warmstart
+from tinyopt.sweep.stopping import FailurePolicy, TrialCap, stop_on_signal
 from tinyopt.sweep.summary import SweepResult, log_summary, summarize
 from tinyopt.track.names import identity
 from tinyopt.train import backend
@@ -48,20 +49,25 @@ class Prepared:
     config: Config
     data: Any  # tinyopt.data.splits.SweepData, or for the ensemble its weight search and notes
     device: str
+    warm_start: warmstart.WarmStart | None = None  # what --warm-start queues once the study is open
 
 
 def prepare(approach: str, *, study_name: str | None = None, config_path: str | None = None,
             overrides: tuple[str, ...] = (), source: str | None = None, cache_dir: str | None = None,
             storage: str = DEFAULT_STORAGE, tracking_uri: str = DEFAULT_TRACKING_URI, progress: bool = True,
-            preset: str | None = None) -> Prepared:
+            preset: str | None = None, warm_start: str | None = None,
+            warm_start_storage: str | None = None) -> Prepared:
     """Check a sweep without creating a study or a run: config, stores, data, weights, ensemble members.
+
+    ``warm_start`` names an earlier study to start from (``--warm-start``), in ``warm_start_storage``
+    (default ``storage``); its best trials are read here (``tinyopt.sweep.warmstart.plan``).
 
     Only the data cache may be written: ``tinyopt.data.cache.prepare`` decodes the dataset once (an
     interrupted or failed prepare leaves the cache as it was).
 
     Raises:
         TinyoptError: a bad config value, an unreachable storage or tracking store, bad data or weights,
-            or too few ensemble members.
+            too few ensemble members, or a study to warm-start from that cannot be.
     """
     config = load_config(approach, config_path, overrides, preset=preset)
     if approach != "ensemble":
@@ -72,6 +78,8 @@ def prepare(approach: str, *, study_name: str | None = None, config_path: str | 
 
     store.check(tracking_uri)
     _check_study_approach(storage, study_name or approach, approach)
+    warm = None if warm_start is None else warmstart.plan(approach, study_name or approach, config, storage,
+                                                          warm_start, warm_start_storage)
     if approach == "ensemble":
         return Prepared(config, prepare_search(study_name or approach, config, storage, tracking_uri), "cpu (numpy)")
     data = load_sweep_data(config.data, source, cache_dir, progress)
@@ -80,7 +88,7 @@ def prepare(approach: str, *, study_name: str | None = None, config_path: str | 
         from tinyopt.models import backbones
 
         backbones.check_weights(config.model)
-    return Prepared(config, data, device)
+    return Prepared(config, data, device, warm)
 
 
 def _check_study_approach(storage: str, name: str, approach: str) -> None:
@@ -97,6 +105,13 @@ def _refuse_other_approach(name: str, owner: str | None, approach: str) -> None:
         raise StudyError(f"study {name!r} holds {owner} trials, not {approach}; pass --study with another name")
 
 
+def _refuse_other_objectives(name: str, made: list[str], wanted: list[str]) -> None:
+    if made != wanted:
+        raise StudyError(f"study {name!r} optimises study.objectives = {json.dumps(made)}, not {json.dumps(wanted)}; "
+                         f"pass --study with another name for the new objectives, or --set "
+                         f"'study.objectives={json.dumps(made)}' to continue it")
+
+
 @dataclass
 class Session:
     """An opened sweep: the study, where it lives, its tracker and what recovery found."""
@@ -106,11 +121,13 @@ class Session:
     url: str
     tracker: Any
     recovered: list[str]
+    notes: list[str] = field(default_factory=list)  # for the sweep's end: what the warm start queued
 
 
 def open_sweep(approach: str, name: str, config: Config, *, storage: str, tracking_uri: str,
                seed: int = 0, owner: bool = True, workers: int = 1,
-               first_trial: dict[str, Any] | None = None, shares: Sequence[str] = ()) -> Session:
+               first_trial: dict[str, Any] | None = None, shares: Sequence[str] = (),
+               warm_start: warmstart.WarmStart | None = None, forecast: dict[str, Any] | None = None) -> Session:
     """Create or load the study and its MLflow parent run, and recover the trials of dead workers.
 
     Everything happens under the study's lock, so workers that start together on fresh stores
@@ -122,6 +139,9 @@ def open_sweep(approach: str, name: str, config: Config, *, storage: str, tracki
         first_trial: the params of the study's first trial, enqueued when it has no trial yet
             (default: the defaults of the config's ``[space]``).
         shares: params sampled together as shares of one whole, summing to 1 (an ensemble's weights).
+        warm_start: the earlier study's best params (``prepare``'s), queued after the first trial,
+            once per study however many workers open it.
+        forecast: ``tinyopt plan``'s forecast of the sweep (``--forecast``), kept by a study that has none.
 
     Raises:
         StudyError: the study belongs to another approach, or a store cannot be opened.
@@ -141,18 +161,20 @@ def open_sweep(approach: str, name: str, config: Config, *, storage: str, tracki
         opened = storages.open_storage(url, interval,
                                        on_stale=lambda trial: recovery.close_stale(tracker, trial, 2 * interval))
         pruner = sampling.make_pruner(config.study, sampling.max_epochs(config.space))
-        # A study keeps the direction it was made with (ensemble studies made before minimised nothing).
-        wanted = of_setting(config.ensemble.objective if config.ensemble is not None else None)
-        study = optuna.create_study(study_name=name, storage=opened, pruner=pruner, direction=wanted.direction,
-                                    load_if_exists=True)
+        # A study keeps the directions it was made with (ensemble studies made before minimised nothing).
+        wanted = of_config(config)
+        study = optuna.create_study(study_name=name, storage=opened, pruner=pruner,
+                                    directions=[o.direction for o in wanted], load_if_exists=True)
         study.sampler = sampling.make_sampler(config.study, seed, shares=shares)
         owner_approach = study.user_attrs.get(record.APPROACH)
         _refuse_other_approach(name, owner_approach, approach)  # checked again: another command may have made it
         if owner_approach is None:
             study.set_user_attr(record.APPROACH, approach)
-        if not study.metric_names:
+        if not study.metric_names and len(study.directions) == len(wanted):
             with storages.optuna_experimental():
-                study.set_metric_names([wanted.name])  # optuna-dashboard's name for the value
+                study.set_metric_names([o.name for o in wanted])  # optuna-dashboard's names for the values
+        if config.ensemble is None:
+            _refuse_other_objectives(name, [o.name for o in objectives_of(study)], [o.name for o in wanted])
         if not study.get_trials(deepcopy=False):
             # The first trial is a known-sane baseline for TPE to beat: the defaults of the space, or the
             # ensemble's greedy weights (tinyopt.objectives.voting.greedy_weights), so its best is at least theirs.
@@ -160,6 +182,9 @@ def open_sweep(approach: str, name: str, config: Config, *, storage: str, tracki
                 first_trial = search_space.searched(config.space, search_space.defaults(config.space))
             if first_trial:
                 study.enqueue_trial(first_trial)
+        notes = [warmstart.queue(study, warm_start)] if warm_start is not None else []
+        if forecast is not None and record.FORECAST not in study.user_attrs:
+            study.set_user_attr(record.FORECAST, forecast)
         study.set_user_attr(record.CONFIG, config.as_dict())
         study.set_user_attr(record.EXPERIMENT_ID, tracker.experiment_id)
         tags = {"storage": redact(storage), record.TAG_BACKEND: backend.name()}
@@ -169,14 +194,16 @@ def open_sweep(approach: str, name: str, config: Config, *, storage: str, tracki
                                      objective=objective_of_study(study), searched=searched)
         study.set_user_attr(record.PARENT_RUN_ID, parent)
         recovered = recovery.recover(study, opened, tracker)
-    return Session(study, opened, url, tracker, recovered)
+    pruning = sampling.pruning_note(config.study)
+    return Session(study, opened, url, tracker, recovered, [pruning, *notes] if pruning else notes)
 
 
 def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None, max_trials: int | None = None,
               source: str | None = None, cache_dir: str | None = None, config_path: str | None = None,
               overrides: tuple[str, ...] = (), study_name: str | None = None, storage: str = DEFAULT_STORAGE,
               tracking_uri: str = DEFAULT_TRACKING_URI, seed: int = 0, events: Any = None, progress: bool = True,
-              owner: bool = True, preset: str | None = None) -> SweepResult:
+              owner: bool = True, preset: str | None = None, warm_start: str | None = None,
+              warm_start_storage: str | None = None, forecast: dict[str, Any] | None = None) -> SweepResult:
     """Run (or continue) the study of one approach and record every trial in MLflow.
 
     SIGINT and SIGTERM end it cleanly: the running trial is failed with the reason, every MLflow run
@@ -201,6 +228,9 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
         progress: show the data preparation progress bar.
         owner: open and close the parent run; False in the workers of ``tinyopt sweep --workers``.
         preset: a packaged preset (``cpu``: ``sweeps/cpu/<approach>.toml``) merged before ``config_path``.
+        warm_start: an earlier study whose best trials the study starts with, once (``tinyopt.sweep.warmstart``).
+        warm_start_storage: the storage of ``warm_start`` (default ``storage``).
+        forecast: ``tinyopt plan``'s forecast (``Forecast.as_dict()``), stored with a new study to compare.
 
     Raises:
         TinyoptError: bad config, data, storage or weights; too many consecutive failed trials; or
@@ -212,16 +242,17 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
     name = study_name or approach
     prepared = prepare(approach, study_name=name, config_path=config_path, overrides=overrides, source=source,
                        cache_dir=cache_dir, storage=storage, tracking_uri=tracking_uri, progress=progress,
-                       preset=preset)
+                       preset=preset, warm_start=warm_start, warm_start_storage=warm_start_storage)
     config = prepared.config
     with signals.deferred(), _quiet_trial_failures():
         session = open_sweep(approach, name, config, storage=storage, tracking_uri=tracking_uri, seed=seed,
                              owner=owner,
                              first_trial=prepared.data[0].greedy_params() if approach == "ensemble" else None,
-                             shares=[m.param for m in prepared.data[0].members] if approach == "ensemble" else ())
+                             shares=[m.param for m in prepared.data[0].members] if approach == "ensemble" else (),
+                             warm_start=prepared.warm_start, forecast=forecast)
         study, tracker = session.study, session.tracker
-        policy = _FailurePolicy(config.study.max_consecutive_failures)
-        cap = _TrialCap(study, max_trials, lambda: storages.study_lock(storage, name))
+        policy = FailurePolicy(config.study.max_consecutive_failures)
+        cap = TrialCap(study, max_trials, lambda: storages.study_lock(storage, name))
         ran: list[int] = []
         objective = None
         status, stopped, all_failed = "FAILED", None, False
@@ -255,7 +286,7 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
             if cap.acquire():
                 left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
                 study.optimize(counted, n_trials=trials, timeout=left, catch=(TrialFailed,),
-                               callbacks=[policy, cap, summarize_in_mlflow, _stop_on_signal])
+                               callbacks=[policy, cap, summarize_in_mlflow, stop_on_signal])
             stopped, all_failed = signals.pending(), _all_failed(study, ran)
             status = "KILLED" if stopped else "FAILED" if policy.stopped or all_failed else "FINISHED"
         except signals.Interrupted as err:
@@ -269,7 +300,7 @@ def run_sweep(approach: str, *, trials: int | None, timeout: float | None = None
             if owner:
                 tracker.end_sweep(status)
     result = summarize(study, storage, tracking_uri, new_trials=len(ran))
-    result.notes = list(getattr(objective, "notes", [])) + deadline_notes(study, ran)
+    result.notes = session.notes + list(getattr(objective, "notes", [])) + deadline_notes(study, ran)
     result.recovered = session.recovered
     if stopped is not None:
         result.interrupted, result.exit_code = stopped.name, stopped.exit_code
@@ -313,12 +344,6 @@ def _reason(study, number: int) -> str:
     return study.get_trials(deepcopy=False)[number].user_attrs.get(record.FAIL_REASON, "unknown")
 
 
-def _stop_on_signal(study, _trial) -> None:
-    """Start no trial after a deferred SIGINT/SIGTERM: the one that was running has ended."""
-    if signals.pending():
-        study.stop()
-
-
 @contextlib.contextmanager
 def _quiet_trial_failures():
     """Drop Optuna's "Trial N failed" warning and its traceback while trials run.
@@ -338,62 +363,3 @@ def _quiet_trial_failures():
         yield
     finally:
         logger.removeFilter(dropped)
-
-
-class _TrialCap:
-    """``--max-trials``: no trial starts once the study holds ``limit`` finished or running trials.
-
-    Optuna's ``MaxTrialsCallback`` counts after each trial ends, so K workers that pass the check
-    together overshoot by up to K - 1. Here the count and the creation of the next trial happen
-    under the study's lock (a file lock, or an advisory lock in the database, shared by every
-    machine): the lock is taken when a trial ends (Optuna calls this object as a callback), and
-    released once the next trial exists (``release`` at the top of the objective).
-    """
-
-    def __init__(self, study: Any, limit: int | None, lock: Callable[[], Any]):
-        self.study = study
-        self.limit = limit
-        self._lock = lock
-        self._held: Any = None
-
-    def acquire(self) -> bool:
-        """Take the lock and say whether another trial may start (releasing the lock if not)."""
-        if self.limit is None:
-            return True
-        self._held = self._lock()
-        self._held.__enter__()
-        if len(retries.standing(self.study)) < self.limit:
-            return True
-        self.release()
-        return False
-
-    def release(self) -> None:
-        if self._held is not None:
-            held, self._held = self._held, None
-            held.__exit__(None, None, None)
-
-    def __call__(self, study, _trial) -> None:
-        if not self.acquire():
-            study.stop()
-
-
-class _FailurePolicy:
-    """Stops the study after ``limit`` failed trials in a row: something is wrong with every trial."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.in_a_row = 0
-        self.stopped = False
-        self.last_reason = ""
-
-    def __call__(self, study, trial) -> None:
-        import optuna
-
-        if trial.state != optuna.trial.TrialState.FAIL:
-            self.in_a_row = 0
-            return
-        self.in_a_row += 1
-        self.last_reason = trial.user_attrs.get(record.FAIL_REASON, "unknown")
-        if self.limit and self.in_a_row >= self.limit:
-            self.stopped = True
-            study.stop()

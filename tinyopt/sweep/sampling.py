@@ -151,6 +151,19 @@ def max_epochs(space: Mapping[str, Any]) -> int:
     return int(max(epochs["choices"]) if epochs["type"] == "categorical" else epochs["high"])
 
 
+def pruning_note(study: StudyConfig) -> str | None:
+    """Why the configured pruner is off, in one line: Optuna cannot prune a study of several objectives.
+
+    (``Trial.report`` and ``should_prune`` raise there: a pruner compares one value per epoch.) None
+    where it is on, or prunes nothing anyway (``none``, or an approach without epochs).
+    """
+    objectives = study.objectives or ()
+    if len(objectives) < 2 or study.pruner == "none" or study.pruner_warmup_epochs is None:
+        return None
+    return (f"pruning is off: Optuna cannot prune a study of {len(objectives)} objectives ({', '.join(objectives)}), "
+            f"so study.pruner = {study.pruner} stops no trial (early stopping still ends those that stop improving)")
+
+
 def make_pruner(study: StudyConfig, epochs: int) -> optuna.pruners.BasePruner:
     """The configured pruner, fed the selection top-1 after each epoch (step = epochs trained).
 
@@ -158,10 +171,11 @@ def make_pruner(study: StudyConfig, epochs: int) -> optuna.pruners.BasePruner:
     (successive halving) lets only the best 1/η of the trials that reached an epoch go on to η
     times as many epochs, η being ``pruner_reduction_factor``; ``hyperband`` runs several halving
     brackets; ``none`` never prunes. The first ``pruner_warmup_epochs`` epochs of a trial are never
-    judged, nor, by ``median``, the first ``n_startup_trials`` trials.
+    judged, nor, by ``median``, the first ``n_startup_trials`` trials. A study of several objectives is
+    never pruned (``pruning_note``).
     """
     name = study.pruner
-    if name == "none" or study.pruner_warmup_epochs is None:  # an approach without epochs has nothing to judge
+    if pruning_note(study) or name == "none" or study.pruner_warmup_epochs is None:  # nothing it can judge
         return optuna.pruners.NopPruner()
     first = study.pruner_warmup_epochs + 1  # the first epoch judged
     reduction = study.pruner_reduction_factor

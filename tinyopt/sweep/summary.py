@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tinyopt.core import forecast as forecasts
 from tinyopt.core import plots, record
 from tinyopt.core import space as search_space
 from tinyopt.core.config.sections import Config
@@ -56,6 +57,8 @@ def log_summary(tracker: Tracker, study: Any, summary: StudySummary, number: int
     config = study_config(study)  # once per trial: it deep-copies the stored config
     metrics = {f"{record.COUNT_PREFIX}{name}": counts.get(state, 0) for state, name in STATE_NAMES.items()}
     metrics[record.COMPUTE_SECONDS] = summary.compute_seconds
+    if summary.forecast is not None and summary.actual is not None:
+        metrics.update(forecasts.metrics(summary.forecast, summary.actual))
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     ranked = objective.ranked(complete)
     tags: dict[str, Any] = {}
@@ -71,6 +74,10 @@ def log_summary(tracker: Tracker, study: Any, summary: StudySummary, number: int
     parent.log_metrics(metrics, step=number)
     parent.set_tags(tags)
     parent.log_figure(lambda: plots.history_chart(study.study_name, complete, objective), record.HISTORY)
+    if summary.front:
+        front = [t.number for t in summary.front]
+        parent.log_figure(lambda: plots.pareto_chart(study.study_name, complete, front, summary.objectives),
+                          record.PARETO)
     ranks = {t.user_attrs[record.RUN_ID]: place for place, t in enumerate(ranked, 1) if t.user_attrs.get(record.RUN_ID)}
     parent.call(record.RANK, tracker.rank_runs, ranks, len(ranked))
     if importances:
@@ -79,8 +86,11 @@ def log_summary(tracker: Tracker, study: Any, summary: StudySummary, number: int
         parent.call(record.TAG_BEST, tracker.move_best_tag, best.run_id)
     keep = config.study.keep_models
     if keep:
-        # Only complete trials are ranked: a trial still running may have stored a model it keeps.
-        dropped = {t.user_attrs[record.RUN_ID] for t in ranked[keep:] if t.user_attrs.get(record.MODEL_KEPT)}
+        # Only complete trials are ranked: a trial still running may have stored a model it keeps. The
+        # trials of the Pareto front keep theirs: one of them may be the model a person exports.
+        front = {t.number for t in summary.front}
+        dropped = {t.user_attrs[record.RUN_ID] for t in ranked[keep:]
+                   if t.user_attrs.get(record.MODEL_KEPT) and t.number not in front}
         if dropped:
             parent.call("deletion of models out of the top", tracker.drop_models, dropped)
 
@@ -94,7 +104,8 @@ def _summary_text(tracker: Tracker, study: Any, config: Config, command: str, su
     lines = [f"**Sweep of study `{study.study_name}`** ({config.approach}), "
              f"command: `{redact(command)}`", "",
              f"Searched: {', '.join(searched) or 'the ensemble weights (shares of the vote)'}. "
-             f"The objective is the {objective.heading}; test scores are only reported.", "",
+             f"The objective{' is' if len(summary.objectives) == 1 else 's are'} the "
+             f"{' and the '.join(o.heading for o in summary.objectives)}; test scores are only reported.", "",
              "Trials: " + ", ".join(f"{counts.get(state, 0)} {name}" for state, name in STATE_NAMES.items())
              + f"; compute {metrics[record.COMPUTE_SECONDS] / 60:.1f} min.", ""]
     if best is None:
@@ -106,6 +117,16 @@ def _summary_text(tracker: Tracker, study: Any, config: Config, command: str, su
     lines += [f"**Best: trial {best.number}** ({link}): "
               + ", ".join(f"{labels[key]} {value:.4f}" for key, value in shown.items()), "",
               *markdown_table(best.params)]
+    if summary.front:
+        points = [f"trial {t.number} ({t.value:.4f}, {t.costs.get(record.LATENCY_MS, float('nan')):.3g} ms)"
+                  for t in summary.front]
+        lines += ["", f"**Pareto front** ({objective.label} and latency, the most accurate first): "
+                  + "; ".join(points) + f". The plot is {record.PARETO}; `tinyopt best {study.study_name} --trial N "
+                  "--export DIR` exports any of them."]
+    if summary.forecast is not None and summary.actual is not None:
+        lines += ["", f"**Forecast** (`tinyopt plan`, on {summary.forecast.device}) against what happened:", "",
+                  *("| " + " | ".join(row) + " |" for row in (forecasts.HEADER, ("---",) * len(forecasts.HEADER),
+                                                             *forecasts.comparison(summary.forecast, summary.actual)))]
     if importances:
         lines += ["", "Importance (PED-ANOVA, as in optuna-dashboard): "
                   + ", ".join(f"{key} {value:.2f}" for key, value in importances.items())]
@@ -136,8 +157,9 @@ def summarize(study, storage: str, tracking_uri: str, new_trials: int = 0, top: 
             counts[trial.state.name] += 1
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     objective = of_study(study)
-    rows = [{"number": t.number, "value": t.value, "selection_top1": t.user_attrs.get(record.SELECTION_TOP1),
+    rows = [{"number": t.number, "value": objective.of(t), "selection_top1": t.user_attrs.get(record.SELECTION_TOP1),
              "test_top1": t.user_attrs.get(record.TEST_TOP1), "params": _shown_params(t),
+             record.LATENCY_MS: t.user_attrs.get(record.LATENCY_MS),
              "run_id": t.user_attrs.get(record.RUN_ID), "run_url": ml_layout(t.user_attrs.get(record.RUN_URL))}
             for t in objective.ranked(complete)[:top]]
     return SweepResult(study_name=study.study_name, approach=study.user_attrs.get(record.APPROACH, ""),

@@ -19,6 +19,7 @@ so that the command still adds the trials it was asked for.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tinyopt.core import record, signals
+from tinyopt.core import forecast, record, signals
 from tinyopt.core.errors import ConfigError, TinyoptError
 from tinyopt.core.urls import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, first_line
 from tinyopt.core.worker import identity as worker_identity
@@ -48,6 +49,8 @@ TRIALS_PER_PROCESS = 10
 # for its threads' stacks (SIGUSR1, see tinyopt.cli.sweep) and killed, as SLURM and Kubernetes kill a job
 # their grace period after SIGTERM; its trial is failed as interrupted.
 STOP_GRACE = 60.0
+# A worker's line that starts or ends a trial (tinyopt.cli.sweep prints them), which the ETA follows.
+_TRIAL_LINE = re.compile(r"^trial (\d+): (started|COMPLETE|PRUNED|FAIL)\b")
 # A worker whose processes die this many times in a row without finishing a trial is given up: something
 # kills every one of them (memory, a broken GPU), and starting more would only repeat it.
 DEATHS_IN_A_ROW = 3
@@ -73,6 +76,10 @@ class SweepArgs:
     workers: int = 1
     gpus: list[str] = field(default_factory=list)
     preset: str | None = None
+    # --warm-start: the supervisor queues its trials once; its workers are not told (the study is marked).
+    warm_start: str | None = None
+    warm_start_storage: str | None = None
+    forecast: dict[str, Any] | None = None  # --forecast, read: the supervisor stores it with a new study
 
     @property
     def name(self) -> str:
@@ -141,6 +148,9 @@ class _Supervisor:
         self.signum: int | None = None
         self.signalled: float | None = None  # time.monotonic() when the first signal was passed on
         self.killed: set[int] = set()  # pids of the workers killed after STOP_GRACE
+        self.started: dict[int, float] = {}  # trial number -> when a worker said it started
+        self.durations: list[float] = []  # of the trials the workers ended
+        self.deadline = None if args.timeout is None else time.monotonic() + args.timeout
 
     def forward(self, signum: int, _frame=None) -> None:
         self.signum = signum
@@ -238,6 +248,26 @@ class _Supervisor:
         self.notes.append(f"{line}; a new process went on with the rest of its trials")
         return running
 
+    def _time_left(self, line: str) -> str:
+        """`` (about 12m 30s left)`` after a worker's line that ends a trial, from the trials ended so far."""
+        found = _TRIAL_LINE.match(line)
+        if found is None:
+            return ""
+        now = time.monotonic()
+        with self.lock:
+            if found[2] == "started":
+                self.started[int(found[1])] = now
+                return ""
+            began = self.started.pop(int(found[1]), None)
+            if began is not None:
+                self.durations.append(now - began)
+            expected = None if self.args.forecast is None else self.args.forecast["trial_s"]
+            until = None if self.deadline is None else self.deadline - now
+            left = None if self.args.trials is None else max(self.args.trials - len(self.durations), 0)
+            seconds = until if left is None else forecast.eta(self.durations, left, 0.0, expected, until,
+                                                               workers=self.args.workers)
+        return "" if seconds is None else f" (about {forecast.format_seconds(seconds)} left)"
+
     def _run(self, index: int, command: list[str], env: dict[str, str]) -> tuple[int, int]:
         """Run one worker process to its end, passing its lines on; its pid and exit code."""
         with self.lock:
@@ -249,7 +279,8 @@ class _Supervisor:
             self.pids.add(process.pid)
         prefix = f"[w{index}] " if self.args.workers > 1 else ""
         for line in process.stdout:
-            self.emit(prefix + line.rstrip("\n"))
+            line = line.rstrip("\n")
+            self.emit(prefix + line + self._time_left(line))
         code = process.wait()
         with self.lock:
             self.running.pop(index, None)
@@ -279,7 +310,8 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
     prepared = runner.prepare(args.approach, study_name=args.name, config_path=args.config_path,
                               overrides=args.overrides, preset=args.preset,
                               source=args.source, cache_dir=args.cache_dir, storage=args.storage,
-                              tracking_uri=args.tracking_uri, progress=progress)
+                              tracking_uri=args.tracking_uri, progress=progress, warm_start=args.warm_start,
+                              warm_start_storage=args.warm_start_storage)
     if args.gpus:
         if args.approach == "ensemble":
             raise ConfigError("--gpus is for the model approaches: an ensemble trial votes in numpy on the CPU; "
@@ -291,7 +323,8 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
     previous = {signum: signal.signal(signum, supervisor.forward) for signum in signals.HANDLED}
     try:
         session = runner.open_sweep(args.approach, args.name, prepared.config, storage=args.storage,
-                                    tracking_uri=args.tracking_uri, seed=args.seed, workers=args.workers)
+                                    tracking_uri=args.tracking_uri, seed=args.seed, workers=args.workers,
+                                    warm_start=prepared.warm_start, forecast=args.forecast)
         supervisor.study, supervisor.session = session.study, session
         status = "FAILED"
         try:
@@ -330,7 +363,7 @@ def supervise(args: SweepArgs, emit: Callable[[str], None], progress: bool = Tru
             signal.signal(signum, handler)
     ran = _trials_of(session.study, supervisor.pids)
     result = summarize(session.study, args.storage, args.tracking_uri, new_trials=len(ran))
-    result.notes = supervisor.notes + runner.deadline_notes(session.study, ran)
+    result.notes = session.notes + supervisor.notes + runner.deadline_notes(session.study, ran)
     result.recovered = session.recovered
     if supervisor.signum is not None:
         stopped = signals.Interrupted(supervisor.signum)

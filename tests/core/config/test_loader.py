@@ -53,6 +53,9 @@ def test_valid_overrides_of_every_kind(tmp_path):
     # ResNet50 has one set of ImageNet weights and ignores alpha and weights_resolution.
     assert load_config("pretrained", overrides=["model.alpha=0.3", "model.weights_resolution=100"])
     assert load_config("scratch", overrides=["space.stages=6", "model.weights=none"]).space["stages"] == 6
+    both = load_config("scratch", overrides=['study.objectives=["selection_top1", "latency_ms"]'])
+    assert both.study.objectives == ("selection_top1", "latency_ms")
+    assert load_config("pretrained").study.objectives == ("selection_top1",)
 
 
 _MOBILENET = ("model.backbone=mobilenet",)
@@ -87,6 +90,13 @@ _MOBILENET = ("model.backbone=mobilenet",)
     ("scratch", ["train.checkpoint_dir=3"], "train.checkpoint_dir", "3"),
     ("pretrained", ["study.requeue=sigint"], "study.requeue", "'sigint'"),
     ("ensemble", ["ensemble.objective=accuracy"], "ensemble.objective", "'accuracy'"),
+    ("finetune", ['study.objectives=["selection_top1", "latency"]'], "study.objectives",
+     "['selection_top1', 'latency']"),
+    ("scratch", ["study.objectives=[]"], "study.objectives", "[]"),
+    # what ranks the trials comes first, each objective once
+    ("pretrained", ['study.objectives=["latency_ms"]'], "study.objectives", "['latency_ms']"),
+    ("finetune", ['study.objectives=["selection_top1", "selection_top1"]'], "study.objectives",
+     "['selection_top1', 'selection_top1']"),
     ("finetune", ['space.optimizer={ type = "categorical", choices = ["sgd", "adamm"] }'], "space.optimizer.choices",
      "'adamm'"),
     ("scratch", ['space.momentum={ type = "float", low = 0.5, high = 0.9, when = { optimizer = "sdg" } }'],

@@ -14,6 +14,7 @@ The defaults and presets are the package's own copy of ``sweeps/`` (see ``sweeps
 from __future__ import annotations
 
 import copy
+import json
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -173,6 +174,7 @@ def load_config(approach: str, path: str | Path | None = None, overrides: list[s
     _check_values(config, defaults)
     _check_sampler(config)
     _check_run_name(config)
+    _check_objectives(config)
     config["approach"] = approach
     typed = Config.from_dict(config)
     if typed.model is not None:
@@ -206,6 +208,14 @@ def _check_run_name(config: dict[str, Any]) -> None:
     if unknown:
         raise ConfigError(f"study.run_name: {', '.join(map(repr, unknown))} is not in [space]; name params of "
                           f"[space] ({', '.join(config.get('space', {}))})")
+
+
+def _check_objectives(config: dict[str, Any]) -> None:
+    names = config.get("study", {}).get("objectives")
+    first = schema.OBJECTIVES[0]
+    if names is not None and (names[0] != first or len(set(names)) < len(names)):
+        raise ConfigError(f"study.objectives: got {names!r}; expected {first} first (it ranks the trials and keeps "
+                          f"their models), each name once: {json.dumps([first])} or {json.dumps(schema.OBJECTIVES)}")
 
 
 def _drawn(entry: Any) -> Any:

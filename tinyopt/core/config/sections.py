@@ -72,7 +72,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """``[study]``: the sampler, the pruner, the failure policy, heartbeats, kept models and run names."""
+    """``[study]``: the sampler, the pruner, the failure policy, heartbeats, kept models, run names, warm starts."""
 
     sampler: str
     n_startup_trials: int
@@ -83,7 +83,10 @@ class StudyConfig:
     pruner_warmup_epochs: int | None
     pruner_reduction_factor: int | None
     keep_models: int | None
+    warm_start_trials: int | None
     run_name: tuple[str, ...] | None
+    # What the study optimises, the selection top-1 first (None: the ensemble, whose [ensemble] says).
+    objectives: tuple[str, ...] | None
 
 
 @dataclass(frozen=True)
