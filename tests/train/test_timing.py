@@ -7,7 +7,8 @@ import pytest
 
 from tinyopt.core.config import load_config
 from tinyopt.models import approaches
-from tinyopt.train.timing import cache_refusal, time_config
+from tinyopt.train.feeds import cache_refusal
+from tinyopt.train.timing import time_config
 
 pytestmark = pytest.mark.backend
 

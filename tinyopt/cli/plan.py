@@ -9,7 +9,7 @@ import click
 
 from tinyopt.cli.options import check_preset, sweep_options, trials_to_run
 from tinyopt.cli.results import number_column
-from tinyopt.cli.sweep import seconds_since_start
+from tinyopt.cli.sweep import seconds_since_start, short_param
 from tinyopt.core.config import APPROACHES
 from tinyopt.core.errors import ConfigError
 from tinyopt.core.forecast import format_seconds
@@ -72,7 +72,7 @@ def _render(forecast) -> None:
     table.add_column("differs from the defaults")
     defaults = forecast.configs[0].params
     for cost in forecast.configs:
-        differs = ", ".join(f"{key}={_short(value)}" for key, value in cost.params.items()
+        differs = ", ".join(f"{key}={short_param(value)}" for key, value in cost.params.items()
                             if key in planning.COST_PARAMS and defaults.get(key) != value)
         figures = ((f"{cost.epoch_s:.1f}", str(cost.epochs)) if trains else ()) + (
             f"{cost.trial_s:.1f}", f"{cost.setup_s:.1f}", f"{cost.cache_build_s:.1f}" if cost.cache_build_s else "-",
@@ -97,10 +97,6 @@ def _render(forecast) -> None:
     lines.append(f"measured in {format_seconds(forecast.measured_s)}; nothing was created")
     for line in lines:
         console.print(line, markup=False, highlight=False)
-
-
-def _short(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _bytes(count: float | None) -> str:

@@ -222,13 +222,14 @@ def _top_table(result):
         number_column(table, "latency ms")
     table.add_column("params")  # "key=value" items: the column wraps between them, never inside one
     for row in result.top:
-        params = ", ".join(f"{k}={_short(v)}" for k, v in row["params"].items())
-        latency = [_short(row.get(record.LATENCY_MS) or "-")] if timed else []
+        params = ", ".join(f"{k}={short_param(v)}" for k, v in row["params"].items())
+        latency = [short_param(row.get(record.LATENCY_MS) or "-")] if timed else []
         table.add_row(str(row["number"]), _four(row["value"]), *[_four(row[key]) for key in scores], *latency, params)
     return table
 
 
-def _short(value) -> str:
+def short_param(value) -> str:
+    """A param's value in a table: floats at 3 significant digits."""
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 

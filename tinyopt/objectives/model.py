@@ -31,7 +31,7 @@ from tinyopt.stores.retries import retried_from
 from tinyopt.track.names import model_name  # pure names: no mlflow loads with it
 from tinyopt.train import backend, latency
 from tinyopt.train.checkpoints import Checkpoints
-from tinyopt.train.feeds import CachedFeed, ImageFeed
+from tinyopt.train.feeds import CachedFeed, ImageFeed, cache_refusal
 from tinyopt.train.metrics import scores
 from tinyopt.train.training import (
     build_model,
@@ -284,11 +284,10 @@ class ModelObjective(TrackedObjective):
         from tinyopt.models.backbones import weights_digest
         from tinyopt.models.blocks import IMAGE_SIZE
 
-        uncached = getattr(self.approach, "uncached", None)
-        if uncached is None:
+        if getattr(self.approach, "uncached", None) is None:  # nothing frozen: the images, and no tag
             return ImageFeed(model, self.data.splits), None
         model_cfg, train_cfg = self.config.model, self.config.train
-        why = uncached(params, model_cfg) if train_cfg.activation_cache else "train.activation_cache = false"
+        why = cache_refusal(self.approach, params, self.config)
         if why is not None and self.approach.TRAINS:
             return ImageFeed(model, self.data.splits), f"off: {why}"
         cut = self.approach.split(model, params, model=model_cfg)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import optuna
 
 from tinyopt.core import space as search_space
 from tinyopt.core.config.sections import Config
@@ -25,7 +26,8 @@ from tinyopt.data.splits import SweepData
 from tinyopt.models import approaches
 from tinyopt.models.blocks import IMAGE_SIZE
 from tinyopt.sweep.sampling import make_pruner, max_epochs, pruning_note
-from tinyopt.train.timing import Timing, cache_refusal, time_config
+from tinyopt.train.feeds import cache_refusal
+from tinyopt.train.timing import Timing, time_config
 
 # Random draws of the space timed besides its defaults and its most expensive corner: they stand for
 # the trials the sampler proposes. Two keep `tinyopt plan` under a minute on the CPU presets.
@@ -66,8 +68,6 @@ def representatives(space: Mapping[str, Any], seed: int, samples: int = SAMPLES)
 
 def draws(space: Mapping[str, Any], seed: int, count: int) -> list[dict[str, Any]]:
     """``count`` params drawn at random from the space, as a sweep's start-up trials are."""
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     return [search_space.suggest(study.ask(), space) for _ in range(count)]
@@ -92,8 +92,6 @@ def expected_epochs(config: Config, epochs: list[int], seed: int) -> float:
     random pace, with noise) to Optuna's pruner as a sweep's trials report the selection top-1 after each
     epoch; the epochs it reports until pruned are counted. Early stopping is not simulated.
     """
-    import optuna
-
     if not epochs:
         return 0.0
     rng = np.random.default_rng(seed)

@@ -13,7 +13,19 @@ from typing import Any
 
 import numpy as np
 
+from tinyopt.core.config.sections import Config
 from tinyopt.data.activations import Split, Store
+
+
+def cache_refusal(approach: Any, params: dict[str, Any], config: Config) -> str | None:
+    """Why a trial of ``approach`` with ``params`` reads no cached activations (None: it does).
+
+    An approach without frozen layers (``uncached`` missing: scratch) never does.
+    """
+    uncached = getattr(approach, "uncached", None)
+    if uncached is None:
+        return "the approach has no frozen layers"
+    return uncached(params, config.model) if config.train.activation_cache else "train.activation_cache = false"
 
 
 class ImageFeed:

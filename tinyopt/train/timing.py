@@ -19,6 +19,7 @@ import numpy as np
 
 from tinyopt.core.config.sections import Config
 from tinyopt.train import backend
+from tinyopt.train.feeds import cache_refusal
 from tinyopt.train.training import build_model, compile_model
 
 # Steady batches timed after the first (which traces): the median of 3 ignores one disturbed by the machine.
@@ -73,17 +74,6 @@ class Timing:
 
 def _batches(images: int, batch: int) -> int:
     return -(-images // batch) if images else 0
-
-
-def cache_refusal(approach: Any, params: dict[str, Any], config: Config) -> str | None:
-    """Why a trial of ``approach`` with ``params`` reads no cached activations (None: it does).
-
-    An approach without frozen layers (``uncached`` missing: scratch) never does.
-    """
-    uncached = getattr(approach, "uncached", None)
-    if uncached is None:
-        return "the approach has no frozen layers"
-    return uncached(params, config.model) if config.train.activation_cache else "train.activation_cache = false"
 
 
 def time_config(approach: Any, params: dict[str, Any], config: Config, images: np.ndarray, labels: np.ndarray,
