@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from tinyopt.core.errors import ConfigError
-from tinyopt.core.space import defaults, distribution, fitting, searched, suggest, validate_space
+from tinyopt.core.space import defaults, distribution, fitting, in_every_trial, searched, suggest, validate_space
 
 
 @pytest.mark.parametrize("entry, fragment", [
@@ -47,6 +47,13 @@ def test_suggest_follows_types_conditions_and_fixed_values():
         assert params["epochs"] == 3 and "epochs" not in trial.params
         study.tell(trial, 0.0)
     assert seen_optimizers == {"adam", "sgd"}
+
+
+def test_in_every_trial_names_the_searched_entries_no_condition_can_leave_out():
+    assert in_every_trial(SPACE) == ["optimizer", "learning_rate", "width"]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    for _ in range(10):
+        assert set(in_every_trial(SPACE)) <= set(suggest(study.ask(), SPACE))
 
 
 def test_defaults_are_valid_and_enqueueable():

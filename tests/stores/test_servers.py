@@ -183,6 +183,7 @@ def test_the_mlflow_ui_shows_each_study_and_its_trials(store, free_port):
                     _check_runs_table(page, expect, urls[f"tinyopt/{study}"], *_runs(store, study))
                 for study in ("scratch", "ensemble"):
                     _check_stored_links(page, expect, port, *_runs(store, study))
+                    _check_chart_view(page, expect, urls[f"tinyopt/{study}"], *_runs(store, study))
                 # MLflow 3.17 opens a run clicked inside the UI in the layout last chosen with the switch at
                 # the top of its sidebar (kept in the browser), not the link's: a person chooses it once.
                 _choose_model_training(page, urls["tinyopt/scratch"])
@@ -232,7 +233,11 @@ def _check_runs_table(page, expect, url, name, study, parent, trials):
         expect(_row(page, trials[number]).get_by_role("link", name=re.compile(rf"^t{number} "))).to_be_visible()
     objective = of_study(study)
     for column in (record.RANK, record.final(objective.name), record.final(record.SELECTION_TOP1), record.TAG_BEST):
-        expect(page.get_by_role("columnheader", name=column, exact=True).first).to_be_visible()
+        header = page.get_by_role("columnheader", name=column, exact=True).first
+        expect(header).to_be_visible()
+        # Shown whole, not cut to "final_selec..." (MLflow's default width).
+        cut = "cell => [...cell.querySelectorAll('*')].some(part => part.scrollWidth > part.clientWidth)"
+        assert not header.evaluate(cut), column
     complete = objective.ranked(t for t in study.trials if t.state.name == "COMPLETE")
     order = sorted((int(_row(page, run).first.get_attribute("row-index")), run.info.run_id)
                    for run in [parent, *trials.values()])
@@ -261,6 +266,23 @@ def _check_parent_run(page, expect, url, name, study, parent, trials):
     _shot(page, f"{name}-parent-metrics")
     _artifact_image(page, expect, record.HISTORY)
     _shot(page, f"{name}-parent-history")
+
+
+def _check_chart_view(page, expect, url, name, study, parent, trials):
+    """The chart view opens on the parallel coordinates of every trial, then the best-so-far line, unasked.
+
+    MLflow hides a parallel-coordinates chart when no run has every param it shows (scratch searches
+    conditional params), and draws only the first 10 rows' runs unless told to draw all.
+    """
+    page.goto(url)
+    page.locator("label:has(input[value=CHART])").first.click()
+    card = page.get_by_test_id("experiment-view-compare-runs-card")
+    expect(card.first.get_by_text("Parallel Coordinates", exact=True)).to_be_visible()
+    expect(card.first.get_by_text("Showing all runs")).to_be_visible()
+    if name == "scratch":
+        expect(card.first).to_contain_text("learning_rate")  # an axis: the param the store's scratch searches
+    expect(card.nth(1).get_by_text(of_study(study).best_metric, exact=True)).to_be_visible()
+    _shot(page, f"{name}-charts")
 
 
 def _check_trial_run(page, expect, url, name, study, parent, trials):

@@ -27,9 +27,9 @@ def test_each_tinyopt_experiment_gets_a_link_to_its_runs_table_and_the_saved_vie
     assert saved["name"] == views.RUNS_VIEW and saved["createdAt"] == experiment.creation_time
     state = json.loads(saved["state"])
     assert state["orderByKey"] == f"metrics.`{record.RANK}`" and state["orderByAsc"] is True
-    assert state["selectedColumns"] == ["attributes.`Models`", f"metrics.`{record.RANK}`",
-                                        f"metrics.`{record.final(record.OBJECTIVE_NAME)}`",
-                                        f"tags.`{record.TAG_TRIAL_STATE}`", f"tags.`{record.TAG_BEST}`"]
+    assert state["selectedColumns"] == [f"metrics.`{record.RANK}`", f"metrics.`{record.final(record.OBJECTIVE_NAME)}`",
+                                        f"tags.`{record.TAG_TRIAL_STATE}`", f"tags.`{record.TAG_BEST}`",
+                                        "attributes.`Models`"]
     tagged = []
     monkeypatch.setattr(MlflowClient, "set_experiment_tag", lambda self, *args: tagged.append(args))
     assert views.experiment_urls(uri, BASE)[1][0] == "tinyopt/x"
@@ -44,10 +44,16 @@ def test_a_sweep_saves_the_view_of_its_objective_with_its_charts(tmp_path):
     state = json.loads(json.loads(experiment.tags[f"mlflow.sharedViewState.{views.RUNS_VIEW}"])["state"])
     loss, top1 = record.final(record.SELECTION_LOG_LOSS), record.final(record.SELECTION_TOP1)
     # The objective, and the top-1 a person reads beside a loss.
-    assert state["selectedColumns"][1:4] == [f"metrics.`{record.RANK}`", f"metrics.`{loss}`", f"metrics.`{top1}`"]
+    assert state["selectedColumns"][:3] == [f"metrics.`{record.RANK}`", f"metrics.`{loss}`", f"metrics.`{top1}`"]
     parallel, line = state["compareRunCharts"]
     assert parallel["type"] == "PARALLEL" and parallel["selectedParams"] == ["weight_a-0", "weight_b-1"]
-    assert parallel["selectedMetrics"] == [loss, top1]
+    assert parallel["selectedMetrics"] == [top1, loss] and parallel["showAllRuns"] is True  # coloured by the last
+    # The UI applies saved widths to the columns its saved order names: all of them, MLflow's first.
+    assert state["columnOrder"] == [*views._LEADING_COLUMNS, *state["selectedColumns"]]
+    widths = state["columnWidths"]
+    assert set(widths) <= set(state["columnOrder"])
+    assert widths[f"metrics.`{loss}`"] > widths[f"metrics.`{top1}`"] > 100 >= widths[f"metrics.`{record.RANK}`"]
+    assert [section["columns"] for section in state["compareRunSections"]] == [1]  # one card a row: readable
     assert line["type"] == "LINE" and line["metricKey"] == "best_selection_log_loss"
     assert {chart["metricSectionId"] for chart in (parallel, line)} == {state["compareRunSections"][0]["uuid"]}
     assert experiment.tags["mlflow.experiment.primaryMetric.name"] == loss

@@ -166,6 +166,11 @@ def searched(space: Mapping[str, Any], params: dict[str, Any]) -> dict[str, Any]
     return {k: v for k, v in params.items() if is_distribution(space.get(k))}
 
 
+def in_every_trial(space: Mapping[str, Any]) -> list[str]:
+    """The searched entries every trial samples: the distributions without a ``when``."""
+    return [name for name, entry in space.items() if is_distribution(entry) and "when" not in entry]
+
+
 def distribution(entry: Mapping[str, Any]) -> Any:
     """The Optuna distribution ``suggest`` draws a distribution entry from (``optuna.distributions``)."""
     from optuna import distributions

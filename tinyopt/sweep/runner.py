@@ -188,10 +188,10 @@ def open_sweep(approach: str, name: str, config: Config, *, storage: str, tracki
         study.set_user_attr(record.CONFIG, config.as_dict())
         study.set_user_attr(record.EXPERIMENT_ID, tracker.experiment_id)
         tags = {"storage": redact(storage), record.TAG_BACKEND: backend.name()}
-        searched = list(shares) or [key for key, entry in (config.space or {}).items()
-                                    if search_space.is_distribution(entry)]
+        # What the parallel-coordinates chart shows: MLflow draws only the runs that have each of its params.
+        charted = list(shares) or search_space.in_every_trial(config.space or {})
         parent = tracker.start_sweep(config.as_dict(), identity(config), tags=tags, reopen=owner,
-                                     objective=objective_of_study(study), searched=searched)
+                                     objective=objective_of_study(study), searched=charted)
         study.set_user_attr(record.PARENT_RUN_ID, parent)
         recovered = recovery.recover(study, opened, tracker)
     pruning = sampling.pruning_note(config.study)

@@ -6,8 +6,8 @@ table shows no metric, folds the trials under their parent and sorts them by sta
 view sorts by ``record.RANK`` (the parent 0, then the trials from the best by the objective; pruned and
 failed trials, which have none, last), shows the objective, selection top-1, state and ``best``
 columns wide enough to read, and opens its chart view on a parallel-coordinates chart of the searched
-params against the objective and the parent's best-so-far line. An MLflow that reads no such view
-ignores the link's viewStateShareKey and opens its plain runs table.
+params against the objective and the parent's best-so-far line, one card a row so that both can be read.
+An MLflow that reads no such view ignores the link's viewStateShareKey and opens its plain runs table.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ RUNS_VIEW = "tinyopt"
 _RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW}"
 # The metric whose chart the MLflow UI draws first in an experiment's chart view.
 _PRIMARY_METRIC_TAG = "mlflow.experiment.primaryMetric.name"
-_COLUMN_WIDTH = 190  # pixels: MLflow's default cuts "final_selection_top1" to "final_selec..."
+# MLflow's own first columns of the runs table. The UI applies saved widths only to the columns its saved
+# order names, so the order names them all: MLflow's first, then tinyopt's, rank first and Models last.
+_LEADING_COLUMNS = ("attributes.`Run Name`", "runDateAndNestInfo", "duration")
+_MODELS_COLUMN = "attributes.`Models`"
 _SECTION = "tinyopt"
 # How many runs the parallel-coordinates chart draws (MLflow's default is 10).
 _PARALLEL_RUNS = 100
@@ -53,7 +56,11 @@ def experiment_urls(tracking_uri: str, base_url: str) -> list[tuple[str, str]]:
 
 
 def save_view(client: Any, experiment_id: str, created_ms: int, objective: Objective, searched: Sequence[str]) -> None:
-    """Save tinyopt's runs view of the experiment of a study of ``objective`` that searches ``searched``."""
+    """Save tinyopt's runs view of the experiment of a study of ``objective`` that searches ``searched``.
+
+    ``searched`` names params every trial has: MLflow's parallel-coordinates chart draws only the runs
+    that have each param it shows, and hides itself when none has them all.
+    """
     view = runs_view(created_ms, objective, searched)
     client.set_experiment_tag(experiment_id, _RUNS_VIEW_TAG, view)
     client.set_experiment_tag(experiment_id, _PRIMARY_METRIC_TAG, record.final(objective.name))
@@ -66,7 +73,8 @@ def runs_view(created_ms: int, objective: Objective, searched: Sequence[str]) ->
         shown.append(record.final(record.SELECTION_TOP1))  # the score a person reads beside a loss
     metrics = [record.RANK, *shown]
     tags = (record.TAG_TRIAL_STATE, record.TAG_BEST)
-    columns = ["attributes.`Models`", *(f"metrics.`{key}`" for key in metrics), *(f"tags.`{key}`" for key in tags)]
+    named = {f"metrics.`{key}`": key for key in metrics} | {f"tags.`{key}`": key for key in tags}
+    columns = [*named, _MODELS_COLUMN]
     section = str(uuid.uuid5(uuid.NAMESPACE_URL, f"tinyopt/{objective.name}"))
     charts = [_chart("LINE", section, "best so far", metricKey=objective.best_metric,
                      selectedMetricKeys=[objective.best_metric], xAxisKey="step", lineSmoothness=0,
@@ -74,16 +82,24 @@ def runs_view(created_ms: int, objective: Objective, searched: Sequence[str]) ->
                      useGlobalLineSmoothing=False, range={}, yAxisKey="metric", yAxisExpressions=[],
                      ignoreOutliers=False, selectedXAxisMetricKey="")]
     if searched:
+        # Every trial, not only the first 10 rows the chart view shows by default; the lines coloured by the
+        # objective (MLflow colours them by the last metric).
         charts.insert(0, _chart("PARALLEL", section, "searched params and the objective",
-                                selectedParams=list(searched), selectedMetrics=shown, showAllRuns=False,
+                                selectedParams=list(searched), selectedMetrics=shown[::-1], showAllRuns=True,
                                 runsCountToCompare=_PARALLEL_RUNS))
     state = {"orderByKey": f"metrics.`{record.RANK}`", "orderByAsc": True, "selectedColumns": columns,
-             "columnWidths": {column: _COLUMN_WIDTH for column in columns[1:]},
+             "columnOrder": [*_LEADING_COLUMNS, *columns],
+             "columnWidths": {column: _column_width(key) for column, key in named.items()},
              "compareRunCharts": charts,
              "compareRunSections": [{"uuid": section, "name": _SECTION, "display": True, "isReordered": False,
-                                     "deleted": False, "isGenerated": False}]}
+                                     "deleted": False, "isGenerated": False, "columns": 1}]}
     return json.dumps({"name": RUNS_VIEW, "createdAt": created_ms, "updatedAt": created_ms,
                        "state": json.dumps(state)})
+
+
+def _column_width(header: str) -> int:
+    """Pixels that show ``header`` whole: MLflow's default 100 cuts "final_selection_top1" to "final_selec..."."""
+    return max(80, 7 * len(header) + 30)
 
 
 def _chart(kind: str, section: str, name: str, **settings: Any) -> dict[str, Any]:
