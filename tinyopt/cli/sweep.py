@@ -39,13 +39,10 @@ class _RichEvents:
 
     def _show_eta(self) -> None:
         now = time.monotonic()
-        until_deadline = None if self.deadline is None else max(self.deadline - now, 0.0)
-        if self.total is None:  # until --timeout
-            seconds = until_deadline
-        else:
-            running_for = now - self.started if self.started is not None else 0.0
-            seconds = forecast.eta(self.durations, self.total - len(self.durations), running_for, self.expected,
-                                   until_deadline)
+        until_deadline = None if self.deadline is None else self.deadline - now
+        left = None if self.total is None else self.total - len(self.durations)
+        running_for = now - self.started if self.started is not None else 0.0
+        seconds = forecast.eta(self.durations, left, running_for, self.expected, until_deadline)
         shown = "" if seconds is None else f"about {forecast.format_seconds(seconds)} left"
         self.progress.update(self.trials, eta=shown)
 
@@ -155,9 +152,8 @@ def sweep(approach, trials, timeout, max_trials, source, cache_dir, preset, conf
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[eta]}"))
-        expected = None if args.forecast is None else args.forecast["trial_s"]
         with Progress(*columns, console=console, transient=True) as progress:
-            result = _run(args, _RichEvents(progress, trials, timeout, expected))
+            result = _run(args, _RichEvents(progress, trials, timeout, args.forecast_trial_seconds))
         _render(console, result)
     if result.exit_code:
         sys.exit(result.exit_code)

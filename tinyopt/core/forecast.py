@@ -188,13 +188,13 @@ def comparison(forecast: Forecast, actual: Actual) -> list[tuple[str, str, str, 
 HEADER = ("figure", "forecast", "actual", "actual / forecast")
 
 
-def eta(durations: Sequence[float], left: int, running_for: float = 0.0, expected: float | None = None,
+def eta(durations: Sequence[float], left: int | None, running_for: float = 0.0, expected: float | None = None,
         until_deadline: float | None = None, workers: int = 1) -> float | None:
     """Seconds until a sweep ends, from its trials so far.
 
     Args:
         durations: the seconds of the trials this sweep finished.
-        left: the trials still to run, the running one included.
+        left: the trials still to run, the running one included (None: the sweep runs until its deadline).
         running_for: how long the running trial has run (its part is already done).
         expected: a trial's seconds before any has finished (a forecast's), if known.
         until_deadline: the seconds ``--timeout`` leaves, which the sweep never runs past.
@@ -204,8 +204,8 @@ def eta(durations: Sequence[float], left: int, running_for: float = 0.0, expecte
         The seconds left, or None when nothing tells yet.
     """
     per = sum(durations) / len(durations) if durations else expected
-    if per is None:
-        return until_deadline
+    if left is None or per is None:
+        return None if until_deadline is None else max(until_deadline, 0.0)
     seconds = max(left * per / max(workers, 1) - running_for, 0.0)
     return seconds if until_deadline is None else min(seconds, max(until_deadline, 0.0))
 

@@ -82,6 +82,11 @@ class SweepArgs:
     forecast: dict[str, Any] | None = None  # --forecast, read: the supervisor stores it with a new study
 
     @property
+    def forecast_trial_seconds(self) -> float | None:
+        """The forecast's mean trial: the ETA's trial time before the first trial ends."""
+        return None if self.forecast is None else self.forecast["trial_s"]
+
+    @property
     def name(self) -> str:
         return self.study_name or self.approach
 
@@ -261,11 +266,10 @@ class _Supervisor:
             began = self.started.pop(int(found[1]), None)
             if began is not None:
                 self.durations.append(now - began)
-            expected = None if self.args.forecast is None else self.args.forecast["trial_s"]
             until = None if self.deadline is None else self.deadline - now
             left = None if self.args.trials is None else max(self.args.trials - len(self.durations), 0)
-            seconds = until if left is None else forecast.eta(self.durations, left, 0.0, expected, until,
-                                                               workers=self.args.workers)
+            seconds = forecast.eta(self.durations, left, 0.0, self.args.forecast_trial_seconds, until,
+                                   workers=self.args.workers)
         return "" if seconds is None else f" (about {forecast.format_seconds(seconds)} left)"
 
     def _run(self, index: int, command: list[str], env: dict[str, str]) -> tuple[int, int]:
