@@ -31,7 +31,7 @@ from tinyopt.stores.retries import retried_from
 from tinyopt.track.names import model_name  # pure names: no mlflow loads with it
 from tinyopt.train import backend, latency
 from tinyopt.train.checkpoints import Checkpoints
-from tinyopt.train.feeds import CachedFeed, ImageFeed, cache_refusal
+from tinyopt.train.feeds import CachedFeed, ImageFeed, cache_refusal, cached_resize
 from tinyopt.train.metrics import scores
 from tinyopt.train.training import (
     build_model,
@@ -282,7 +282,6 @@ class ModelObjective(TrackedObjective):
         disk cannot hold them. A model that only reads them (pretrained) reads them once per trial then.
         """
         from tinyopt.models.backbones import weights_digest
-        from tinyopt.models.blocks import IMAGE_SIZE
 
         if getattr(self.approach, "uncached", None) is None:  # nothing frozen: the images, and no tag
             return ImageFeed(model, self.data.splits), None
@@ -307,8 +306,7 @@ class ModelObjective(TrackedObjective):
             shared = feed(self._store, {
                 "backbone": model_cfg.backbone, "alpha": model_cfg.alpha,
                 "weights": weights_digest(model_cfg), "input_size": params["input_size"],
-                # Images already at the input size are not resized: every method gives the same pixels.
-                "resize": params["resize"] if params["input_size"] != IMAGE_SIZE else "none",
+                "resize": cached_resize(params),
                 "precision": policy, "keras_backend": backend.name()})
             try:
                 shared.check_room()

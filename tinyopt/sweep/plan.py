@@ -24,9 +24,8 @@ from tinyopt.core.config.sections import Config
 from tinyopt.core.forecast import ConfigCost, Forecast
 from tinyopt.data.splits import SweepData
 from tinyopt.models import approaches
-from tinyopt.models.blocks import IMAGE_SIZE
 from tinyopt.sweep.sampling import make_pruner, max_epochs, pruning_note
-from tinyopt.train.feeds import cache_refusal
+from tinyopt.train.feeds import cache_refusal, cached_resize
 from tinyopt.train.timing import Timing, time_config
 
 # Random draws of the space timed besides its defaults and its most expensive corner: they stand for
@@ -239,7 +238,7 @@ def _units(params: dict[str, Any], sizes: dict[str, int], trains: bool) -> dict[
     "flip"`` while training, ``flip_tta`` while scoring) adds the mirrored view.
     """
     size = int(params["input_size"])
-    key = (size, params.get("resize") if size != IMAGE_SIZE else "none", params.get("trainable_stages"))
+    key = (size, cached_resize(params), params.get("trainable_stages"))
     views = range(2 if params.get("augment") == "flip" or params.get("flip_tta") else 1)
     if trains:
         needs = [("train", view) for view in views] + [("selection", 0), ("test", 0)]

@@ -28,6 +28,14 @@ def cache_refusal(approach: Any, params: dict[str, Any], config: Config) -> str 
     return uncached(params, config.model) if config.train.activation_cache else "train.activation_cache = false"
 
 
+def cached_resize(params: dict[str, Any]) -> str:
+    """The resize a cache of a trial's activations is keyed by: images already at the input size are not
+    resized (every method gives the same pixels), so their trials share one cache."""
+    from tinyopt.models.blocks import IMAGE_SIZE  # keras: kept off the modules that only read this one
+
+    return params["resize"] if params["input_size"] != IMAGE_SIZE else "none"
+
+
 class ImageFeed:
     """The uint8 images of each split through the whole model.
 
