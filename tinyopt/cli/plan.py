@@ -9,11 +9,12 @@ import click
 
 from tinyopt.cli.options import check_preset, sweep_options, trials_to_run
 from tinyopt.cli.results import number_column
-from tinyopt.cli.sweep import seconds_since_start, short_param
+from tinyopt.cli.sweep import seconds_since_start
 from tinyopt.core.config import APPROACHES
 from tinyopt.core.errors import ConfigError
 from tinyopt.core.forecast import format_seconds
 from tinyopt.sweep.workers import parse_gpus
+from tinyopt.track.names import short_param
 
 
 @click.command()

@@ -18,6 +18,7 @@ from tinyopt.core.config import APPROACHES
 # its module, where the tests replace it.
 from tinyopt.sweep import workers as worker_processes
 from tinyopt.sweep.workers import TRIALS_PER_PROCESS, SweepArgs, default_trials_per_process, parse_gpus
+from tinyopt.track.names import short_param
 
 
 class _RichEvents:
@@ -223,10 +224,6 @@ def _top_table(result):
         table.add_row(str(row["number"]), _four(row["value"]), *[_four(row[key]) for key in scores], *latency, params)
     return table
 
-
-def short_param(value) -> str:
-    """A param's value in a table: floats at 3 significant digits."""
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _four(value: float | None) -> str:

@@ -23,6 +23,7 @@ from tinyopt.core.errors import ConfigError, StudyError
 from tinyopt.core.objective import of_study as objective_of_study
 from tinyopt.core.urls import redact
 from tinyopt.stores import storage as storages
+from tinyopt.track.names import short_param
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def note(warm: WarmStart, queued: Sequence[int], empty: Sequence[int] = (), repe
     considered = len(warm.candidates)
     parts = []
     for (param, reason), drops in groups.items():
-        values = "/".join(dict.fromkeys(_value(drop.value) for drop in drops))
+        values = "/".join(dict.fromkeys(short_param(drop.value) for drop in drops))
         trials = [drop.trial for drop in drops]
         which = "" if len(trials) == considered else f"{_trials(trials)}: "
         parts.append(f"{param}={values} ({which}{reason})")
@@ -165,6 +166,3 @@ def _numbers(numbers: Sequence[int]) -> str:
 def _trials(numbers: Sequence[int]) -> str:
     return f"trial{'s' if len(numbers) > 1 else ''} {_numbers(numbers)}"
 
-
-def _value(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -45,6 +45,11 @@ def short_value(value: Any) -> str:
     return str(value)
 
 
+def short_param(value: Any) -> str:
+    """A param's value in a terminal table or a note: floats at 3 significant digits."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def param_text(value: Any) -> str:
     """A param as a run shows it: floats to 4 significant digits (``0.0002007``, not ``0.00020074099001954847``).
 
