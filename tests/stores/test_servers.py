@@ -217,12 +217,9 @@ def _walk_the_ui(playwright, store, port, urls):
             _check_parent_run(page, expect, urls[f"tinyopt/{study}"], *_runs(store, study))
         _check_trial_run(page, expect, urls["tinyopt/scratch"], *_runs(store, "scratch"))
         _check_pruned_run(page, expect, urls["tinyopt/scratch"], *_runs(store, "scratch"))
-    except Error as error:
-        if ended or page.is_closed():
-            raise BrowserEnded("; ".join(ended) or "the page closed") from error
-        _failure_shot(page, error)
-        raise
     except BaseException as error:
+        if isinstance(error, Error) and (ended or page.is_closed()):
+            raise BrowserEnded("; ".join(ended) or "the page closed") from error
         _failure_shot(page, error)
         raise
     finally:

@@ -225,6 +225,5 @@ def _top_table(result):
     return table
 
 
-
 def _four(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
